@@ -1,0 +1,44 @@
+# The README's commands. `make demo` and `make test` do all the set-up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: install data test test-all demo lint bench clean
+
+install: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist when possible; vitlens falls back to
+# $$VITLENS_DATA, its cache, or torchvision's download otherwise.
+data:
+	@if [ -d $(FMNIST) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+		|| echo "note: dataset-fashion-mnist not installable; vitlens will try \$$VITLENS_DATA or a download"; \
+	else echo "note: no $(FMNIST); vitlens will try \$$VITLENS_DATA or a download"; fi
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+demo: install
+	$(VENV)/bin/vitlens demo --out demo-out
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/explainers.py
+
+clean:
+	rm -rf $(VENV) demo-out vitlens-out .pytest_cache

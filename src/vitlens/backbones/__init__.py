@@ -1,0 +1,181 @@
+"""The backbone layer: ``load_model`` turns any supported ViT, URI or checkpoint into a :class:`Backbone`.
+
+Model URIs::
+
+    timm:NAME[?pretrained=0&key=value...]      timm.create_model(NAME, **kwargs); pretrained by default
+    hf:NAME_OR_PATH                            transformers AutoModelForImageClassification
+    torchvision:NAME[?pretrained=0&key=value]  torchvision.models.get_model(NAME, weights=...)
+    PATH                                       a vitlens checkpoint directory
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import VitlensError
+from .base import Backbone, Preprocessing, Trace, explicit_attention, to_grid, upsample
+from .hf_vit import HFViT, is_hf_vit
+from .presets import PRESETS, build_preset
+from .timm_vit import TimmViT, is_timm_vit
+from .torchvision_vit import TorchvisionViT, is_torchvision_vit
+
+__all__ = [
+    "Backbone",
+    "Preprocessing",
+    "Trace",
+    "adapt",
+    "build_module",
+    "explicit_attention",
+    "load_model",
+    "parse_model_uri",
+    "to_grid",
+    "upsample",
+]
+
+ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
+    (is_timm_vit, TimmViT),
+    (is_hf_vit, HFViT),
+    (is_torchvision_vit, TorchvisionViT),
+]
+SCHEMES = ("timm", "hf", "torchvision")
+
+
+def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=None) -> Backbone:
+    """Wrap a plain timm / transformers / torchvision ViT in its adapter."""
+    if isinstance(model, Backbone):
+        return model
+    for matches, adapter in ADAPTERS:
+        if matches(model):
+            return adapter(model, preprocessing, classes)
+    raise VitlensError(
+        f"{type(model).__name__} is not a supported Vision Transformer "
+        "(supported: timm VisionTransformer, transformers ViT/DeiT image classifiers, torchvision ViT)"
+    )
+
+
+def _parse_value(v: str) -> object:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_model_uri(uri: str) -> tuple[str, str, dict]:
+    """``"timm:vit_small_patch16_224?pretrained=0&num_classes=10"`` → ("timm", name, kwargs)."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise VitlensError(
+            f"unknown model {uri!r}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME "
+            "or a vitlens checkpoint directory"
+        )
+    name, _, query = rest.partition("?")
+    if not name:
+        raise VitlensError(f"model URI {uri!r} names no model")
+    kwargs: dict = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise VitlensError(f"bad option {item!r} in model URI {uri!r}: expected key=value")
+        kwargs[key] = _parse_value(value)
+    if "pretrained" in kwargs:
+        kwargs["pretrained"] = bool(kwargs["pretrained"])
+    return scheme, name, kwargs
+
+
+def build_module(spec: dict) -> tuple[nn.Module, Preprocessing | None]:
+    """Build a randomly initialised module from a checkpoint's ``model`` spec."""
+    source, name, kwargs = spec["source"], spec["name"], dict(spec.get("kwargs", {}))
+    if source == "preset":
+        if name not in PRESETS:
+            raise VitlensError(f"unknown architecture preset {name!r} (known: {', '.join(PRESETS)})")
+        return build_preset(name, **kwargs)
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs), None
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, **kwargs), None
+    if source == "hf":
+        import transformers
+
+        config = transformers.AutoConfig.for_model(**spec["config"])
+        return getattr(transformers, name)(config), None
+    raise VitlensError(f"unknown model source {source!r} in checkpoint")
+
+
+def _load_uri(uri: str) -> Backbone:
+    scheme, name, kwargs = parse_model_uri(uri)
+    try:
+        if scheme == "timm":
+            import timm
+
+            pretrained = kwargs.pop("pretrained", True)
+            if name not in timm.list_models() and name not in timm.list_pretrained():
+                raise VitlensError(f"unknown timm model {name!r}")
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+            backbone = adapt(model)
+            backbone.spec = {"source": "timm", "name": name, "kwargs": kwargs}
+        elif scheme == "torchvision":
+            import torchvision
+
+            pretrained = kwargs.pop("pretrained", True)
+            if name not in torchvision.models.list_models():
+                raise VitlensError(f"unknown torchvision model {name!r}")
+            model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+            backbone = adapt(model)
+            backbone.spec = {"source": "torchvision", "name": name, "kwargs": kwargs}
+        else:
+            import transformers
+
+            model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs)
+            try:
+                processor = transformers.AutoImageProcessor.from_pretrained(name)
+            except (OSError, ValueError):
+                processor = None
+            from .hf_vit import hf_preprocessing
+
+            backbone = HFViT(model, hf_preprocessing(model, processor))
+            backbone.spec = {"source": "hf", "name": type(model).__name__, "config": model.config.to_dict()}
+    except VitlensError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # download / cache / config failures
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitlensError(f"could not load {uri}: {first}") from e
+    return backbone
+
+
+def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None) -> Backbone:
+    """Any supported model, URI or vitlens checkpoint directory → a :class:`Backbone`.
+
+    Models loaded from a URI or checkpoint are put in eval mode; a module passed in keeps its mode.
+    """
+    if isinstance(model, nn.Module):
+        backbone = adapt(model)
+    elif isinstance(model, str | os.PathLike):
+        from ..checkpoint import load_checkpoint
+
+        text = os.fspath(model)
+        if Path(text).is_dir():
+            backbone = load_checkpoint(text)
+        elif text.partition(":")[0] in SCHEMES:
+            backbone = _load_uri(text)
+        else:
+            raise VitlensError(
+                f"unknown model {text!r}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME "
+                "or a vitlens checkpoint directory"
+            )
+        backbone.eval()
+    else:
+        raise VitlensError(f"cannot load a model from a {type(model).__name__}")
+    return backbone.to(device) if device is not None else backbone

@@ -1,0 +1,258 @@
+"""The backbone contract: one view of any Vision Transformer (SPEC §2).
+
+Every explainer, metric and trainer talks to a :class:`Backbone`, never to a timm / Hugging Face /
+torchvision module directly. A backbone takes images in ``[0, 1]`` at the model's input size; the
+mean/std normalisation of the model's preprocessing is applied inside, so pixel-space operations
+(baselines, perturbations, blurring) are the same for every family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects: input size (H, W), per-channel mean/std, resize interpolation."""
+
+    input_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(
+            input_size=tuple(int(v) for v in d["input_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+
+@dataclass
+class Trace:
+    """Everything one forward pass exposes.
+
+    ``hidden`` holds the token sequence entering every block plus the output of the last block
+    (``L + 1`` tensors ``[B, T, D]``). ``attentions`` holds each block's attention probabilities
+    ``[B, heads, T, T]`` when they were asked for. All tensors stay in the autograd graph, so gradient
+    methods can differentiate the logits with respect to any of them.
+    """
+
+    logits: Tensor
+    embeddings: Tensor
+    hidden: list[Tensor]
+    tokens: Tensor
+    grid: tuple[int, int]
+    num_prefix_tokens: int
+    attentions: list[Tensor] = field(default_factory=list)
+
+    @property
+    def patch_tokens(self) -> Tensor:
+        """Final-normed patch tokens ``[B, N, D]`` (prefix tokens dropped)."""
+        return self.tokens[:, self.num_prefix_tokens :]
+
+    def to_grid(self, values: Tensor) -> Tensor:
+        """Patch values ``[B, N]`` → ``[B, gh, gw]``."""
+        return to_grid(values, self.grid)
+
+
+def to_grid(values: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Reshape per-patch values ``[B, N, ...]`` (row-major patch order) to ``[B, gh, gw, ...]``."""
+    gh, gw = grid
+    if values.shape[1] != gh * gw:
+        raise ValueError(f"expected {gh * gw} patch values for a {gh}x{gw} grid, got {values.shape[1]}")
+    return values.reshape(values.shape[0], gh, gw, *values.shape[2:])
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Patch-grid maps ``[B, gh, gw]`` → pixel maps ``[B, H, W]`` (bilinear, the one shared helper)."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """softmax(q kᵀ · scale) v for ``[B, heads, T, d]`` inputs; returns (output, probabilities)."""
+    probs = (q * scale) @ k.transpose(-2, -1)
+    probs = probs.softmax(dim=-1)
+    return probs @ v, probs
+
+
+class Backbone(nn.Module):
+    """One view of a ViT, whatever library built it.
+
+    Subclasses (one file per family) implement the family-specific steps; the forward pass itself,
+    the trace and the bookkeeping live here once.
+    """
+
+    family: str = "?"
+    #: How to rebuild the architecture (a checkpoint's ``model`` entry); ``None`` when unknown.
+    spec: dict | None = None
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, classes: Sequence[str] | None = None):
+        super().__init__()
+        self.model = model
+        self.preprocessing = preprocessing
+        n = self.num_classes
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(n)]
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, -1, 1, 1), persistent=False)
+
+    # --- family-specific steps -------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class, distillation and register tokens in front of the patch tokens."""
+        raise NotImplementedError
+
+    @property
+    def prefix_kinds(self) -> tuple[str, ...]:
+        """Kind of each prefix token, in order: ``"cls"``, ``"dist"`` or ``"reg"``."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Normalised images → patch embeddings ``[B, N, D]`` (before position embeddings) and grid."""
+        raise NotImplementedError
+
+    def add_prefix_and_position(self, embeddings: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Patch embeddings → the token sequence entering the first block."""
+        raise NotImplementedError
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def head(self, tokens: Tensor) -> Tensor:
+        """Final-normed tokens ``[B, T, D]`` → logits ``[B, C]`` (the model's own pooling and head)."""
+        raise NotImplementedError
+
+    def token_logits(self, tokens: Tensor) -> Tensor:
+        """The model's classifier applied to every final-normed token: ``[B, T, D]`` → ``[B, T, C]``."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def capture_attention(self) -> Iterator[list[Tensor]]:
+        """Switch every block to explicit attention and collect its probabilities; restore on exit."""
+        raise NotImplementedError
+        yield []  # pragma: no cover
+
+    def readout(self, num_tokens: int) -> Tensor:
+        """How the head reads the final tokens: weights ``[T]`` summing to one.
+
+        The class token (one-hot), class and distillation token (½ each) or the mean of the patch
+        tokens for average-pooled models. Rollout-style methods start from this row.
+        """
+        kinds = self.prefix_kinds
+        w = torch.zeros(num_tokens, device=self.mean.device)
+        heads = [i for i, k in enumerate(kinds) if k in ("cls", "dist")] if self.pooling == "token" else []
+        if heads:
+            w[heads] = 1.0 / len(heads)
+        else:
+            w[len(kinds) :] = 1.0 / (num_tokens - len(kinds))
+        return w
+
+    @property
+    def pooling(self) -> str:
+        """``"token"`` (class / distillation token) or ``"avg"`` (mean of the patch tokens)."""
+        return "token"
+
+    # --- shared --------------------------------------------------------------------------------
+
+    @property
+    def class_token_index(self) -> int | None:
+        """Index of the class token, ``None`` for models without one."""
+        kinds = self.prefix_kinds
+        return kinds.index("cls") if "cls" in kinds else None
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Pixels per token (for convolutional stems: the stem's total stride)."""
+        h, w = self.preprocessing.input_size
+        gh, gw = self.grid_for((h, w))
+        return h // gh, w // gw
+
+    def grid_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid of an input of ``size`` (H, W)."""
+        with torch.no_grad():
+            x = torch.zeros(1, 3, *size, device=self.mean.device, dtype=self.mean.dtype)
+            return self.embed(self.normalize(x))[1]
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] → the model's input (mean/std from its preprocessing)."""
+        return (images - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Plain logits for images in [0, 1] (the model's own fast path)."""
+        return self.run(images).logits
+
+    def run(
+        self,
+        images: Tensor | None = None,
+        *,
+        embeddings: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+        attention: bool = False,
+    ) -> Trace:
+        """One forward pass returning the full :class:`Trace`.
+
+        Pass ``images`` (in [0, 1]) or, to run from the patch embeddings on (DiffMask), ``embeddings``
+        ``[B, N, D]`` with their ``grid``. ``attention=True`` records each block's attention
+        probabilities (switching fused attention to the explicit path for this call only).
+        """
+        if embeddings is None:
+            if images is None:
+                raise ValueError("run() needs images or embeddings")
+            embeddings, grid = self.embed(self.normalize(images))
+        elif grid is None:
+            raise ValueError("run(embeddings=...) needs the grid")
+        x = self.add_prefix_and_position(embeddings, grid)
+        hidden = [x]
+        stack = contextlib.ExitStack()
+        with stack:
+            attentions = stack.enter_context(self.capture_attention()) if attention else []
+            for block in self.blocks:
+                x = block(x)
+                hidden.append(x)
+        tokens = self.final_norm(x)
+        return Trace(
+            logits=self.head(tokens),
+            embeddings=embeddings,
+            hidden=hidden,
+            tokens=tokens,
+            grid=grid,
+            num_prefix_tokens=self.num_prefix_tokens,
+            attentions=list(attentions),
+        )
+
+    def describe(self) -> dict:
+        """Facts about the layout, for error messages, ``vitlens info`` and tests."""
+        return {
+            "family": self.family,
+            "input_size": list(self.preprocessing.input_size),
+            "patch_size": list(self.patch_size),
+            "grid": list(self.grid_for(self.preprocessing.input_size)),
+            "prefix_tokens": list(self.prefix_kinds),
+            "blocks": len(self.blocks),
+            "classes": self.num_classes,
+        }

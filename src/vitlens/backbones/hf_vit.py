@@ -1,0 +1,154 @@
+"""Adapter for Hugging Face ``ViTForImageClassification`` and ``DeiTForImageClassification[WithTeacher]``."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import VitlensError
+from .base import Backbone, Preprocessing
+
+_RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resampling codes
+
+
+def _classes() -> tuple[type, ...]:
+    from transformers import (
+        DeiTForImageClassification,
+        DeiTForImageClassificationWithTeacher,
+        ViTForImageClassification,
+    )
+
+    return ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher
+
+
+def is_hf_vit(model: nn.Module) -> bool:
+    if "transformers" not in sys.modules:  # no HF model can exist; skip the slow import
+        return False
+    return isinstance(model, _classes())
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, Sequence) else (int(v), int(v))
+
+
+def _interpolation(resample) -> str:
+    """An image processor's ``resample`` (PIL code or enum) → ``"nearest" | "bilinear" | "bicubic"``."""
+    name = getattr(resample, "name", None) or _RESAMPLE_NAMES.get(resample, "bilinear")
+    name = name.lower()
+    return name if name in _RESAMPLE_NAMES.values() else "bilinear"
+
+
+def hf_preprocessing(model: nn.Module, image_processor=None) -> Preprocessing:
+    """Input size from the config; mean/std/resampling from ``image_processor`` (else the ViT default 0.5)."""
+    size = _pair(model.config.image_size)
+    if image_processor is None:
+        return Preprocessing(input_size=size, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+    return Preprocessing(
+        input_size=size,
+        mean=tuple(float(v) for v in image_processor.image_mean),
+        std=tuple(float(v) for v in image_processor.image_std),
+        interpolation=_interpolation(getattr(image_processor, "resample", None)),
+    )
+
+
+def _default_classes(model: nn.Module) -> list[str] | None:
+    """The config's ``id2label`` names, unless they are the ``LABEL_i`` placeholders."""
+    labels = [str(model.config.id2label.get(i, i)) for i in range(model.config.num_labels)]
+    return None if labels == [f"LABEL_{i}" for i in range(len(labels))] else labels
+
+
+class HFViT(Backbone):
+    family = "hf"
+
+    def __init__(
+        self, model: nn.Module, preprocessing: Preprocessing | None = None, classes=None, image_processor=None
+    ):
+        if not is_hf_vit(model):
+            raise VitlensError(f"{type(model).__name__} is not a Hugging Face ViT / DeiT image classifier")
+        super().__init__(
+            model,
+            preprocessing or hf_preprocessing(model, image_processor),
+            classes if classes is not None else _default_classes(model),
+        )
+
+    @property
+    def base(self) -> nn.Module:
+        """The ``ViTModel`` / ``DeiTModel`` inside the classifier."""
+        return self.model.base_model
+
+    @property
+    def distilled(self) -> bool:
+        """Two heads (class and distillation token), as in ``DeiTForImageClassificationWithTeacher``."""
+        return hasattr(self.model, "distillation_classifier")
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_labels
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return len(self.prefix_kinds)
+
+    @property
+    def prefix_kinds(self) -> tuple[str, ...]:
+        # every DeiT model carries the distillation token, also the one with a single (class-token) head
+        return ("cls", "dist") if hasattr(self.base.embeddings, "distillation_token") else ("cls",)
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.base.layers
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        pe = self.base.embeddings.patch_embeddings
+        ph, pw = _pair(pe.patch_size)
+        return pe(x), (x.shape[-2] // ph, x.shape[-1] // pw)
+
+    def add_prefix_and_position(self, embeddings: Tensor, grid: tuple[int, int]) -> Tensor:
+        emb = self.base.embeddings
+        prefix = [emb.cls_token]
+        if "dist" in self.prefix_kinds:
+            prefix.append(emb.distillation_token)
+        b = embeddings.shape[0]
+        x = torch.cat([p.expand(b, -1, -1) for p in prefix] + [embeddings], dim=1)
+        ph, pw = _pair(emb.patch_embeddings.patch_size)
+        h, w = _pair(emb.patch_embeddings.image_size)
+        if grid == (h // ph, w // pw):
+            pos = emb.position_embeddings
+        else:
+            pos = emb.interpolate_pos_encoding(x, grid[0] * ph, grid[1] * pw)
+        return emb.dropout(x + pos)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.base.layernorm(x)
+
+    def head(self, tokens: Tensor) -> Tensor:
+        m = self.model
+        if self.distilled:
+            return (m.cls_classifier(tokens[:, 0]) + m.distillation_classifier(tokens[:, 1])) / 2
+        return m.classifier(tokens[:, 0])
+
+    def token_logits(self, tokens: Tensor) -> Tensor:
+        m = self.model
+        if self.distilled:
+            return (m.cls_classifier(tokens) + m.distillation_classifier(tokens)) / 2
+        return m.classifier(tokens)
+
+    @contextlib.contextmanager
+    def capture_attention(self) -> Iterator[list[Tensor]]:
+        found: list[Tensor] = []
+        saved = self.model.config._attn_implementation
+        handles = []
+        record = lambda _m, _i, out: found.append(out[1])  # ViTAttention returns (output, probabilities)
+        try:
+            self.model.set_attn_implementation("eager")
+            for block in self.blocks:
+                handles.append(block.attention.register_forward_hook(record))
+            yield found
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.set_attn_implementation(saved)

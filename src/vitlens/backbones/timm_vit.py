@@ -1,0 +1,122 @@
+"""Adapter for timm's ``VisionTransformer`` family (ViT, DeiT incl. distilled, registers, avg pool)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+
+from ..errors import VitlensError
+from .base import Backbone, Preprocessing
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+def timm_preprocessing(model: nn.Module) -> Preprocessing:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return Preprocessing(
+        input_size=tuple(int(s) for s in model.patch_embed.img_size),  # the built size, not the pretrained one
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        interpolation=cfg.get("interpolation", "bicubic"),
+    )
+
+
+class TimmViT(Backbone):
+    family = "timm"
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing | None = None, classes=None):
+        if getattr(model, "attn_pool", None) is not None:
+            raise VitlensError("timm models with attention pooling (global_pool='map') are not supported")
+        super().__init__(model, preprocessing or timm_preprocessing(model), classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def distilled(self) -> bool:
+        return getattr(self.model, "dist_token", None) is not None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def prefix_kinds(self) -> tuple[str, ...]:
+        m = self.model
+        kinds = ["cls"] if m.cls_token is not None else []
+        if self.distilled:
+            kinds.append("dist")
+        kinds += ["reg"] * (m.num_prefix_tokens - len(kinds))
+        return tuple(kinds)
+
+    @property
+    def pooling(self) -> str:
+        pool = self.model.global_pool
+        if pool == "token":
+            return "token"
+        if pool == "avg" and not getattr(self.model, "pool_include_prefix", False):
+            return "avg"
+        raise VitlensError(f"timm global_pool={pool!r} is not supported (use 'token' or 'avg')")
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.blocks
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        e = self.model.patch_embed(x)
+        if e.ndim == 4:  # NHWC (dynamic_img_size)
+            grid = (e.shape[1], e.shape[2])
+            return e.flatten(1, 2), grid
+        return e, tuple(self.model.patch_embed.grid_size)
+
+    def add_prefix_and_position(self, embeddings: Tensor, grid: tuple[int, int]) -> Tensor:
+        m = self.model
+        if m.dynamic_img_size:
+            embeddings = embeddings.reshape(embeddings.shape[0], *grid, embeddings.shape[-1])
+        x = m._pos_embed(embeddings)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.model.norm(x)
+
+    def head(self, tokens: Tensor) -> Tensor:
+        return self.model.forward_head(tokens)
+
+    def token_logits(self, tokens: Tensor) -> Tensor:
+        m = self.model
+        z = m.fc_norm(tokens)
+        logits = m.head(z)
+        if self.distilled:
+            logits = (logits + m.head_dist(z)) / 2
+        return logits
+
+    @contextlib.contextmanager
+    def capture_attention(self) -> Iterator[list[Tensor]]:
+        found: list[Tensor] = []
+        saved, handles = [], []
+        try:
+            for block in self.blocks:
+                attn = getattr(block, "attn", None)
+                if attn is None or not hasattr(attn, "attn_drop") or not hasattr(attn, "fused_attn"):
+                    raise VitlensError(
+                        f"cannot capture attention of {type(attn).__name__} blocks in {type(self.model).__name__}"
+                    )
+                saved.append((attn, attn.fused_attn))
+                attn.fused_attn = False
+                handles.append(attn.attn_drop.register_forward_hook(lambda _m, _i, out: found.append(out)))
+            yield found
+        finally:
+            for h in handles:
+                h.remove()
+            for attn, fused in saved:
+                attn.fused_attn = fused

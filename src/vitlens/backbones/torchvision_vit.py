@@ -1,0 +1,108 @@
+"""Adapter for torchvision's ``VisionTransformer`` (``vit_b_16`` and friends)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import VitlensError
+from .base import Backbone, Preprocessing, explicit_attention
+
+
+def is_torchvision_vit(model: nn.Module) -> bool:
+    from torchvision.models import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def torchvision_preprocessing(model: nn.Module) -> Preprocessing:
+    return Preprocessing(input_size=(model.image_size, model.image_size), interpolation="bilinear")
+
+
+def _explicit_forward(mha: nn.MultiheadAttention, found: list[Tensor]) -> Callable:
+    """A stand-in for ``mha.forward`` (batch-first self-attention) that records its probabilities."""
+
+    def forward(query: Tensor, key: Tensor, value: Tensor, **_) -> tuple[Tensor, None]:
+        b, t, d = query.shape
+        heads = mha.num_heads
+        qkv = F.linear(query, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.reshape(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        out, probs = explicit_attention(q, k, v, (d // heads) ** -0.5)
+        found.append(probs)
+        if mha.training and mha.dropout > 0:
+            out = F.dropout(probs, mha.dropout) @ v
+        return mha.out_proj(out.transpose(1, 2).reshape(b, t, d)), None
+
+    return forward
+
+
+class TorchvisionViT(Backbone):
+    family = "torchvision"
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing | None = None, classes=None):
+        super().__init__(model, preprocessing or torchvision_preprocessing(model), classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.heads.head.out_features
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1
+
+    @property
+    def prefix_kinds(self) -> tuple[str, ...]:
+        return ("cls",)
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.encoder.layers
+
+    @property
+    def _grid(self) -> tuple[int, int]:
+        n = self.model.image_size // self.model.patch_size
+        return n, n
+
+    def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        size = self.model.image_size
+        if tuple(x.shape[-2:]) != (size, size):
+            raise VitlensError(
+                f"torchvision ViTs only take their configured input size {size}x{size}, got {x.shape[-2]}x{x.shape[-1]}"
+            )
+        return self.model.conv_proj(x).flatten(2).transpose(1, 2), self._grid
+
+    def add_prefix_and_position(self, embeddings: Tensor, grid: tuple[int, int]) -> Tensor:
+        if tuple(grid) != self._grid:
+            raise VitlensError(f"torchvision ViTs only take their configured grid {self._grid}, got {tuple(grid)}")
+        m = self.model
+        x = torch.cat([m.class_token.expand(embeddings.shape[0], -1, -1), embeddings], dim=1)
+        return m.encoder.dropout(x + m.encoder.pos_embedding)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return self.model.encoder.ln(x)
+
+    def head(self, tokens: Tensor) -> Tensor:
+        return self.model.heads(tokens[:, 0])
+
+    def token_logits(self, tokens: Tensor) -> Tensor:
+        return self.model.heads(tokens)
+
+    @contextlib.contextmanager
+    def capture_attention(self) -> Iterator[list[Tensor]]:
+        found: list[Tensor] = []
+        patched = []
+        try:
+            for block in self.blocks:
+                mha = block.self_attention
+                if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn or not mha.batch_first:
+                    raise VitlensError(f"cannot capture attention of this {type(mha).__name__} configuration")
+                mha.forward = _explicit_forward(mha, found)
+                patched.append(mha)
+            yield found
+        finally:
+            for mha in patched:
+                del mha.forward

@@ -1,0 +1,252 @@
+"""The one training loop (SPEC §7): CPU, one GPU or many under torchrun; resumable and seeded.
+
+A :class:`Task` (classifier, PM, DiffMask, B-cos) contributes its trainable parameters, its loss and
+what it saves; the loop owns data order, schedule, logging, checkpoints and resume. The data order,
+augmentation and dropout of step ``s`` depend on ``(seed, s)`` only, so a resumed run follows the
+same path as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..checkpoint import STATE, save_checkpoint
+from ..data import collate
+from ..errors import VitlensError
+from . import distributed
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    epochs: float | None = None
+    max_steps: int | None = None
+    seed: int = 0
+    checkpoint_every_s: float = 30.0
+    log_every: int = 25
+    num_workers: int = 0
+    grad_clip: float | None = 1.0
+    device: str | None = None
+
+    def total_steps(self, n: int, world: int) -> int:
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        per_epoch = max(1, n // (self.batch_size * world))
+        return max(1, math.ceil((self.epochs if self.epochs is not None else 1.0) * per_epoch))
+
+
+class Task:
+    """What a training method plugs into the loop."""
+
+    kind = "classifier"
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+
+    def modules(self) -> torch.nn.Module:
+        """The module holding every trainable parameter (wrapped in DDP under torchrun)."""
+        return self.backbone
+
+    def parameter_groups(self, cfg: TrainConfig) -> list[dict]:
+        decay, no_decay = [], []
+        for name, p in self.modules().named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(p)
+        return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameter_groups(cfg), lr=cfg.lr)
+
+    def loss(self, module: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Hook for methods with extra updates (DiffMask's multipliers)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def save_extras(self) -> tuple[dict, dict]:
+        """(extra tensors, extra config) stored in the checkpoint beside the model."""
+        return {}, {}
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index batches for steps ``start .. total-1``; step ``s`` always gets the same indices."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world: int = 1):
+        self.n, self.b, self.seed, self.start, self.total = n, batch_size, seed, start, total
+        self.rank, self.world = rank, world
+        self.per_epoch = max(1, n // (batch_size * world))
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self):
+        perm, epoch = None, -1
+        for step in range(self.start, self.total):
+            e, k = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = np.random.default_rng([self.seed, e]).permutation(self.n)
+            lo = (k * self.world + self.rank) * self.b
+            idx = perm[lo : lo + self.b]
+            if len(idx) < self.b:  # n smaller than one global batch: wrap around
+                idx = np.resize(perm, lo + self.b)[lo:]
+            yield idx.tolist()
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up from 1% then cosine decay to 0."""
+    if step < warmup:
+        return 0.01 + 0.99 * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def check_resumable(out: str | Path) -> None:
+    if not (Path(out) / STATE).is_file():
+        raise VitlensError(f"--resume: no training checkpoint in {out} (missing {STATE})")
+
+
+def train(
+    task: Task,
+    dataset: torch.utils.data.Dataset,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    provenance: dict | None = None,
+    evaluate=None,
+) -> dict:
+    """Run the loop; returns the final summary (also stored in the checkpoint's ``training``)."""
+    out = Path(out)
+    d = distributed.setup(cfg.device)
+    total = cfg.total_steps(len(dataset), d.world)
+    start, state = 0, None
+    if resume:
+        check_resumable(out)
+        state = torch.load(out / STATE, map_location="cpu", weights_only=False)
+        if state["kind"] != task.kind:
+            raise VitlensError(f"--resume: {out} holds a {state['kind']} run, not {task.kind}")
+        start, total = state["step"], state["total"]
+    elif (out / STATE).exists():
+        raise VitlensError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+
+    backbone = task.backbone.to(d.device)
+    module = task.modules().to(d.device)
+    optimizer = task.optimizer(cfg)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    if state is not None:
+        task.load_state_dict(state["task"])
+        optimizer.load_state_dict(state["optimizer"])
+        elapsed0 = state["seconds"]
+    else:
+        elapsed0 = 0.0
+    trainable = any(p.requires_grad for p in module.parameters())
+    if d.world > 1 and trainable:
+        module = DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    sampler = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, total, d.rank, d.world)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+        persistent_workers=False, pin_memory=d.device.type == "cuda",
+    )  # fmt: skip
+    log = out / "metrics.jsonl"
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log, start) if resume else log.unlink(missing_ok=True)
+
+    def checkpoint(step: int, seconds: float, summary: dict | None = None) -> None:
+        if not d.main:
+            return
+        extra_tensors, extra_config = task.save_extras()
+        training = {**(provenance or {}), "config": asdict(cfg), "step": step, "total_steps": total,
+                    "seconds": round(seconds, 1), "world_size": d.world, **(summary or {})}  # fmt: skip
+        save_checkpoint(
+            out, backbone, kind=task.kind, training=training, extra_tensors=extra_tensors,
+            extra_config=extra_config,
+            state={"kind": task.kind, "step": step, "total": total, "seconds": seconds,
+                   "optimizer": optimizer.state_dict(), "task": task.state_dict()},
+        )  # fmt: skip
+
+    module.train()
+    t0, last_ckpt, seen = time.time(), time.time(), 0
+    bar = tqdm(total=total, initial=start, desc=f"train {task.kind}", disable=not d.main, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 30,
+               dynamic_ncols=True)  # fmt: skip
+    step = start
+    window: list[float] = []
+    for batch in loader:
+        torch.manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, cfg.warmup_steps, total)
+        batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss, metrics = task.loss(module, batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        if trainable:
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            optimizer.step()
+        task.after_step(step)
+        step += 1
+        seen += len(batch["label"]) * d.world
+        window.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            rate = seen / max(1e-9, time.time() - t0)
+            record = {"step": step, "loss": float(np.mean(window)), "lr": optimizer.param_groups[0]["lr"],
+                      "images_per_s": round(rate, 1), "seconds": round(elapsed0 + time.time() - t0, 1),
+                      **{k: float(v) for k, v in metrics.items()}}  # fmt: skip
+            window.clear()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", ips=f"{rate:.0f}")
+            if d.main:
+                with open(log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if time.time() - last_ckpt >= cfg.checkpoint_every_s and step < total:
+            checkpoint(step, elapsed0 + time.time() - t0)
+            last_ckpt = time.time()
+    bar.close()
+    seconds = elapsed0 + time.time() - t0
+    module.eval()
+    summary = {"train_seconds": round(seconds, 1)}
+    if evaluate is not None:
+        summary.update(evaluate(backbone, d))
+    checkpoint(step, seconds, summary)
+    if d.main:
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": step, "final": True, **summary}) + "\n")
+    distributed.barrier()
+    return summary

@@ -1,0 +1,188 @@
+"""The backbone contract on timm's VisionTransformer family (HF / torchvision: test_backbones_hf_tv.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_timm, tiny_timm
+from vitlens import VitlensError, load_model
+from vitlens.backbones import adapt, parse_model_uri, to_grid, upsample
+
+EXPECTED_PREFIX = {
+    "vit": ("cls",),
+    "deit-distilled": ("cls", "dist"),
+    "registers": ("cls", "reg", "reg", "reg", "reg"),
+    "avg-pool-no-cls": (),
+    "dynamic-size": ("cls",),
+    "no-embed-class": ("cls",),
+}
+
+
+def manual_attention(block, x):
+    """softmax(q kᵀ / √d) recomputed from the block's own weights (independent of timm's code path)."""
+    attn = block.attn
+    h = block.norm1(x)
+    b, t, _ = h.shape
+    qkv = torch.nn.functional.linear(h, attn.qkv.weight, attn.qkv.bias).reshape(b, t, 3, attn.num_heads, -1)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1)
+
+
+def test_layout(timm_variant):
+    name, bb = timm_variant
+    assert bb.prefix_kinds == EXPECTED_PREFIX[name]
+    assert bb.num_prefix_tokens == len(EXPECTED_PREFIX[name])
+    assert bb.grid_for((32, 32)) == (4, 4)
+    assert bb.patch_size == (8, 8)
+    assert bb.num_classes == 5
+    assert bb.class_token_index == (None if name == "avg-pool-no-cls" else 0)
+
+
+def test_logits_equal_model_and_attention_matches_manual(timm_variant, images):
+    name, bb = timm_variant
+    with torch.no_grad():
+        reference = bb.model(bb.normalize(images))
+        plain = bb.run(images)
+        traced = bb.run(images, attention=True)
+    torch.testing.assert_close(plain.logits, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(traced.logits, reference, atol=1e-5, rtol=1e-5)
+    assert len(traced.attentions) == len(bb.blocks) == 2
+    assert len(traced.hidden) == len(bb.blocks) + 1
+    t = bb.num_prefix_tokens + 16
+    for block, x, a in zip(bb.blocks, traced.hidden[:-1], traced.attentions, strict=True):
+        assert a.shape == (3, 4, t, t)
+        torch.testing.assert_close(a.sum(-1), torch.ones(3, 4, t))
+        torch.testing.assert_close(a, manual_attention(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_capture_restores_fused_path_and_hooks(timm_variant, images):
+    _, bb = timm_variant
+    fused = [blk.attn.fused_attn for blk in bb.blocks]
+    with torch.no_grad():
+        before = bb(images)
+        bb.run(images, attention=True)
+        after = bb(images)
+    assert [blk.attn.fused_attn for blk in bb.blocks] == fused
+    assert all(not m._forward_hooks for m in bb.modules())
+    torch.testing.assert_close(before, after)
+
+
+def test_capture_restored_on_error(images):
+    bb = adapt(tiny_timm())
+    fused = bb.blocks[0].attn.fused_attn
+    with pytest.raises(RuntimeError), bb.capture_attention():
+        assert bb.blocks[0].attn.fused_attn is False
+        raise RuntimeError("boom")
+    assert bb.blocks[0].attn.fused_attn == fused
+    assert all(not m._forward_hooks for m in bb.modules())
+
+
+def test_attention_is_differentiable(images):
+    bb = adapt(tiny_timm())
+    trace = bb.run(images, attention=True)
+    grads = torch.autograd.grad(trace.logits[:, 0].sum(), trace.attentions)
+    assert all(g.shape == a.shape and g.abs().sum() > 0 for g, a in zip(grads, trace.attentions, strict=True))
+
+
+def test_run_from_embeddings_equals_images(timm_variant, images):
+    _, bb = timm_variant
+    with torch.no_grad():
+        emb, grid = bb.embed(bb.normalize(images))
+        assert emb.shape == (3, 16, 32) and grid == (4, 4)
+        torch.testing.assert_close(bb.run(embeddings=emb, grid=grid).logits, bb(images))
+
+
+def test_token_logits_of_readout_match_head(timm_variant, images):
+    name, bb = timm_variant
+    with torch.no_grad():
+        trace = bb.run(images)
+        per_token = bb.token_logits(trace.tokens)
+    assert per_token.shape == (3, bb.num_prefix_tokens + 16, 5)
+    if name == "avg-pool-no-cls":  # linear head on fc_norm(mean) ≠ mean of per-token logits, but the head is shared
+        torch.testing.assert_close(bb.model.head(bb.model.fc_norm(trace.tokens)), per_token)
+    elif name == "deit-distilled":  # both heads averaged at every token, as timm averages them at inference
+        z = trace.tokens
+        torch.testing.assert_close(per_token, (bb.model.head(z) + bb.model.head_dist(z)) / 2)
+        torch.testing.assert_close(
+            (bb.model.head(z[:, 0]) + bb.model.head_dist(z[:, 1])) / 2, trace.logits, atol=1e-5, rtol=1e-5
+        )
+    else:
+        torch.testing.assert_close(per_token[:, 0], trace.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_readout_weights(timm_variant):
+    name, bb = timm_variant
+    w = bb.readout(bb.num_prefix_tokens + 16)
+    assert torch.isclose(w.sum(), torch.tensor(1.0))
+    if name == "avg-pool-no-cls":
+        assert torch.allclose(w, torch.full((16,), 1 / 16))
+    elif name == "deit-distilled":
+        assert w[:2].tolist() == [0.5, 0.5] and w[2:].sum() == 0
+    else:
+        assert w[0] == 1
+
+
+def test_non_square_and_non_default_sizes():
+    bb = adapt(tiny_timm(dynamic_img_size=True))
+    x = torch.rand(2, 3, 48, 24)
+    with torch.no_grad():
+        trace = bb.run(x, attention=True)
+        torch.testing.assert_close(trace.logits, bb.model(bb.normalize(x)))
+    assert trace.grid == (6, 3)
+    assert trace.attentions[0].shape[-1] == 1 + 18
+    assert bb.grid_for((48, 24)) == (6, 3)
+
+
+def test_grid_helpers():
+    v = torch.arange(12.0).reshape(1, 12)
+    g = to_grid(v, (3, 4))
+    assert g.shape == (1, 3, 4) and g[0, 1, 0] == 4  # row-major
+    up = upsample(torch.ones(2, 3, 4), (30, 40))
+    assert up.shape == (2, 30, 40) and torch.allclose(up, torch.ones_like(up))
+    with pytest.raises(ValueError):
+        to_grid(v, (5, 5))
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("timm:vit_tiny_patch16_224", ("timm", "vit_tiny_patch16_224", {})),
+        ("timm:vit_tiny?pretrained=0&img_size=64", ("timm", "vit_tiny", {"pretrained": False, "img_size": 64})),
+        ("torchvision:vit_b_16?pretrained=false", ("torchvision", "vit_b_16", {"pretrained": False})),
+        ("hf:google/vit-base-patch16-224", ("hf", "google/vit-base-patch16-224", {})),
+        ("timm:x?drop_rate=0.1&global_pool=avg", ("timm", "x", {"drop_rate": 0.1, "global_pool": "avg"})),
+    ],
+)  # fmt: skip
+def test_parse_model_uri(uri, expected):
+    assert parse_model_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["nope:x", "timm:", "timm:x?novalue", "plain-name"])
+def test_bad_model_uris(uri):
+    with pytest.raises(VitlensError):
+        parse_model_uri(uri)
+
+
+def test_load_model_uris_without_network():
+    bb = load_model("timm:vit_tiny_patch16_224?pretrained=0&img_size=32&patch_size=8&depth=1&num_classes=3")
+    assert bb.family == "timm" and bb.num_classes == 3 and not bb.training
+    assert bb.spec == {
+        "source": "timm",
+        "name": "vit_tiny_patch16_224",
+        "kwargs": {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 3},
+    }
+    tv = load_model("torchvision:vit_b_16?pretrained=0&image_size=32")
+    assert tv.family == "torchvision" and tv.grid_for((32, 32)) == (2, 2)
+
+
+@pytest.mark.parametrize("uri", ["timm:no_such_model?pretrained=0", "timm:resnet18?pretrained=0", "torchvision:nope"])
+def test_load_model_errors(uri):
+    with pytest.raises(VitlensError):
+        load_model(uri)
+
+
+def test_load_model_accepts_plain_modules_and_backbones():
+    model = make_timm("vit")
+    bb = load_model(model)
+    assert bb.model is model and load_model(bb) is bb
