@@ -186,3 +186,23 @@ def test_load_model_accepts_plain_modules_and_backbones():
     model = make_timm("vit")
     bb = load_model(model)
     assert bb.model is model and load_model(bb) is bb
+
+
+def test_grad_from_starts_the_graph_at_a_block(images):
+    bb = adapt(tiny_timm())
+    for p in bb.parameters():
+        p.requires_grad_(False)
+    trace = bb.run(images, grad_from=1)
+    assert trace.hidden[1].is_leaf and trace.hidden[1].requires_grad and not trace.hidden[0].requires_grad
+    (g,) = torch.autograd.grad(trace.logits[:, 0].sum(), trace.hidden[1])
+    assert g.shape == trace.hidden[1].shape and g.abs().sum() > 0
+    last = bb.run(images, grad_from=len(bb.blocks))
+    assert last.hidden[-1].is_leaf and last.hidden[-1].requires_grad
+
+
+def test_capture_outputs_records_named_modules(images):
+    bb = adapt(tiny_timm())
+    with bb.capture_outputs({"norm": bb.attention_norm(1)}) as found:
+        trace = bb.run(images)
+    torch.testing.assert_close(found["norm"], bb.model.blocks[1].norm1(trace.hidden[1]))
+    assert all(not m._forward_hooks for m in bb.modules())

@@ -151,11 +151,30 @@ class Backbone(nn.Module):
         """The model's classifier applied to every final-normed token: ``[B, T, D]`` → ``[B, T, C]``."""
         raise NotImplementedError
 
+    def attention_norm(self, index: int) -> nn.Module:
+        """The layer norm in front of block ``index``'s attention (pytorch-grad-cam's ViT target layer)."""
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:
         """Switch every block to explicit attention and collect its probabilities; restore on exit."""
         raise NotImplementedError
         yield []  # pragma: no cover
+
+    @contextlib.contextmanager
+    def capture_outputs(self, modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+        """Record the output of each named submodule during the ``with`` body (tensors stay in the graph)."""
+        found: dict[str, Tensor] = {}
+        handles = []
+        try:
+            for name, module in modules.items():
+                handles.append(
+                    module.register_forward_hook(lambda _m, _i, out, name=name: found.__setitem__(name, out))
+                )
+            yield found
+        finally:
+            for h in handles:
+                h.remove()
 
     def readout(self, num_tokens: int) -> Tensor:
         """How the head reads the final tokens: weights ``[T]`` summing to one.
@@ -213,12 +232,15 @@ class Backbone(nn.Module):
         embeddings: Tensor | None = None,
         grid: tuple[int, int] | None = None,
         attention: bool = False,
+        grad_from: int | None = None,
     ) -> Trace:
         """One forward pass returning the full :class:`Trace`.
 
         Pass ``images`` (in [0, 1]) or, to run from the patch embeddings on (DiffMask), ``embeddings``
         ``[B, N, D]`` with their ``grid``. ``attention=True`` records each block's attention
         probabilities (switching fused attention to the explicit path for this call only).
+        ``grad_from=k`` makes ``hidden[k]`` (the input of block ``k``; ``L`` = the last block's output)
+        a leaf that requires grad, so gradient methods build no graph below the layer they read.
         """
         if embeddings is None:
             if images is None:
@@ -227,12 +249,16 @@ class Backbone(nn.Module):
         elif grid is None:
             raise ValueError("run(embeddings=...) needs the grid")
         x = self.add_prefix_and_position(embeddings, grid)
+        if grad_from == 0:
+            x = x.detach().requires_grad_(True)
         hidden = [x]
         stack = contextlib.ExitStack()
         with stack:
             attentions = stack.enter_context(self.capture_attention()) if attention else []
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks, 1):
                 x = block(x)
+                if grad_from == i:
+                    x = x.detach().requires_grad_(True)
                 hidden.append(x)
         tokens = self.final_norm(x)
         return Trace(

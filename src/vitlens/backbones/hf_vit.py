@@ -137,6 +137,9 @@ class HFViT(Backbone):
             return (m.cls_classifier(tokens) + m.distillation_classifier(tokens)) / 2
         return m.classifier(tokens)
 
+    def attention_norm(self, index: int) -> nn.Module:
+        return self.blocks[index].layernorm_before
+
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:
         found: list[Tensor] = []

@@ -100,6 +100,9 @@ class TimmViT(Backbone):
             logits = (logits + m.head_dist(z)) / 2
         return logits
 
+    def attention_norm(self, index: int) -> nn.Module:
+        return self.model.blocks[index].norm1
+
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:
         found: list[Tensor] = []

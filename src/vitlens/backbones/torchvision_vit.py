@@ -91,6 +91,9 @@ class TorchvisionViT(Backbone):
     def token_logits(self, tokens: Tensor) -> Tensor:
         return self.model.heads(tokens)
 
+    def attention_norm(self, index: int) -> nn.Module:
+        return self.blocks[index].ln_1
+
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:
         found: list[Tensor] = []
