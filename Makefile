@@ -4,6 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
+BENCH_METHODS ?= pm,attention,rollout
 
 .PHONY: install data test test-all demo lint bench clean
 
@@ -38,7 +39,7 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: install
-	$(PY) benchmarks/explainers.py
+	$(VENV)/bin/vitlens bench --methods $(BENCH_METHODS)
 
 clean:
 	rm -rf $(VENV) demo-out vitlens-out .pytest_cache

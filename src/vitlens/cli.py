@@ -61,20 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(clf)
     clf.add_argument("--arch", help="architecture preset (fashion-vit, counting-vit, …) or timm model name")
     clf.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
-
-    ex = sub.add_parser("explain", help="explain image files with one method")
-    ex.add_argument("images", nargs="+", help="image files")
-    ex.add_argument("--model", required=True, help="timm:NAME, hf:NAME, torchvision:NAME or a checkpoint directory")
-    ex.add_argument("--method", default="rollout", help="explanation method (see `vitlens methods`)")
-    ex.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
-    ex.add_argument("--out", default="vitlens-out", help="output directory for maps (.npy) and overlays (.png)")
-    ex.add_argument("--batch-size", type=_positive_int, default=16)
-    ex.add_argument("--json", action="store_true", help="print one JSON list with a record per image")
-
-    sub.add_parser("methods", help="list the explanation methods")
-
-    info = sub.add_parser("info", help="describe a model's layout as vitlens sees it")
-    info.add_argument("model")
+    pm = tsub.add_parser("pm", help="PM fine-tuning: patch-level mask prediction (Kang et al. 2025)")
+    _train_options(pm)
+    pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI or checkpoint directory)")
+    pm.add_argument("--mask-fraction", type=float, default=0.01, help="share of training images whose masks are used")
+    pm.add_argument("--lambda", dest="lam", type=float, default=10.0, help="weight of the patch-level BCE")
+    pm.add_argument("--pos-weight", type=float, default=1.0, help="weight of positive (object) patch targets")
+    pm.add_argument("--mask-batch", type=_positive_int, default=8, help="masked images in every batch")
+    pm.add_argument("--pseudo-masks", type=int, default=0, metavar="ROUNDS", help="self-training rounds")
+    pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
+    bn = sub.add_parser("bench", help="time methods against one plain forward pass")
+    bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0")
+    bn.add_argument("--methods", default="pm,attention,rollout", help="comma-separated method names")
+    bn.add_argument("--batch-size", type=_positive_int, default=16)
+    bn.add_argument("--image-size", type=_positive_int)
+    bn.add_argument("--device", default="cpu")
+    bn.add_argument("--repeat", type=_positive_int, default=5)
+    bn.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="explain fashion canvases with the committed checkpoint")
     demo.add_argument("--out", default="demo-out")
@@ -120,6 +123,25 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    import json
+
+    from .bench import bench, format_bench
+    from .explainers import EXPLAINERS
+
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in methods if m not in EXPLAINERS]
+    if unknown or not methods:
+        raise VitlensError(
+            f"unknown method(s) {', '.join(unknown) or '(none)'} (known: {', '.join(sorted(EXPLAINERS))})"
+        )
+    if a.device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        raise VitlensError("--device cuda: no CUDA device is available")
+    record = bench(a.model, methods, batch_size=a.batch_size, image_size=a.image_size, device=a.device, repeat=a.repeat)
+    print(json.dumps(record) if a.json else format_bench(record))
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -133,13 +155,28 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     from .training import train_classifier
 
+    if a.task == "pm":
+        from .training import train_pm
+
+        summary = train_pm(
+            a.model, a.data, a.out, _train_config(a), mask_fraction=a.mask_fraction, lam=a.lam,
+            pos_weight=a.pos_weight, mask_batch=a.mask_batch, pseudo_rounds=a.pseudo_masks, resume=a.resume,
+            eval_data=a.eval_data,
+        )  # fmt: skip
     if a.task == "classifier":
         summary = train_classifier(a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data)
     print(json.dumps({"out": a.out, **summary}))
     return 0
 
 
-COMMANDS = {"train": cmd_train, "explain": cmd_explain, "methods": cmd_methods, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train,
+    "explain": cmd_explain,
+    "methods": cmd_methods,
+    "info": cmd_info,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,8 @@ def explain_files(
     """Explain image files batch by batch; yields one record per input, in order of completion.
 
     A good image gives ``{"image", "predicted", "target", "map", "overlay"}`` (paths of the written
-    ``.npy`` patch-grid map and ``.png`` overlay); a bad one ``{"image", "error"}``.
+    ``.npy`` patch-grid map and ``.png`` overlay, plus one path per picture of the method's own, e.g.
+    ``"bcos-colour"``); a bad one ``{"image", "error"}``.
     """
     backbone = load_model(model)
     explainer = get_explainer(method, backbone, **(options or {}))
@@ -70,12 +71,18 @@ def explain_files(
         if not good:
             continue
         images = torch.stack([img for _, img in good]).to(device)
-        with torch.no_grad():
-            probs = backbone(images).softmax(1)
+        with_pictures = getattr(explainer, "explain_with_pictures", None)  # methods with pictures of their own
+        if with_pictures is not None:  # B-cos: the colour explanation beside the overlay
+            maps, logits, pictures = with_pictures(images, target)
+        else:
+            (maps, logits), pictures = explainer.explain_and_predict(images, target), {}
+        probs = logits.softmax(1).cpu()
         targets = resolve_target(target, probs)
-        maps = explainer(images, targets).cpu()
-        for (p, img), m, prob, t in zip(good, maps, probs.cpu(), targets.cpu(), strict=True):
+        for i, ((p, img), m, prob, t) in enumerate(zip(good, maps.cpu(), probs, targets, strict=True)):
             stem = _unique_stem(p, taken)
+            extra = {suffix: str(out / f"{stem}.{suffix}.png") for suffix in pictures}
+            for suffix, path in extra.items():
+                save_png(pictures[suffix][i], path)
             map_path, png_path = out / f"{stem}.{method}.npy", out / f"{stem}.{method}.png"
             atomic_save_npy(map_path, m.numpy())
             pred = int(prob.argmax())
@@ -90,4 +97,5 @@ def explain_files(
                 "target": int(t),
                 "map": str(map_path),
                 "overlay": str(png_path),
+                **extra,
             }

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import VitlensError
-from .base import Backbone, Preprocessing, Trace, explicit_attention, to_grid, upsample
+from .base import Backbone, Preprocessing, Trace, boxes_to_mask, explicit_attention, patch_coverage, to_grid, upsample
 from .hf_vit import HFViT, is_hf_vit
 from .presets import PRESETS, build_preset
 from .timm_vit import TimmViT, is_timm_vit
@@ -28,10 +28,12 @@ __all__ = [
     "Preprocessing",
     "Trace",
     "adapt",
+    "boxes_to_mask",
     "build_module",
     "explicit_attention",
     "load_model",
     "parse_model_uri",
+    "patch_coverage",
     "to_grid",
     "upsample",
 ]

@@ -85,6 +85,20 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def patch_coverage(masks: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Pixel masks ``[B, H, W]`` → fraction of each patch they cover ``[B, gh, gw]`` (in [0, 1])."""
+    return F.adaptive_avg_pool2d(masks[:, None].float(), grid)[:, 0]
+
+
+def boxes_to_mask(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Inclusive pixel boxes ``[K, 4]`` (x0, y0, x1, y1) → their union as a bool mask ``[H, W]``."""
+    h, w = size
+    ys = torch.arange(h, device=boxes.device)[:, None, None]
+    xs = torch.arange(w, device=boxes.device)[None, :, None]
+    x0, y0, x1, y1 = boxes.round().long().T
+    return ((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)).any(-1)
+
+
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """softmax(q kᵀ · scale) v for ``[B, heads, T, d]`` inputs; returns (output, probabilities)."""
     probs = (q * scale) @ k.transpose(-2, -1)

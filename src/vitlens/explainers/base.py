@@ -95,6 +95,16 @@ class Explainer:
     def explain(self, images: Tensor, target) -> Tensor:
         raise NotImplementedError
 
+    def explain_and_predict(self, images: Tensor, target=None) -> tuple[Tensor, Tensor]:
+        """(maps, logits) for ``images``: one plain forward for the logits, then the explanation.
+
+        Methods whose explanation pass already yields the logits (PM) override it to do one pass.
+        """
+        images = self._check(images)
+        with frozen_eval(self.backbone), torch.no_grad():
+            logits = self.backbone(images)
+        return self(images, resolve_target(target, logits)), logits
+
     def _check(self, images: Tensor) -> Tensor:
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__

@@ -13,6 +13,8 @@ def flip_shift(images: torch.Tensor, masks: torch.Tensor | None = None, max_shif
     images so localisation targets stay aligned.
     """
     b, _, h, w = images.shape
+    if b == 0:
+        return images, masks
     flip = torch.rand(b, device=images.device) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     if masks is not None:
