@@ -206,3 +206,13 @@ def test_capture_outputs_records_named_modules(images):
         trace = bb.run(images)
     torch.testing.assert_close(found["norm"], bb.model.blocks[1].norm1(trace.hidden[1]))
     assert all(not m._forward_hooks for m in bb.modules())
+
+
+def test_grid_for_leaves_batchnorm_statistics_alone():
+    from vitlens.backbones.presets import build_preset
+
+    module, prep = build_preset("fashion-vit", num_classes=10)
+    bb = adapt(module, prep).train()
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    assert bb.grid_for((64, 64)) == (8, 8) and bb.training
+    assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())

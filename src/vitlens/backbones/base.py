@@ -226,17 +226,23 @@ class Backbone(nn.Module):
         return h // gh, w // gw
 
     def grid_for(self, size: tuple[int, int]) -> tuple[int, int]:
-        """Patch grid of an input of ``size`` (H, W)."""
-        with torch.no_grad():
-            x = torch.zeros(1, 3, *size, device=self.mean.device, dtype=self.mean.dtype)
-            return self.embed(self.normalize(x))[1]
+        """Patch grid of an input of ``size`` (H, W); runs the patch embedding in eval mode (no side effects)."""
+        modes = [(m, m.training) for m in self.modules()]
+        try:
+            self.eval()
+            with torch.no_grad():
+                x = torch.zeros(1, 3, *size, device=self.mean.device, dtype=self.mean.dtype)
+                return self.embed(self.normalize(x))[1]
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def normalize(self, images: Tensor) -> Tensor:
         """Images in [0, 1] → the model's input (mean/std from its preprocessing)."""
         return (images - self.mean) / self.std
 
     def forward(self, images: Tensor) -> Tensor:
-        """Plain logits for images in [0, 1] (the model's own fast path)."""
+        """Plain logits for images in [0, 1] (fused attention where the model has it)."""
         return self.run(images).logits
 
     def run(
