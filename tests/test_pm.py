@@ -46,12 +46,11 @@ def test_pm_costs_one_forward_pass(images):
 
 
 def test_pm_targets_on_a_hand_made_mask():
-    bb = adapt(make_timm("vit"))  # 32 px, patch 8 → 4×4 grid
     mask = torch.zeros(1, 32, 32, dtype=torch.bool)
     mask[0, 0:8, 0:8] = True  # patch (0, 0) fully covered
     mask[0, 0:8, 8:12] = True  # patch (0, 1) half covered
     mask[0, 10:12, 20:22] = True  # patch (1, 2): 4 of 64 pixels
-    t = pm_targets(bb, mask, torch.tensor([3]))
+    t = pm_targets(mask, torch.tensor([3]), num_classes=5, grid=(4, 4))  # 32 px, 8 px patches
     assert t.shape == (1, 5, 4, 4)
     expected = torch.zeros(4, 4)
     expected[0, 0], expected[0, 1], expected[1, 2] = 1.0, 0.5, 4 / 64
@@ -78,12 +77,12 @@ def test_short_pm_finetuning_moves_the_map_onto_the_object(tmp_path):
     images, labels, masks = held_out["image"], held_out["label"], held_out["mask"]
     before = _energy_in_mask(explain(base, images, "pm", labels), masks)
     out = tmp_path / "pm"
-    cfg = TrainConfig(max_steps=40, batch_size=32, lr=2e-4, warmup_steps=5, log_every=20)
+    cfg = TrainConfig(max_steps=60, batch_size=32, lr=1e-3, warmup_steps=5, log_every=20)
     data, test = "fashion-canvas:train:n=3000", "fashion-canvas:test:n=200"
     summary = train_pm(base_dir, data, out, cfg, mask_fraction=0.01, lam=10.0, eval_data=test)
     tuned = load_model(out)
     after = _energy_in_mask(explain(tuned, images, "pm", labels), masks)
-    assert after > before + 0.15  # the untuned read-out is near chance (NOTES.md); 30 masks move it
+    assert after > 1.5 * before  # the untuned read-out is near chance (NOTES.md); 30 masks and 60 steps move it
     # no parameters added: same names and shapes
     shapes = {k: v.shape for k, v in tuned.model.state_dict().items()}
     assert shapes == {k: v.shape for k, v in base.model.state_dict().items()}

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(clf)
     clf.add_argument("--arch", help="architecture preset (fashion-vit, counting-vit, …) or timm model name")
     clf.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
+    clf.add_argument("--init", help="start from this model's weights (a second training stage)")
     pm = tsub.add_parser("pm", help="PM fine-tuning: patch-level mask prediction (Kang et al. 2025)")
     _train_options(pm)
     pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI or checkpoint directory)")
@@ -70,6 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--mask-batch", type=_positive_int, default=8, help="masked images in every batch")
     pm.add_argument("--pseudo-masks", type=int, default=0, metavar="ROUNDS", help="self-training rounds")
     pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
+    bc = tsub.add_parser("bcos", help="train a B-cos ViT (Böhle et al. 2024): BCE, Adam, AGC; --weight-decay ignored")
+    _train_options(bc)
+    bc.add_argument("--arch", help="B-cos architecture (default bcos_vit_fashion; simple_vit_ti_patch16_224, …)")
+    bc.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
+
+    ex = sub.add_parser("explain", help="explain image files with one method")
+    ex.add_argument("images", nargs="+", help="image files")
+    ex.add_argument("--model", required=True, help="timm:NAME, hf:NAME, torchvision:NAME or a checkpoint directory")
+    ex.add_argument("--method", default="rollout", help="explanation method (see `vitlens methods`)")
+    ex.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
+    ex.add_argument("--out", default="vitlens-out", help="output directory for maps (.npy) and overlays (.png)")
+    ex.add_argument("--batch-size", type=_positive_int, default=16)
+    ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    ex.add_argument("--json", action="store_true", help="print one JSON list with a record per image")
+
+    sub.add_parser("methods", help="list the explanation methods")
+
+    info = sub.add_parser("info", help="describe a model's layout as vitlens sees it")
+    info.add_argument("model")
+
+    dm = tsub.add_parser("diffmask", help="Vision DiffMask gates for a frozen classifier (Nalmpantis et al. 2023)")
+    _train_options(dm)
+    dm.add_argument("--model", required=True, help="the frozen classifier (URI or checkpoint directory)")
+    dm.add_argument("--kl-margin", type=float, default=0.1, help="KL(p_orig || p_masked) allowed, in nats")
+    dm.add_argument("--multiplier-lr", type=float, default=0.3, help="learning rate of the Lagrange multipliers")
     bn = sub.add_parser("bench", help="time methods against one plain forward pass")
     bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0")
     bn.add_argument("--methods", default="pm,attention,rollout", help="comma-separated method names")
@@ -82,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="explain fashion canvases with the committed checkpoint")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("-n", type=_positive_int, default=8, help="number of images")
+
+    ev = sub.add_parser("evaluate", help="score explanation methods with the evaluation metrics (torchrun: sharded)")
+    ev.add_argument("--model", required=True, help="timm:NAME, hf:NAME, torchvision:NAME or a checkpoint directory")
+    ev.add_argument("--methods", required=True, help="comma-separated methods (see `vitlens methods`)")
+    ev.add_argument("--metrics", default="all", help="comma-separated metrics (see `vitlens metrics`), or all")
+    ev.add_argument("--data", required=True, help="data spec, e.g. fashion-canvas:test or fashion-grid:test:n=500")
+    ev.add_argument("--limit", type=_positive_int, help="evaluate the first N samples only")
+    ev.add_argument("--batch-size", type=_positive_int, default=32)
+    ev.add_argument("--target", choices=["label", "predicted"], default="label", help="class the maps explain")
+    ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                    help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    sub.add_parser("metrics", help="list the evaluation metrics")
     return parser
 
 
@@ -89,9 +131,13 @@ def cmd_explain(a: argparse.Namespace) -> int:
     import json
 
     from .files import explain_files
+    from .options import parse_options
 
     records, failed = [], 0
-    for r in explain_files(a.images, a.model, a.method, target=a.target, out=a.out, batch_size=a.batch_size):
+    options = parse_options(a.option, what="--option")
+    run = explain_files(a.images, a.model, a.method, target=a.target, out=a.out, batch_size=a.batch_size,
+                        options=options)  # fmt: skip
+    for r in run:
         records.append(r)
         if "error" in r:
             failed += 1
@@ -150,11 +196,43 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    import json
+
+    from .metrics import evaluate, format_table, parse_options
+
+    summary = evaluate(
+        a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
+        options=parse_options(a.option), device=a.device, out=a.out,
+    )  # fmt: skip
+    if summary is not None:  # None on the other torchrun processes
+        print(json.dumps(summary) if a.json else format_table(summary))
+    return 0
+
+
+def cmd_metrics(a: argparse.Namespace) -> int:
+    from .metrics import METRICS
+
+    rows = [(name, ", ".join(cls.needs) or "maps", cls.paper) for name, cls in sorted(METRICS.items())]
+    width = max(len(r[0]) for r in rows)
+    nw = max(len(r[1]) for r in rows)
+    for name, needs, paper in rows:
+        print(f"{name:<{width}}  {needs:<{nw}}  {paper}")
+    return 0
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     import json
 
     from .training import train_classifier
 
+    if a.task == "diffmask":
+        from .training import train_diffmask
+
+        summary = train_diffmask(
+            a.model, a.data, a.out, _train_config(a), kl_margin=a.kl_margin, multiplier_lr=a.multiplier_lr,
+            resume=a.resume,
+        )  # fmt: skip
     if a.task == "pm":
         from .training import train_pm
 
@@ -163,8 +241,14 @@ def cmd_train(a: argparse.Namespace) -> int:
             pos_weight=a.pos_weight, mask_batch=a.mask_batch, pseudo_rounds=a.pseudo_masks, resume=a.resume,
             eval_data=a.eval_data,
         )  # fmt: skip
+    if a.task == "bcos":
+        from .training.bcos import train_bcos
+
+        summary = train_bcos(a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data)
     if a.task == "classifier":
-        summary = train_classifier(a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data)
+        summary = train_classifier(
+            a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data, init=a.init
+        )
     print(json.dumps({"out": a.out, **summary}))
     return 0
 
@@ -176,6 +260,8 @@ COMMANDS = {
     "info": cmd_info,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "evaluate": cmd_evaluate,
+    "metrics": cmd_metrics,
 }
 
 

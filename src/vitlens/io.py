@@ -10,6 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file or directory the permissions a normal create would (mkstemp uses 0600/0700)."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; never leaves a partial file."""
     path = Path(path)
@@ -18,6 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        _publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -57,6 +70,9 @@ def atomic_replace_dir(path: str | os.PathLike, fill: Callable[[Path], None]) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         fill(tmp)
+        _publish_mode(tmp)
+        for f in tmp.iterdir():
+            _publish_mode(f)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

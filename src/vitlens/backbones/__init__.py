@@ -5,6 +5,7 @@ Model URIs::
     timm:NAME[?pretrained=0&key=value...]      timm.create_model(NAME, **kwargs); pretrained by default
     hf:NAME_OR_PATH                            transformers AutoModelForImageClassification
     torchvision:NAME[?pretrained=0&key=value]  torchvision.models.get_model(NAME, weights=...)
+    bcos:NAME[?weights=PATH&pretrained=1&key=value]  vitlens' B-cos ViT; official B-cos-v2 weights load unchanged
     PATH                                       a vitlens checkpoint directory
 """
 
@@ -17,7 +18,9 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import VitlensError
+from ..options import parse_options
 from .base import Backbone, Preprocessing, Trace, boxes_to_mask, explicit_attention, patch_coverage, to_grid, upsample
+from .bcos_vit import BcosViT, build_bcos, is_bcos_vit, load_bcos
 from .hf_vit import HFViT, is_hf_vit
 from .presets import PRESETS, build_preset
 from .timm_vit import TimmViT, is_timm_vit
@@ -42,8 +45,9 @@ ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_timm_vit, TimmViT),
     (is_hf_vit, HFViT),
     (is_torchvision_vit, TorchvisionViT),
+    (is_bcos_vit, BcosViT),
 ]
-SCHEMES = ("timm", "hf", "torchvision")
+SCHEMES = ("timm", "hf", "torchvision", "bcos")
 
 
 def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=None) -> Backbone:
@@ -55,20 +59,9 @@ def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=
             return adapter(model, preprocessing, classes)
     raise VitlensError(
         f"{type(model).__name__} is not a supported Vision Transformer "
-        "(supported: timm VisionTransformer, transformers ViT/DeiT image classifiers, torchvision ViT)"
+        "(supported: timm VisionTransformer, transformers ViT/DeiT image classifiers, torchvision ViT, "
+        "vitlens B-cos ViT)"
     )
-
-
-def _parse_value(v: str) -> object:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def parse_model_uri(uri: str) -> tuple[str, str, dict]:
@@ -76,18 +69,13 @@ def parse_model_uri(uri: str) -> tuple[str, str, dict]:
     scheme, sep, rest = uri.partition(":")
     if not sep or scheme not in SCHEMES:
         raise VitlensError(
-            f"unknown model {uri!r}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME "
+            f"unknown model {uri!r}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME "
             "or a vitlens checkpoint directory"
         )
     name, _, query = rest.partition("?")
     if not name:
         raise VitlensError(f"model URI {uri!r} names no model")
-    kwargs: dict = {}
-    for item in filter(None, query.split("&")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise VitlensError(f"bad option {item!r} in model URI {uri!r}: expected key=value")
-        kwargs[key] = _parse_value(value)
+    kwargs = parse_options(filter(None, query.split("&")), what=f"option in model URI {uri!r}")
     if "pretrained" in kwargs:
         kwargs["pretrained"] = bool(kwargs["pretrained"])
     return scheme, name, kwargs
@@ -108,6 +96,8 @@ def build_module(spec: dict) -> tuple[nn.Module, Preprocessing | None]:
         import torchvision
 
         return torchvision.models.get_model(name, weights=None, **kwargs), None
+    if source == "bcos":
+        return build_bcos(name, **kwargs)
     if source == "hf":
         import transformers
 
@@ -116,10 +106,13 @@ def build_module(spec: dict) -> tuple[nn.Module, Preprocessing | None]:
     raise VitlensError(f"unknown model source {source!r} in checkpoint")
 
 
-def _load_uri(uri: str) -> Backbone:
+def _load_uri(uri: str, options: dict) -> Backbone:
     scheme, name, kwargs = parse_model_uri(uri)
+    kwargs.update(options)
     try:
-        if scheme == "timm":
+        if scheme == "bcos":
+            backbone = load_bcos(name, **kwargs)
+        elif scheme == "timm":
             import timm
 
             pretrained = kwargs.pop("pretrained", True)
@@ -157,11 +150,14 @@ def _load_uri(uri: str) -> Backbone:
     return backbone
 
 
-def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None) -> Backbone:
+def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **options) -> Backbone:
     """Any supported model, URI or vitlens checkpoint directory → a :class:`Backbone`.
 
     Models loaded from a URI or checkpoint are put in eval mode; a module passed in keeps its mode.
+    ``options`` are URI options given as keywords (``load_model("bcos:NAME", weights=PATH)``).
     """
+    if options and not (isinstance(model, str | os.PathLike) and os.fspath(model).partition(":")[0] in SCHEMES):
+        raise VitlensError(f"options {', '.join(sorted(options))} only apply to a model URI")
     if isinstance(model, nn.Module):
         backbone = adapt(model)
     elif isinstance(model, str | os.PathLike):
@@ -171,10 +167,10 @@ def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None) -> 
         if Path(text).is_dir():
             backbone = load_checkpoint(text)
         elif text.partition(":")[0] in SCHEMES:
-            backbone = _load_uri(text)
+            backbone = _load_uri(text, options)
         else:
             raise VitlensError(
-                f"unknown model {text!r}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME "
+                f"unknown model {text!r}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME "
                 "or a vitlens checkpoint directory"
             )
         backbone.eval()

@@ -88,7 +88,7 @@ class Explainer:
     def __call__(self, images: Tensor, target: int | Sequence[int] | Tensor | None = None) -> Tensor:
         """Explain ``images`` ([B, 3, H, W] in [0, 1]) for ``target``; returns float32 ``[B, gh, gw]``."""
         images = self._check(images)
-        with frozen_eval(self.backbone):
+        with frozen_eval(self.backbone), torch.enable_grad():  # gradient methods work under no_grad too
             maps = self.explain(images, target)
         return maps.float()
 

@@ -6,9 +6,11 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from ..backbones import Backbone, adapt
 from ..backbones.presets import PRESETS, build_preset
-from ..data import DataSpec, open_dataset, parse_data_spec
+from ..data import DataSpec, collate, open_dataset, parse_data_spec
 from ..errors import VitlensError
 from .classifier import ClassifierTask, accuracy
 from .loop import Task, TrainConfig, check_resumable, train
@@ -23,6 +25,7 @@ __all__ = [
     "build_classifier",
     "train",
     "train_classifier",
+    "train_diffmask",
     "train_pm",
 ]
 
@@ -79,21 +82,27 @@ def _command() -> str:
 
 def train_classifier(
     data: str, out: str | Path, cfg: TrainConfig, arch: str | None = None, resume: bool = False,
-    eval_data: str | None = None,
+    eval_data: str | None = None, init: str | None = None,
 ) -> dict:  # fmt: skip
-    """``vitlens train classifier``: train a classifier on ``data`` and report held-out accuracy."""
+    """``vitlens train classifier``: train a classifier on ``data`` and report held-out accuracy.
+
+    ``init`` starts from the weights of a model (URI or checkpoint) instead of a fresh ``arch`` — a
+    second stage with a fresh optimizer and schedule, recorded as such in the checkpoint.
+    """
+    from ..backbones import load_model
+    from ..checkpoint import load_checkpoint
+
     spec = parse_data_spec(data, default_split="train")
     if resume:
-        from ..checkpoint import load_checkpoint
-
         check_resumable(out)
         backbone = load_checkpoint(out)
-        dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    elif init is not None:
+        backbone = load_model(init)
+        if backbone.spec is None:
+            raise VitlensError("--init needs a model loaded from a URI or a vitlens checkpoint")
     else:
-        dataset = open_dataset(spec)
-        backbone = build_classifier(arch, spec, dataset)
-        if spec.name == "folder":
-            dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+        backbone = build_classifier(arch, spec, open_dataset(spec))
+    dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     held_out = _held_out(spec, eval_data)
     provenance = {
         "command": _command(),
@@ -101,6 +110,10 @@ def train_classifier(
         "eval_data": str(held_out),
         "arch": backbone.spec.get("name"),
     }
+    if init is not None:
+        provenance["init"] = {"model": str(init), "training": getattr(backbone, "config", {}).get("training", {})}
+    elif resume:  # keep the original run's provenance
+        provenance = {k: v for k, v in backbone.config["training"].items() if k in (*provenance, "init")}
     task = ClassifierTask(backbone)
     return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out))
 
@@ -149,3 +162,56 @@ def train_pm(
     provenance = {"command": _command(), "data": str(spec), "eval_data": str(held_out), "base_model": source,
                   "accuracy_before": before}  # fmt: skip
     return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out))
+
+
+def train_diffmask(
+    model,
+    data: str,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    kl_margin: float = 0.1,
+    multiplier_lr: float = 0.3,
+    resume: bool = False,
+) -> dict:
+    """``vitlens train diffmask``: DiffMask gates for a frozen classifier (SPEC §3.3).
+
+    The checkpoint holds the classifier unchanged plus the gates, so it loads as the classifier with
+    the ``diffmask`` explainer attached.
+    """
+    from ..backbones import load_model
+    from ..checkpoint import load_checkpoint
+    from ..explainers.diffmask import load_gates
+    from .diffmask import DiffMaskTask
+
+    spec = parse_data_spec(data, default_split="train")
+    if resume:
+        check_resumable(out)
+        backbone = load_checkpoint(out, kind="diffmask")
+        task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, gates=load_gates(backbone))
+        source = backbone.config["training"].get("base_model")
+    else:
+        backbone = load_model(model)
+        if backbone.spec is None:
+            raise VitlensError("DiffMask needs a model loaded from a URI or a vitlens checkpoint")
+        if getattr(backbone, "config", {}).get("kind") == "diffmask":
+            raise VitlensError(f"{model} is already a DiffMask checkpoint; pass the classifier it was trained on")
+        task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr)
+        source = str(model)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    provenance = {"command": _command(), "data": str(spec), "base_model": source}
+
+    def evaluate(bb, d):
+        test = open_dataset(_held_out(spec, None), size=bb.preprocessing.input_size)
+        images = collate([test[i] for i in range(min(256, len(test)))])["image"].to(bb.mean.device)
+        kl = task.masked_kl(images)
+        frozen = all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
+        if not frozen:
+            raise RuntimeError("DiffMask training changed the frozen classifier")  # a bug, never a user error
+        return {
+            "held_out_kl": round(kl.mean().item(), 4),
+            "held_out_within_margin": round((kl <= kl_margin).float().mean().item(), 4),
+        }
+
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate)

@@ -22,11 +22,10 @@ from .augment import flip_shift
 from .loop import Task
 
 
-def pm_targets(backbone: Backbone, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def pm_targets(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, grid: tuple[int, int]) -> torch.Tensor:
     """``[B, C, gh, gw]`` BCE targets: patch coverage of the mask for the true class, 0 elsewhere."""
-    grid = backbone.grid_for(tuple(masks.shape[-2:]))
     coverage = patch_coverage(masks, grid)
-    targets = torch.zeros(len(labels), backbone.num_classes, *grid, device=masks.device)
+    targets = torch.zeros(len(labels), num_classes, *grid, device=masks.device)
     targets[torch.arange(len(labels)), labels] = coverage
     return targets
 
@@ -89,6 +88,7 @@ class PMTask(Task):
         self.pseudo_rounds, self.pseudo_pool = pseudo_rounds, pseudo_pool
         self.pseudo_threshold, self.pseudo_confidence = pseudo_threshold, pseudo_confidence
         self.round_steps = {total_steps * (r + 1) // (pseudo_rounds + 1) for r in range(pseudo_rounds)}
+        self.grid = backbone.grid_for(backbone.preprocessing.input_size)
         self.pseudo_indices: list[int] = []
         self.pseudo_targets = torch.zeros(0)
         self._load_pool()
@@ -109,7 +109,7 @@ class PMTask(Task):
         real = [i for i in pick if i < n_real]
         images, masks = flip_shift(self.pool["image"][real], self.pool["mask"][real])
         labels = self.pool["label"][real]
-        targets = pm_targets(self.backbone, masks.to(device), labels.to(device))
+        targets = pm_targets(masks.to(device), labels.to(device), self.backbone.num_classes, self.grid)
         pseudo = [i - n_real for i in pick if i >= n_real]
         if pseudo:
             extra = collate([self.dataset[self.pseudo_indices[i]] for i in pseudo])

@@ -1,0 +1,101 @@
+"""vitlens beside captum and pytorch-grad-cam: same model, same inputs, same machine, one run.
+
+Every figure is a ratio to one plain forward pass of the same batch, timed in the same process, so the
+numbers compare across machines. Run: ``python benchmarks/peers.py [--model URI] [--batch-size N]``;
+``--markdown`` prints the table for ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from vitlens import load_model
+from vitlens.bench import time_call
+from vitlens.explainers import get_explainer
+
+
+def peers(model: str, batch_size: int, steps: int, repeat: int) -> dict:
+    from captum.attr import InputXGradient, IntegratedGradients, Occlusion
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    dev = torch.device("cpu")
+    bb = load_model(model).eval()  # parameters keep requires_grad=True, as users run the peers
+    size = bb.preprocessing.input_size
+    images = torch.rand(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = bb(images).argmax(1)
+    ph, pw = bb.patch_size
+    prefix = bb.num_prefix_tokens
+    gh, gw = bb.grid_for(size)
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:  # tokens → [B, D, gh, gw] for pytorch-grad-cam
+        return t[:, prefix:].reshape(t.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+
+    cam = GradCAM(model=bb, target_layers=[bb.attention_norm(len(bb.blocks) - 1)], reshape_transform=reshape)
+    cam_targets = [ClassifierOutputTarget(int(t)) for t in target]
+    ig, ixg = IntegratedGradients(bb), InputXGradient(bb)
+    occ = Occlusion(bb)
+    pairs = {
+        "Integrated Gradients": (
+            lambda: get_explainer("ig", bb, steps=steps, internal_batch_size=64)(images, target),
+            lambda: ig.attribute(images, target=target, n_steps=steps, internal_batch_size=64),
+        ),
+        "Input×Gradient": (
+            lambda: get_explainer("inputxgrad", bb)(images, target),
+            lambda: ixg.attribute(images.clone().requires_grad_(True), target=target),
+        ),
+        "Occlusion (one patch)": (
+            lambda: get_explainer("occlusion", bb, fill=0.0, internal_batch_size=64)(images, target),
+            lambda: occ.attribute(images, target=target, sliding_window_shapes=(3, ph, pw), strides=(3, ph, pw),
+                                  baselines=0.0, perturbations_per_eval=64 // batch_size or 1),
+        ),
+        "Grad-CAM": (
+            lambda: get_explainer("gradcam", bb)(images, target),
+            lambda: cam(input_tensor=images, targets=cam_targets),
+        ),
+    }  # fmt: skip
+
+    def forward() -> None:
+        with torch.no_grad():
+            bb(images)
+
+    forward_s, _ = time_call(forward, dev, repeat)
+    rows = {}
+    for name, (ours, theirs) in pairs.items():
+        t_ours, _ = time_call(ours, dev, repeat)
+        t_theirs, _ = time_call(theirs, dev, repeat)
+        rows[name] = {"vitlens": t_ours / forward_s, "peer": t_theirs / forward_s, "speedup": t_theirs / t_ours}
+    return {"model": model, "batch_size": batch_size, "ig_steps": steps, "forward_s": forward_s,
+            "threads": torch.get_num_threads(), "results": rows}  # fmt: skip
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"`{record['model']}`, batch {record['batch_size']}, CPU ({record['threads']} threads), "
+        f"forward {record['forward_s'] * 1000:.0f} ms; IG with {record['ig_steps']} steps. Ratios to one forward pass.",
+        "",
+        "| method | vitlens | peer | peer library | vitlens speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    lib = {"Grad-CAM": "pytorch-grad-cam"}
+    for name, r in record["results"].items():
+        lines.append(
+            f"| {name} | {r['vitlens']:.2f}× | {r['peer']:.2f}× | {lib.get(name, 'captum')} | {r['speedup']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    rec = peers(a.model, a.batch_size, a.steps, a.repeat)
+    print(markdown(rec) if a.markdown else json.dumps(rec, indent=2))

@@ -1,0 +1,480 @@
+"""The attention-gradient family: GAE, transformer attribution (LRP) and attention flow.
+
+- ``gae``: Chefer, Gur, Wolf, *Generic Attention-model Explainability for Interpreting Bi-Modal and
+  Encoder-Decoder Transformers*, ICCV 2021 (self-attention rules 5 and 6).
+- ``chefer``: Chefer, Gur, Wolf, *Transformer Interpretability Beyond Attention Visualization*, CVPR 2021
+  ("transformer attribution"), with the propagation rules of the authors' reference implementation
+  (github.com/hila-chefer/Transformer-Explainability, ``modules/layers_ours.py`` and
+  ``baselines/ViT/ViT_LRP.py``).
+- ``flow``: Abnar & Zuidema, *Quantifying Attention Flow in Transformers*, ACL 2020 (attention flow).
+
+GAE and transformer attribution both roll out per-block matrices Ā_b with the identity,
+R = (I + Ā_L)(I + Ā_{L−1})⋯(I + Ā_1), and read the row of the model's readout: r·R is computed as
+vector-matrix products from the last block down (never forming T×T products).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones import Backbone, Trace
+from ..errors import VitlensError
+from .base import Explainer, register, resolve_target
+
+Affine = tuple[Tensor, Tensor | None]  # (weight [out, in], bias [out] or None)
+
+
+def rollout_with_identity(mats: Sequence[Tensor], start: Tensor) -> Tensor:
+    """``start · (I + Ā_L) ⋯ (I + Ā_1)`` for per-block matrices ``mats`` [B, T, T] and rows ``start`` [B, T].
+
+    This is the readout row of the relevance matrix R of Chefer et al. (R ← R + Ā_b·R from R = I, block 1
+    first), computed from the last block down as ``row ← row + row·Ā_b``.
+    """
+    row = start
+    for a in reversed(mats):
+        row = row + torch.bmm(row[:, None], a)[:, 0]
+    return row
+
+
+def attention_gradients(backbone: Backbone, images: Tensor, target) -> tuple[Trace, Tensor, tuple[Tensor, ...]]:
+    """One forward with explicit attention and one backward: ∂ logit_target / ∂ A_b for every block.
+
+    The graph starts at the input of the first block (``grad_from=0``) and no parameter gradients
+    are computed. Returns the trace, the resolved targets [B] and the gradients [B, heads, T, T].
+    """
+    with torch.enable_grad():
+        trace = backbone.run(images, attention=True, grad_from=0)
+        target = resolve_target(target, trace.logits.detach())
+        score = trace.logits.gather(1, target[:, None]).sum()
+        grads = torch.autograd.grad(score, trace.attentions)
+    return trace, target, grads
+
+
+def _readout_map(backbone: Backbone, trace: Trace, mats: Sequence[Tensor]) -> Tensor:
+    t = mats[0].shape[-1]
+    start = backbone.readout(t).to(mats[0].dtype).expand(mats[0].shape[0], t)
+    row = rollout_with_identity(mats, start)
+    return trace.to_grid(row[:, trace.num_prefix_tokens :])
+
+
+@register
+class GAE(Explainer):
+    """Chefer et al. ICCV 2021: Ā_b = E_h[(∇A_b ⊙ A_b)⁺], R ← R + Ā_b·R from R = I; the readout row of R."""
+
+    name = "gae"
+    paper = "Chefer, Gur, Wolf, Generic Attention-model Explainability, ICCV 2021"
+    cost = "1 forward + 1 backward (explicit attention)"
+
+    def explain(self, images: Tensor, target) -> Tensor:
+        trace, _, grads = attention_gradients(self.backbone, images, target)
+        with torch.no_grad():
+            mats = [(g * a).clamp(min=0).mean(1) for g, a in zip(grads, trace.attentions, strict=True)]
+            return _readout_map(self.backbone, trace, mats)
+
+
+# --- transformer attribution (LRP) ----------------------------------------------------------------
+
+
+@dataclass
+class BlockParts:
+    """One pre-norm transformer block as the LRP rules see it, in the order of its forward pass.
+
+    ``x → norm1 → qkv → (q_norm, k_norm) → softmax(q kᵀ·scale) v → out_norm → proj → + x`` then
+    ``→ norm2 → fc1 → act → fc2 → +``. Norms and the activation pass relevance unchanged (the reference's
+    LayerNorm / GELU rule), so they are kept as callables; layer scale is folded into proj / fc2.
+    """
+
+    norm1: Callable[[Tensor], Tensor]
+    qkv: Affine  # q, k, v stacked along the output, heads contiguous inside each
+    heads: int
+    scale: float
+    q_norm: Callable[[Tensor], Tensor]
+    k_norm: Callable[[Tensor], Tensor]
+    out_norm: Callable[[Tensor], Tensor]
+    proj: Affine
+    norm2: Callable[[Tensor], Tensor]
+    fc1: Affine
+    act: Callable[[Tensor], Tensor]
+    fc2: Affine
+
+
+@dataclass
+class HeadParts:
+    """The classifier: linear heads, each reading one token (index) or the patch mean (``None``).
+
+    The logits are the mean of the heads' outputs (two heads for distilled models); ``pre`` is the norm
+    between pooling and the linear layer (timm's ``fc_norm``).
+    """
+
+    heads: list[tuple[int | None, Affine]]
+    pre: Callable[[Tensor], Tensor]
+
+
+@dataclass
+class _Activations:
+    x: Tensor
+    h1: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    a: Tensor
+    o: Tensor
+    y: Tensor
+    mid: Tensor
+    h2: Tensor
+    g: Tensor
+    mlp: Tensor
+    out: Tensor
+
+
+def _refuse(what: str) -> VitlensError:
+    return VitlensError(
+        f"method 'chefer' has no LRP rules for {what}; it supports standard pre-norm ViT blocks "
+        "(use 'gae', which needs only the attention maps)"
+    )
+
+
+def _linear(m: nn.Module, gamma: Tensor | None = None) -> Affine:
+    """A Linear's (weight, bias), with an optional per-output scale (layer scale) folded in."""
+    if not isinstance(m, nn.Linear):
+        raise _refuse(f"a {type(m).__name__} where a Linear layer was expected")
+    if gamma is None:
+        return m.weight, m.bias
+    return gamma[:, None] * m.weight, None if m.bias is None else gamma * m.bias
+
+
+def _timm_parts(block: nn.Module) -> BlockParts:
+    from timm.layers import Attention, LayerScale, Mlp
+    from timm.models.vision_transformer import Block
+
+    if type(block) is not Block:
+        raise _refuse(f"timm {type(block).__name__} blocks")
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not Attention:
+        raise _refuse(f"timm {type(attn).__name__} attention")
+    if getattr(attn, "gate", None) is not None:
+        raise _refuse("timm attention with an output gate")
+    if type(mlp) is not Mlp:
+        raise _refuse(f"timm {type(mlp).__name__} MLPs")
+
+    def gamma(ls: nn.Module) -> Tensor | None:
+        if isinstance(ls, LayerScale):
+            return ls.gamma
+        if isinstance(ls, nn.Identity):
+            return None
+        raise _refuse(f"timm {type(ls).__name__} layer scale")
+
+    return BlockParts(
+        norm1=block.norm1,
+        qkv=_linear(attn.qkv),
+        heads=attn.num_heads,
+        scale=float(attn.scale),
+        q_norm=attn.q_norm,
+        k_norm=attn.k_norm,
+        out_norm=attn.norm,
+        proj=_linear(attn.proj, gamma(block.ls1)),
+        norm2=block.norm2,
+        fc1=_linear(mlp.fc1),
+        act=lambda x: mlp.norm(mlp.act(x)),
+        fc2=_linear(mlp.fc2, gamma(block.ls2)),
+    )
+
+
+def _hf_parts(block: nn.Module) -> BlockParts:
+    attn, mlp = getattr(block, "attention", None), getattr(block, "mlp", None)
+    expected = {
+        block: ("layernorm_before", "layernorm_after"),
+        attn: ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "num_attention_heads"),
+        mlp: ("fc1", "activation_fn", "fc2"),
+    }
+    if not all(hasattr(m, n) for m, names in expected.items() for n in names):
+        raise _refuse(f"Hugging Face {type(block).__name__} blocks of this transformers version")
+    q, k, v = (_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj"))
+    bias = None if q[1] is None else torch.cat([q[1], k[1], v[1]])
+    identity = nn.Identity()
+    return BlockParts(
+        norm1=block.layernorm_before,
+        qkv=(torch.cat([q[0], k[0], v[0]]), bias),
+        heads=attn.num_attention_heads,
+        scale=float(attn.scaling),
+        q_norm=identity,
+        k_norm=identity,
+        out_norm=identity,
+        proj=_linear(attn.o_proj),
+        norm2=block.layernorm_after,
+        fc1=_linear(mlp.fc1),
+        act=mlp.activation_fn,
+        fc2=_linear(mlp.fc2),
+    )
+
+
+def _torchvision_parts(block: nn.Module) -> BlockParts:
+    mha, mlp = block.self_attention, block.mlp
+    if len(mlp) != 5 or not isinstance(mlp[0], nn.Linear) or not isinstance(mlp[3], nn.Linear):
+        raise _refuse(f"torchvision {type(mlp).__name__} MLPs of this layout")
+    identity = nn.Identity()
+    return BlockParts(
+        norm1=block.ln_1,
+        qkv=(mha.in_proj_weight, mha.in_proj_bias),
+        heads=mha.num_heads,
+        scale=(mha.embed_dim // mha.num_heads) ** -0.5,
+        q_norm=identity,
+        k_norm=identity,
+        out_norm=identity,
+        proj=_linear(mha.out_proj),
+        norm2=block.ln_2,
+        fc1=_linear(mlp[0]),
+        act=mlp[1],
+        fc2=_linear(mlp[3]),
+    )
+
+
+def _anatomy(backbone: Backbone, block: nn.Module) -> BlockParts:
+    """The parts of one block, per family (belongs in the adapters; kept here until they expose it)."""
+    parts = {"timm": _timm_parts, "hf": _hf_parts, "torchvision": _torchvision_parts}.get(backbone.family)
+    if parts is None:
+        raise _refuse(f"{backbone.family} models")
+    return parts(block)
+
+
+def _head_parts(backbone: Backbone) -> HeadParts:
+    """The classifier of each family (belongs in the adapters, like :func:`_anatomy`)."""
+    m, identity = backbone.model, nn.Identity()
+    cls = backbone.class_token_index
+    if backbone.family == "timm":
+        if getattr(backbone, "distilled", False):
+            return HeadParts([(0, _linear(m.head)), (1, _linear(m.head_dist))], identity)
+        return HeadParts([(None if backbone.pooling == "avg" else cls, _linear(m.head))], m.fc_norm)
+    if backbone.family == "hf":
+        if backbone.distilled:
+            return HeadParts([(0, _linear(m.cls_classifier)), (1, _linear(m.distillation_classifier))], identity)
+        return HeadParts([(cls, _linear(m.classifier))], identity)
+    if backbone.family == "torchvision":
+        if len(m.heads) != 1:
+            raise _refuse("torchvision heads with a pre-logits layer")
+        return HeadParts([(cls, _linear(m.heads.head))], identity)
+    raise _refuse(f"{backbone.family} models")
+
+
+def _safe_divide(a: Tensor, b: Tensor) -> Tensor:
+    """a / b with the reference's stabiliser: a / (b + 1e-9), and 0 where b is exactly 0."""
+    den = b + 1e-9
+    den = torch.where(den == 0, torch.full_like(den, 1e-9), den)
+    return torch.where(b != 0, a / den, torch.zeros_like(a))
+
+
+def _zplus(x: Tensor, w: Tensor, r: Tensor) -> Tensor:
+    """LRP-αβ with α = 1, β = 0 through a linear layer (bias ignored), as the reference's ``Linear.relprop``.
+
+    R_in = x⁺ ⊙ (s W⁺) + x⁻ ⊙ (s W⁻) with s = R_out / (x⁺W⁺ᵀ + x⁻W⁻ᵀ): conservative.
+    """
+    wp, wn = w.clamp(min=0), w.clamp(max=0)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    s = _safe_divide(r, F.linear(xp, wp) + F.linear(xn, wn))
+    return xp * (s @ wp) + xn * (s @ wn)
+
+
+def _add_rule(xs: Sequence[Tensor], r: Tensor) -> list[Tensor]:
+    """The paper's conservative rule for a sum of tensors (reference ``Add.relprop``), per image.
+
+    Each operand gets its z-rule share x_i·R/Σx, rescaled so that its total is |Σ share_i| / Σ_j |Σ share_j|
+    of the image's total relevance. The reference sums over the whole (batch-of-one) tensor; here every
+    sum is per image, so an image's map does not depend on its batch-mates.
+    """
+    s = _safe_divide(r, sum(xs))
+    shares = [x * s for x in xs]
+    totals = [p.flatten(1).sum(1) for p in shares]
+    norm = sum(t.abs() for t in totals)
+    r_total = r.flatten(1).sum(1)
+    out = []
+    for p, t in zip(shares, totals, strict=True):
+        factor = _safe_divide(_safe_divide(t.abs(), norm) * r_total, t)
+        out.append(p * factor.view(-1, *[1] * (p.ndim - 1)))
+    return out
+
+
+def _matmul_rule(a: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """Relevance of both factors of ``a @ b``, each halved (the reference's ``einsum`` rule in attention)."""
+    s = _safe_divide(r, a @ b)
+    return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
+
+
+def _activations(p: BlockParts, x: Tensor) -> _Activations:
+    """Recompute one block from its input ``x`` [B, T, D], keeping every tensor an LRP rule reads."""
+    b, t, _ = x.shape
+    h1 = p.norm1(x)
+    q, k, v = F.linear(h1, *p.qkv).reshape(b, t, 3, p.heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = p.q_norm(q), p.k_norm(k)
+    a = ((q * p.scale) @ k.transpose(-2, -1)).softmax(-1)
+    o = p.out_norm((a @ v).transpose(1, 2).reshape(b, t, -1))
+    y = F.linear(o, *p.proj)
+    mid = x + y
+    h2 = p.norm2(mid)
+    g = p.act(F.linear(h2, *p.fc1))
+    mlp = F.linear(g, *p.fc2)
+    return _Activations(x, h1, q, k, v, a, o, y, mid, h2, g, mlp, mid + mlp)
+
+
+def _lrp_block(p: BlockParts, c: _Activations, r_out: Tensor, to_input: bool) -> tuple[Tensor, Tensor | None]:
+    """Relevance of the block's output [B, T, D] → (R_A [B, heads, T, T], relevance of its input or None)."""
+    r_mid, r_mlp = _add_rule([c.mid, c.mlp], r_out)
+    r_mid = r_mid + _zplus(c.h2, p.fc1[0], _zplus(c.g, p.fc2[0], r_mlp))  # clone: the two paths add up
+    r_x, r_y = _add_rule([c.x, c.y], r_mid)
+    b, t, _ = r_y.shape
+    r_o = _zplus(c.o, p.proj[0], r_y).reshape(b, t, p.heads, -1).transpose(1, 2)
+    r_a, r_v = _matmul_rule(c.a, c.v, r_o)
+    if not to_input:
+        return r_a, None
+    r_q, r_kt = _matmul_rule(c.q, c.k.transpose(-2, -1), r_a)  # softmax passes relevance unchanged
+    r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v]).permute(1, 3, 0, 2, 4).reshape(b, t, -1)
+    return r_a, r_x + _zplus(c.h1, p.qkv[0], r_qkv)
+
+
+def _head_relevance(head: HeadParts, tokens: Tensor, target: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """Relevance of the final tokens [B, T, D] from a one-hot relevance on the target logit (total 1).
+
+    Also returns the logits recomputed from the parts (to check them against the model's).
+    One head: the α1β0 rule through it (the class token, or the patch mean with the z-rule through the
+    average, as the reference's pooling layers). Two heads (distilled): the add rule splits the relevance
+    between them first.
+    """
+    pooled = [tokens[:, i] if i is not None else tokens[:, num_prefix:].mean(1) for i, _ in head.heads]
+    feats = [head.pre(z) for z in pooled]
+    logits = [F.linear(f, *affine) for f, (_, affine) in zip(feats, head.heads, strict=True)]
+    onehot = F.one_hot(target, logits[0].shape[-1]).to(tokens.dtype)
+    shares = _add_rule(logits, onehot) if len(logits) > 1 else [onehot]
+    r = torch.zeros_like(tokens)
+    for (i, (w, _)), z, f, share in zip(head.heads, pooled, feats, shares, strict=True):
+        r_feat = _zplus(f, w, share)  # the norm before the head passes relevance unchanged
+        if i is None:
+            patches = tokens[:, num_prefix:]
+            r[:, num_prefix:] += patches * _safe_divide(r_feat, z * patches.shape[1])[:, None]
+        else:
+            r[:, i] += r_feat
+    return r, sum(logits) / len(logits)
+
+
+def _check_reproduced(ours: Tensor, theirs: Tensor, what: str) -> None:
+    if (ours - theirs).abs().max() > 1e-3 * theirs.abs().max() + 1e-5:
+        raise _refuse(f"this model: recomputing {what} from its parts does not reproduce the model")
+
+
+def attention_relevance(backbone: Backbone, trace: Trace, target: Tensor) -> list[Tensor]:
+    """R_A of every block [B, heads, T, T]: LRP from the target logit down to the first block's attention.
+
+    Each block is recomputed from its input in ``trace.hidden`` (and checked against the trace), one at a
+    time from the top, so only one block's activations are held. The first block's q/k/v are not
+    propagated (nothing below its attention map is read).
+    """
+    hidden = [h.detach() for h in trace.hidden]
+    r, logits = _head_relevance(_head_parts(backbone), trace.tokens.detach(), target, trace.num_prefix_tokens)
+    _check_reproduced(logits, trace.logits.detach(), "the classifier")
+    relevances = []
+    for i in reversed(range(len(hidden) - 1)):
+        parts = _anatomy(backbone, backbone.blocks[i])
+        c = _activations(parts, hidden[i])
+        _check_reproduced(c.out, hidden[i + 1], f"block {i}")
+        _check_reproduced(c.a, trace.attentions[i].detach(), f"the attention of block {i}")
+        r_a, r = _lrp_block(parts, c, r, to_input=i > 0)
+        relevances.append(r_a)
+    return relevances[::-1]
+
+
+@register
+class Chefer(Explainer):
+    """Chefer et al. CVPR 2021, transformer attribution: Ā_b = E_h[(∇A_b ⊙ R_A_b)⁺], rolled out with I.
+
+    R_A_b is the LRP relevance of block b's attention map, propagated from the target logit (relevance
+    1) with the reference implementation's rules: α1β0 for linear layers (bias ignored), the
+    normalised add rule for residuals, the halved product rule for both attention matmuls, and
+    LayerNorm / GELU / softmax / dropout passing relevance unchanged. Then R = ∏(I + Ā_b) (the reference's
+    ``generate_LRP(method="transformer_attribution", start_layer=0)``) and the readout row of R.
+    Extensions beyond the reference (which has one class token and batch size 1): per-image sums in the
+    add rule, distillation heads split by the add rule, average pooling by the z-rule, layer scale folded
+    into the projections, qk-norm / MLP norms treated as LayerNorm.
+    """
+
+    name = "chefer"
+    paper = "Chefer, Gur, Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021"
+    cost = "1 forward + 1 backward + 1 LRP pass (explicit attention)"
+
+    def explain(self, images: Tensor, target) -> Tensor:
+        trace, target, grads = attention_gradients(self.backbone, images, target)
+        with torch.no_grad():
+            relevance = attention_relevance(self.backbone, trace, target)
+            mats = [(g * r).clamp(min=0).mean(1) for g, r in zip(grads, relevance, strict=True)]
+            return _readout_map(self.backbone, trace, mats)
+
+
+# --- attention flow -------------------------------------------------------------------------------
+
+_FLOW_SCALE = 1e6  # capacities become integers (scipy's max-flow solvers need them): 1e-6 resolution
+
+
+def _input_flows(mats: np.ndarray, readout: np.ndarray) -> np.ndarray:
+    """Max-flow from the readout to every input token through the layered attention graph [T].
+
+    ``mats`` [L, T, T] are the residual-augmented attention matrices; node (l, i) has an edge to node
+    (l−1, j) of capacity mats[l−1, i, j]. A source feeds the top-layer readout tokens with capacities
+    ``readout`` (for a class-token model: one edge of capacity 1 that never binds, i.e. the flow of
+    the class token itself). Flows are normalised to sum 1 over the input tokens, as in Abnar &
+    Zuidema's code.
+    """
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_flow
+
+    layers, t, _ = mats.shape
+    source = (layers + 1) * t
+    tokens = np.arange(t)
+    upper = range(1, layers + 1)
+    rows = [np.full(t, source)] + [np.repeat(layer * t + tokens, t) for layer in upper]
+    cols = [layers * t + tokens] + [np.tile((layer - 1) * t + tokens, t) for layer in upper]
+    caps = np.rint(np.concatenate([readout, mats.reshape(-1)]) * _FLOW_SCALE).astype(np.int32)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    keep = caps > 0
+    graph = csr_array((caps[keep], (rows[keep], cols[keep])), shape=(source + 1, source + 1))
+    flows = np.array([maximum_flow(graph, source, j).flow_value for j in range(t)], dtype=np.float64)
+    return flows / flows.sum()
+
+
+@register
+class Flow(Explainer):
+    """Abnar & Zuidema 2020, attention flow: max-flow from each input patch to the readout token(s).
+
+    Edge capacities are the heads' mean attention with the residual added, Â = 0.5·A + 0.5·I. Slow: one
+    max-flow per token per image on a graph of (L+1)·T nodes and L·T² edges, solved on the CPU with
+    scipy: 0.1–0.3 s per max-flow, so ~30 s per image for ViT-B/16 at 224 px (197 tokens, 12 blocks).
+    The loop over images and tokens is the one exception to vitlens' no-per-image-loops rule: max-flow
+    does not batch. ``max_tokens`` refuses larger models.
+    The map does not depend on the target class.
+    """
+
+    name = "flow"
+    paper = "Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020 (attention flow)"
+    cost = "1 forward + T max-flows per image on CPU (slow: ~30 s per image at 197 tokens, 12 blocks)"
+
+    @classmethod
+    def options(cls) -> dict:
+        return {"max_tokens": 256}
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, target) -> Tensor:
+        trace = self.backbone.run(images, attention=True)
+        t = trace.attentions[0].shape[-1]
+        if t > self.settings["max_tokens"]:
+            raise VitlensError(
+                f"method 'flow' solves one max-flow per token per image: {t} tokens exceed max_tokens="
+                f"{self.settings['max_tokens']} (raise it if you accept the cost, or use 'rollout')"
+            )
+        eye = torch.eye(t, device=images.device)
+        mats = torch.stack([0.5 * a.mean(1) + 0.5 * eye for a in trace.attentions], 1).double().cpu().numpy()
+        readout = self.backbone.readout(t).double().cpu().numpy()
+        flows = np.stack([_input_flows(m, readout) for m in mats])
+        flows = torch.as_tensor(flows, dtype=images.dtype, device=images.device)
+        return trace.to_grid(flows[:, trace.num_prefix_tokens :])

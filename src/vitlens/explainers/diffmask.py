@@ -1,0 +1,133 @@
+"""Vision DiffMask (Nalmpantis et al., CVPR-W 2023; DiffMask: De Cao et al., EMNLP 2020).
+
+Post-hoc gates on a frozen classifier's hidden states learn the smallest set of patches whose removal
+(replacement by a learned placeholder at the patch-embedding level) keeps the predicted distribution.
+The attribution map is the product over all hidden states of P(gate ≠ 0) per patch: deterministic, one
+forward pass of the model plus the probes.
+
+Hidden states (``L + 2`` for ``L`` blocks): the patch embeddings before position embeddings (with the
+model's own prefix tokens, as they enter the first block, in front), the input of every block, and the
+final output. Probe ``k`` reads ``[h_0 ; h_k]`` per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from ..backbones import Backbone, Trace
+from ..errors import VitlensError
+from .base import Explainer, frozen_eval, register
+
+
+class HardConcrete:
+    """Hard Concrete gates (Louizos et al. 2018): temperature β, stretch (l, r), clamped to [0, 1]."""
+
+    def __init__(self, beta: float = 0.2, l: float = -0.2, r: float = 1.0):  # noqa: E741 - the paper's names
+        self.beta, self.l, self.r = beta, l, r
+
+    def sample(self, log_alpha: Tensor) -> Tensor:
+        u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / self.beta)
+        return (s * (self.r - self.l) + self.l).clamp(0, 1)
+
+    def log_p_open(self, log_alpha: Tensor) -> Tensor:
+        """log P(gate ≠ 0) = log σ(log α − β log(−l / r))."""
+        return nn.functional.logsigmoid(log_alpha - self.beta * math.log(-self.l / self.r))
+
+    def p_one(self, log_alpha: Tensor) -> Tensor:
+        """P(gate = 1) = σ(log α − β log((1 − l) / (r − 1))); 0 when r ≤ 1 (the stretch never reaches 1)."""
+        if self.r <= 1:
+            return torch.zeros_like(log_alpha)
+        return torch.sigmoid(log_alpha - self.beta * math.log((1 - self.l) / (self.r - 1)))
+
+    def expected_gate(self, log_alpha: Tensor) -> Tensor:
+        """The deterministic gate DiffMask uses at test time: clamp(σ(log α)(r − l) + l, 0, 1)."""
+        return (torch.sigmoid(log_alpha) * (self.r - self.l) + self.l).clamp(0, 1)
+
+
+class Probe(nn.Module):
+    """Weight-normalised Linear(2D → D/4) → tanh → Linear(D/4 → 1) → tanh, × scale, + learned offset."""
+
+    def __init__(self, dim: int, scale: float = 15.0, offset: float = 8.0):
+        super().__init__()
+        hidden = max(1, dim // 4)
+        self.fc1 = weight_norm(nn.Linear(2 * dim, hidden))
+        self.fc2 = weight_norm(nn.Linear(hidden, 1))
+        self.scale = scale
+        self.offset = nn.Parameter(torch.tensor(float(offset)))
+
+    def forward(self, first: Tensor, state: Tensor) -> Tensor:
+        x = torch.tanh(self.fc1(torch.cat([first, state], dim=-1)))
+        return torch.tanh(self.fc2(x))[..., 0] * self.scale + self.offset
+
+
+class DiffMaskGates(nn.Module):
+    """The trainable part: one probe per hidden state and the placeholder embedding."""
+
+    def __init__(self, dim: int, num_states: int, scale: float = 15.0, offset: float = 8.0):
+        super().__init__()
+        self.probes = nn.ModuleList(Probe(dim, scale, offset) for _ in range(num_states))
+        self.placeholder = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, dim)))
+        self.gate = HardConcrete()
+
+    @staticmethod
+    def states(trace: Trace) -> list[Tensor]:
+        """The ``L + 2`` hidden states: embeddings (with the prefix tokens in front), block inputs, output."""
+        first = torch.cat([trace.hidden[0][:, : trace.num_prefix_tokens], trace.embeddings], dim=1)
+        return [first, *trace.hidden]
+
+    def log_alpha(self, trace: Trace) -> Tensor:
+        """Gate logits ``[B, K, N]`` for the patch tokens of every state."""
+        states = self.states(trace)
+        p = trace.num_prefix_tokens
+        return torch.stack([probe(states[0], s)[:, p:] for probe, s in zip(self.probes, states, strict=True)], 1)
+
+    def forward(self, trace: Trace) -> Tensor:
+        return self.log_alpha(trace)
+
+    def masked_embeddings(self, trace: Trace, gates: Tensor) -> Tensor:
+        """Patch embeddings with closed gates (``[B, N]`` in [0, 1]) replaced by the placeholder."""
+        g = gates[..., None]
+        return g * trace.embeddings + (1 - g) * self.placeholder
+
+    def attribution(self, trace: Trace) -> Tensor:
+        """Π_k P(gate_k ≠ 0) per patch → ``[B, gh, gw]`` (the paper's deterministic map)."""
+        return trace.to_grid(self.gate.log_p_open(self.log_alpha(trace)).sum(1).exp())
+
+
+def load_gates(backbone: Backbone) -> DiffMaskGates:
+    """The DiffMask gates stored in a ``vitlens train diffmask`` checkpoint."""
+    config = getattr(backbone, "config", {}) or {}
+    if config.get("kind") != "diffmask":
+        raise VitlensError(
+            "method 'diffmask' needs a DiffMask checkpoint (train one with `vitlens train diffmask`); "
+            f"this model is {'a ' + config['kind'] + ' checkpoint' if config else 'not a vitlens checkpoint'}"
+        )
+    settings = config["diffmask"]
+    gates = DiffMaskGates(settings["dim"], settings["num_states"], settings["scale"], settings["offset"])
+    state = {k[len("gates.") :]: v for k, v in backbone.extra_tensors.items() if k.startswith("gates.")}
+    gates.load_state_dict(state)
+    return gates.to(backbone.mean.device).eval()
+
+
+@register
+class DiffMask(Explainer):
+    """The DiffMask map explains the predicted distribution as a whole (it is trained to keep it), so it
+    is the same for every ``target``."""
+
+    name = "diffmask"
+    paper = "Nalmpantis et al., VISION DIFFMASK, CVPR-W 2023 (De Cao et al. 2020)"
+    cost = "1 forward + the gate probes (needs a `vitlens train diffmask` checkpoint)"
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.gates = load_gates(self.backbone)
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, target) -> Tensor:
+        with frozen_eval(self.gates):
+            return self.gates.attribution(self.backbone.run(images))

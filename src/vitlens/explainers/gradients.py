@@ -1,0 +1,272 @@
+"""The gradient family: Grad-CAM on ViT tokens, Input×Gradient, Integrated Gradients and SmoothGrad.
+
+Grad-CAM (Selvaraju et al., ICCV 2017) reads one layer's token activations, as pytorch-grad-cam does for
+ViTs. The three pixel-attribution methods (Shrikumar et al. 2016 / Ancona et al. 2018; Sundararajan et
+al., ICML 2017; Smilkov et al. 2017) differentiate the target logit with respect to the image in
+``[0, 1]`` (the backbone normalises inside), as captum does for ``forward_func = backbone``; the
+per-pixel attributions are summed over the colour channels and then over each patch
+(:func:`pixels_to_grid`). Parameters never receive gradients (the base class freezes them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backbones import Backbone
+from ..errors import VitlensError
+from .base import Explainer, register, resolve_target
+
+
+def pixels_to_grid(attr: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per-pixel attributions ``[B, H, W]`` → patch-grid maps ``[B, gh, gw]``: the sum over each patch.
+
+    When ``H, W`` are not multiples of the grid (odd sizes with ``dynamic_img_size``), each cell gets the
+    mean over its adaptive-pooling bin times the mean patch area.
+    """
+    b, h, w = attr.shape
+    gh, gw = grid
+    if h % gh == 0 and w % gw == 0:
+        return attr.reshape(b, gh, h // gh, gw, w // gw).sum((2, 4))
+    return F.adaptive_avg_pool2d(attr[:, None], grid)[:, 0] * (h * w / (gh * gw))
+
+
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` (radius ``ceil(3σ)``, reflected borders); σ ≤ 0 → unchanged."""
+    if sigma <= 0:
+        return images
+    h, w = images.shape[-2:]
+    r = min(math.ceil(3 * sigma), h - 1, w - 1)
+    x = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = images.shape[1]
+    out = F.pad(images, (r, r, r, r), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def predicted_or_given(backbone: Backbone, images: Tensor, target) -> Tensor:
+    """Targets ``[B]``; only ``target=None`` costs a forward pass (the predicted class)."""
+    if target is None:
+        with torch.no_grad():
+            return backbone(images).argmax(1)
+    return resolve_target(target, images.new_empty(len(images), backbone.num_classes))
+
+
+def weighted_input_gradients(
+    backbone: Backbone,
+    images: Tensor,
+    target: Tensor,
+    make: Callable[[Tensor, Tensor], Tensor],
+    weights: Tensor,
+    chunk: int,
+) -> Tensor:
+    """``Σ_s weights[s] · ∂ logit_target / ∂x`` at the inputs ``make(s, i)``, for every image ``i``.
+
+    The ``len(weights) × B`` inputs (sample-major, as captum expands them) run in chunks of ``chunk``
+    images: no Python loop over samples or images, only over chunks. Returns ``[B, 3, H, W]``.
+    """
+    b = len(images)
+    total = torch.zeros_like(images)
+    for idx in torch.arange(len(weights) * b, device=images.device).split(chunk):
+        s, i = idx.div(b, rounding_mode="floor"), idx % b
+        x = make(s, i).detach().requires_grad_(True)
+        logits = backbone(x)
+        (g,) = torch.autograd.grad(logits.gather(1, target[i, None]).sum(), x)
+        total.index_add_(0, i, g * weights[s].view(-1, 1, 1, 1))
+    return total
+
+
+def positive_int(method: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise VitlensError(f"{method}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_seed(method: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise VitlensError(f"{method}: seed must be an integer, got {value!r}")
+
+
+def non_negative(method: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise VitlensError(f"{method}: {name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+@register
+class GradCAM(Explainer):
+    """Grad-CAM on the token activations ``A`` ``[T, D]`` of one layer, prefix tokens dropped.
+
+    ``w_c`` = mean over the patch tokens of ``∂ logit_target / ∂A_c``; map = ``ReLU(Σ_c w_c A_c)`` per
+    patch token — pytorch-grad-cam's ``GradCAM`` with a ``reshape_transform`` that drops the class,
+    distillation and register tokens, without its min-max normalisation and resizing.
+
+    ``layer`` (default ``-1``) is a block index (negative counts from the end); the layer read is that
+    block's pre-attention LayerNorm (``backbone.attention_norm``), the target layer of pytorch-grad-cam's
+    ViT tutorial (``model.blocks[-1].norm1``). Not the last block's output: a class-token head reads only
+    the class token after the (per-token) final norm, so the gradient on the patch tokens there is
+    exactly zero. The forward pass is cut at the chosen block (``run(grad_from=...)``), so the backward
+    pass only goes through the blocks above it.
+    """
+
+    name = "gradcam"
+    paper = "Selvaraju et al., Grad-CAM, ICCV 2017 (ViT tokens as in pytorch-grad-cam)"
+    cost = "1 forward + 1 backward from the chosen block up"
+
+    @classmethod
+    def options(cls) -> dict:
+        return {"layer": -1}
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        n, layer = len(self.backbone.blocks), self.settings["layer"]
+        if isinstance(layer, bool) or not isinstance(layer, int | np.integer) or not -n <= layer < n:
+            raise VitlensError(f"gradcam: layer must be a block index in {-n}..{n - 1}, got {layer!r}")
+        self.block = int(layer) % n
+
+    def explain(self, images: Tensor, target) -> Tensor:
+        bb = self.backbone
+        with torch.enable_grad(), bb.capture_outputs({"a": bb.attention_norm(self.block)}) as found:
+            trace = bb.run(images, grad_from=self.block)
+        acts = found["a"]
+        t = resolve_target(target, trace.logits.detach())
+        (grads,) = torch.autograd.grad(trace.logits.gather(1, t[:, None]).sum(), acts)
+        p = trace.num_prefix_tokens
+        weights = grads[:, p:].mean(1, keepdim=True)
+        cam = (acts[:, p:].detach() * weights).sum(-1).clamp_min(0)
+        return trace.to_grid(cam)
+
+
+@register
+class InputXGradient(Explainer):
+    """``x ⊙ ∂ logit_target / ∂x`` for the image ``x`` in [0, 1], summed over channels (signed) and patches."""
+
+    name = "inputxgrad"
+    paper = "Shrikumar et al. 2016; Ancona et al., ICLR 2018 (Input x Gradient)"
+    cost = "1 forward + 1 backward"
+
+    def explain(self, images: Tensor, target) -> Tensor:
+        bb = self.backbone
+        with torch.enable_grad():
+            x = images.detach().requires_grad_(True)
+            logits = bb(x)
+            t = resolve_target(target, logits.detach())
+            (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
+        return pixels_to_grid((x.detach() * g).sum(1), bb.grid_for(tuple(images.shape[-2:])))
+
+
+@register
+class IntegratedGradients(Explainer):
+    """Integrated Gradients: ``(x − x') ⊙ ∫₀¹ ∂ logit_target / ∂x (x' + α(x − x')) dα``, summed over channels.
+
+    The integral uses ``steps``-point Gauss–Legendre quadrature, captum's default ``method``
+    ("gausslegendre"): exact for polynomials of degree ``2·steps − 1``, so the map sums to
+    ``logit(x) − logit(x')`` far more closely than a Riemann sum with the same number of passes.
+    ``baseline``: ``"black"`` (zeros in [0, 1]), ``"blur"`` (the image blurred with a Gaussian of
+    ``blur_sigma`` pixels; default one patch width) or a tensor broadcastable to the images.
+    The ``steps × B`` interpolated images run in chunks of ``internal_batch_size``.
+    """
+
+    name = "ig"
+    paper = "Sundararajan et al., Axiomatic Attribution for Deep Networks, ICML 2017"
+    cost = "steps (32) forward + backward (+1 forward when target=None)"
+
+    @classmethod
+    def options(cls) -> dict:
+        return {"steps": 32, "baseline": "black", "blur_sigma": None, "internal_batch_size": 64}
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        s = self.settings
+        self.steps = positive_int(self.name, "steps", s["steps"])
+        self.chunk = positive_int(self.name, "internal_batch_size", s["internal_batch_size"])
+        base = s["baseline"]
+        if not torch.is_tensor(base) and base not in ("black", "blur"):
+            raise VitlensError(f"ig: baseline must be 'black', 'blur' or a tensor, got {base!r}")
+        if s["blur_sigma"] is not None:
+            non_negative(self.name, "blur_sigma", s["blur_sigma"])
+
+    def baseline(self, images: Tensor) -> Tensor:
+        """The baseline image for every input, ``[B, 3, H, W]``."""
+        base = self.settings["baseline"]
+        if torch.is_tensor(base):
+            try:
+                return base.to(images).expand_as(images)
+            except RuntimeError:
+                raise VitlensError(
+                    f"ig: baseline of shape {tuple(base.shape)} does not fit images of shape {tuple(images.shape)}"
+                ) from None
+        if base == "black":
+            return torch.zeros_like(images)
+        sigma = self.settings["blur_sigma"]
+        return gaussian_blur(images, float(self.backbone.patch_size[0] if sigma is None else sigma))
+
+    def explain(self, images: Tensor, target) -> Tensor:
+        bb = self.backbone
+        t = predicted_or_given(bb, images, target)
+        base = self.baseline(images)
+        delta = images - base
+        nodes, weights = np.polynomial.legendre.leggauss(self.steps)
+        alphas = torch.as_tensor(0.5 * (nodes + 1), dtype=images.dtype, device=images.device)
+        weights = torch.as_tensor(0.5 * weights, dtype=images.dtype, device=images.device)
+
+        def make(s: Tensor, i: Tensor) -> Tensor:
+            return base[i] + alphas[s].view(-1, 1, 1, 1) * delta[i]
+
+        with torch.enable_grad():
+            grads = weighted_input_gradients(bb, images, t, make, weights, self.chunk)
+        return pixels_to_grid((delta * grads).sum(1), bb.grid_for(tuple(images.shape[-2:])))
+
+
+@register
+class SmoothGrad(Explainer):
+    """SmoothGrad: the mean gradient of the target logit over ``n_samples`` noisy copies ``x + σ·ε``.
+
+    ``σ = sigma · (max(x) − min(x))`` per image (the paper's noise level; default 0.15), ``ε ~ N(0, 1)``
+    drawn on the CPU from ``torch.Generator().manual_seed(seed)`` with shape ``[n_samples, 3, H, W]`` and
+    shared by every image of the batch, so a map depends only on its image and the seed (same on CPU and
+    GPU). Noisy copies are not clipped to [0, 1] (as in captum's NoiseTunnel). The map is the absolute
+    value of the mean gradient, summed over channels and patches: a magnitude, like the paper's maps.
+    """
+
+    name = "smoothgrad"
+    paper = "Smilkov et al., SmoothGrad: removing noise by adding noise, 2017"
+    cost = "n_samples (16) forward + backward (+1 forward when target=None)"
+
+    @classmethod
+    def options(cls) -> dict:
+        return {"n_samples": 16, "sigma": 0.15, "seed": 0, "internal_batch_size": 64}
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        s = self.settings
+        self.n = positive_int(self.name, "n_samples", s["n_samples"])
+        self.chunk = positive_int(self.name, "internal_batch_size", s["internal_batch_size"])
+        self.sigma = non_negative(self.name, "sigma", s["sigma"])
+        check_seed(self.name, s["seed"])
+
+    def noise(self, shape: tuple[int, ...]) -> Tensor:
+        """The standard-normal draws ``ε`` ``[n_samples, *shape]`` (CPU, seeded)."""
+        return torch.randn((self.n, *shape), generator=torch.Generator().manual_seed(int(self.settings["seed"])))
+
+    def explain(self, images: Tensor, target) -> Tensor:
+        bb = self.backbone
+        t = predicted_or_given(bb, images, target)
+        eps = self.noise(tuple(images.shape[1:])).to(images)
+        flat = images.flatten(1)
+        sigma = self.sigma * (flat.amax(1) - flat.amin(1))
+
+        def make(s: Tensor, i: Tensor) -> Tensor:
+            return images[i] + sigma[i].view(-1, 1, 1, 1) * eps[s]
+
+        weights = torch.full((self.n,), 1.0 / self.n, dtype=images.dtype, device=images.device)
+        with torch.enable_grad():
+            grads = weighted_input_gradients(bb, images, t, make, weights, self.chunk)
+        return pixels_to_grid(grads.abs().sum(1), bb.grid_for(tuple(images.shape[-2:])))

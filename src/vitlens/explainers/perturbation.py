@@ -1,0 +1,192 @@
+"""The perturbation family: RISE (Petsiuk et al., BMVC 2018) and patch occlusion (Zeiler & Fergus 2014).
+
+Both hide parts of the image in pixel space and watch the softmax probability of the target class.
+Hidden pixels take the value of a ``fill`` image: ``"mean"`` (default: the model's normalisation mean
+colour, i.e. zero after normalisation — what RISE's reference code does by multiplying the normalised
+input with the mask, and captum's default baseline of 0 on a normalised input), ``"image-mean"`` (each
+image's own mean colour), ``"black"`` (0), ``"blur"`` (the image blurred with σ = one patch width), a
+number, or a tensor broadcastable to the images. The fill matters: a fill the model never saw can
+dominate the probability change (with a partly trained fashion-vit, whose normalisation mean is a grey
+that fashion canvases never show, ``"image-mean"`` or ``"blur"`` gave far sharper occlusion maps; on the
+counting task only the grey, a non-target colour, is neutral). Masks are aligned to the patch grid, so a patch is either
+seen or hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backbones import Backbone
+from ..errors import VitlensError
+from .base import Explainer, register, resolve_target
+from .gradients import check_seed, gaussian_blur, positive_int, predicted_or_given
+
+FILLS = ("mean", "image-mean", "black", "blur")
+
+
+def check_fill(method: str, fill) -> None:
+    if torch.is_tensor(fill) or (isinstance(fill, str) and fill in FILLS):
+        return
+    if isinstance(fill, bool) or not isinstance(fill, int | float) or not math.isfinite(fill):
+        raise VitlensError(f"{method}: fill must be one of {', '.join(FILLS)}, a number or a tensor, got {fill!r}")
+
+
+def fill_image(backbone: Backbone, images: Tensor, fill) -> Tensor:
+    """The values hidden pixels take, ``[B, 3, H, W]`` (see the module docstring)."""
+    if torch.is_tensor(fill):
+        value = fill.to(images)
+    elif fill == "blur":
+        return gaussian_blur(images, float(backbone.patch_size[0]))
+    elif fill == "mean":
+        value = backbone.mean.to(images)
+    elif fill == "image-mean":
+        value = images.mean((2, 3), keepdim=True)
+    else:
+        value = torch.tensor(0.0 if fill == "black" else float(fill)).to(images)
+    try:
+        return value.expand_as(images)
+    except RuntimeError:
+        raise VitlensError(
+            f"fill of shape {tuple(value.shape)} does not fit images of shape {tuple(images.shape)}"
+        ) from None
+
+
+def grid_to_pixels(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Patch-grid masks ``[K, gh, gw]`` → pixel masks ``[K, 1, H, W]`` (each patch's pixels take its value)."""
+    return F.interpolate(masks[:, None], size=size, mode="nearest")
+
+
+def target_probability(backbone: Backbone, x: Tensor, target: Tensor) -> Tensor:
+    return backbone(x).softmax(1).gather(1, target[:, None])[:, 0]
+
+
+@register
+class RISE(Explainer):
+    """RISE: ``map = Σ_m P_target(x ⊙ M_m + fill ⊙ (1 − M_m)) · M_m / (n_masks · p)`` on the patch grid.
+
+    Default (``smooth=False``): each mask ``M_m`` is a binary patch-grid mask keeping each patch with
+    probability ``p`` — on a ViT the patch is the unit the model sees, so hiding whole patches removes
+    exactly their tokens' content and the map needs no pooling. ``smooth=True`` uses Petsiuk et al.'s
+    masks: a binary grid of the same size upsampled bilinearly to ``(g + 1)`` cells and cropped at a
+    random shift of up to one cell; the map then weights each patch by its mean mask value. Masks come
+    from ``torch.Generator().manual_seed(seed)`` on the CPU and are shared by every image of the batch,
+    so a map depends only on its image and the seed. The ``n_masks × B`` masked images run in chunks
+    of ``internal_batch_size``.
+    """
+
+    name = "rise"
+    paper = "Petsiuk, Das, Saenko, RISE: Randomized Input Sampling for Explanation, BMVC 2018"
+    cost = "n_masks (1000) forward (+1 when target=None)"
+
+    @classmethod
+    def options(cls) -> dict:
+        return {"n_masks": 1000, "p": 0.5, "seed": 0, "smooth": False, "fill": "mean", "internal_batch_size": 128}
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        s = self.settings
+        self.n = positive_int(self.name, "n_masks", s["n_masks"])
+        self.chunk = positive_int(self.name, "internal_batch_size", s["internal_batch_size"])
+        p = s["p"]
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise VitlensError(f"rise: p (the keep probability) must be in (0, 1], got {p!r}")
+        check_seed(self.name, s["seed"])
+        if not isinstance(s["smooth"], bool):
+            raise VitlensError(f"rise: smooth must be True or False, got {s['smooth']!r}")
+        check_fill(self.name, s["fill"])
+
+    def masks(self, grid: tuple[int, int], size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+        """The binary grids ``[n_masks, gh, gw]`` and, for ``smooth``, the shifts ``[n_masks, 2]`` (CPU)."""
+        gen = torch.Generator().manual_seed(int(self.settings["seed"]))
+        cells = (torch.rand(self.n, *grid, generator=gen) < self.settings["p"]).float()
+        if not self.settings["smooth"]:
+            return cells, None
+        cell = [math.ceil(s / g) for s, g in zip(size, grid, strict=True)]
+        shifts = torch.stack([torch.randint(0, c, (self.n,), generator=gen) for c in cell], 1)
+        return cells, shifts
+
+    def pixel_masks(self, cells: Tensor, shifts: Tensor | None, size: tuple[int, int]) -> Tensor:
+        """Grids ``[K, gh, gw]`` (and shifts) → pixel masks ``[K, 1, H, W]``."""
+        if shifts is None:
+            return grid_to_pixels(cells, size)
+        (gh, gw), (h, w) = cells.shape[1:], size
+        up = (math.ceil(h / gh) * (gh + 1), math.ceil(w / gw) * (gw + 1))
+        big = F.interpolate(cells[:, None], size=up, mode="bilinear", align_corners=False)[:, 0]
+        rows = shifts[:, 0, None] + torch.arange(h, device=cells.device)
+        cols = shifts[:, 1, None] + torch.arange(w, device=cells.device)
+        k = torch.arange(len(cells), device=cells.device)
+        return big[k[:, None, None], rows[:, :, None], cols[:, None, :]][:, None]
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, target) -> Tensor:
+        bb = self.backbone
+        b, size = len(images), tuple(images.shape[-2:])
+        grid = bb.grid_for(size)
+        t = predicted_or_given(bb, images, target)
+        fill = fill_image(bb, images, self.settings["fill"])
+        cells, shifts = self.masks(grid, size)
+        cells = cells.to(images)
+        shifts = shifts.to(images.device) if shifts is not None else None
+        saliency = images.new_zeros(b, *grid)
+        for idx in torch.arange(self.n * b, device=images.device).split(self.chunk):
+            m, i = idx.div(b, rounding_mode="floor"), idx % b
+            pix = self.pixel_masks(cells[m], None if shifts is None else shifts[m], size)
+            prob = target_probability(bb, images[i] * pix + fill[i] * (1 - pix), t[i])
+            weight = cells[m] if shifts is None else F.adaptive_avg_pool2d(pix, grid)[:, 0]
+            saliency.index_add_(0, i, prob.view(-1, 1, 1) * weight)
+        return saliency / (self.n * self.settings["p"])
+
+
+@register
+class Occlusion(Explainer):
+    """Patch occlusion: the drop in the target's softmax probability when a patch is hidden.
+
+    A ``window × window``-patch square slides over the patch grid with a stride of one patch and is
+    replaced by ``fill``; each patch gets the mean drop over the windows that cover it (captum's
+    ``Occlusion`` with ``sliding_window_shapes = (3, window·p, window·p)`` and ``strides = (3, p, p)``).
+    The windows × B occluded images run in chunks of ``internal_batch_size``.
+    """
+
+    name = "occlusion"
+    paper = "Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014 (patch-aligned)"
+    cost = "1 + (gh - window + 1)(gw - window + 1) forward (window 1: 1 + patches)"
+
+    @classmethod
+    def options(cls) -> dict:
+        return {"window": 1, "fill": "mean", "internal_batch_size": 128}
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.window = positive_int(self.name, "window", self.settings["window"])
+        self.chunk = positive_int(self.name, "internal_batch_size", self.settings["internal_batch_size"])
+        check_fill(self.name, self.settings["fill"])
+
+    def windows(self, grid: tuple[int, int], device: torch.device) -> Tensor:
+        """One patch-grid mask per window position, ``[P, gh, gw]`` (row-major positions)."""
+        k, (gh, gw) = self.window, grid
+        if k > min(gh, gw):
+            raise VitlensError(f"occlusion: window={k} patches does not fit the {gh}x{gw} patch grid")
+        n = (gh - k + 1) * (gw - k + 1)
+        corners = torch.eye(n, device=device).view(n, 1, gh - k + 1, gw - k + 1)
+        return F.conv_transpose2d(corners, torch.ones(1, 1, k, k, device=device))[:, 0]
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, target) -> Tensor:
+        bb = self.backbone
+        b, size = len(images), tuple(images.shape[-2:])
+        grid = bb.grid_for(size)
+        windows = self.windows(grid, images.device).to(images)
+        probs = bb(images).softmax(1)
+        t = resolve_target(target, probs)
+        base = probs.gather(1, t[:, None])[:, 0]
+        fill = fill_image(bb, images, self.settings["fill"])
+        drops = images.new_zeros(b, len(windows))
+        for idx in torch.arange(len(windows) * b, device=images.device).split(self.chunk):
+            w, i = idx.div(b, rounding_mode="floor"), idx % b
+            pix = grid_to_pixels(windows[w], size)
+            drops[i, w] = base[i] - target_probability(bb, images[i] * (1 - pix) + fill[i] * pix, t[i])
+        return torch.einsum("bp,phw->bhw", drops, windows) / windows.sum(0)

@@ -1,0 +1,264 @@
+"""``vitlens evaluate``: every metric for every method over a data set, batched and sharded (SPEC §5).
+
+Classification accuracy is computed once; then, batch by batch, each method's maps for the batch's
+targets (the ground-truth class by default, as WSOL and the pointing games prescribe) go to every
+metric's ``update``. Under ``torchrun`` process ``r`` of ``W`` takes the samples ``r, r + W, …``; the
+metrics' states are sums, reduced with ``all_reduce`` at the end, and per-image values are gathered
+back into data-set order, so a sharded run equals a single-process one up to float summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..backbones import Backbone, load_model
+from ..data import collate, open_dataset, parse_data_spec, resize
+from ..errors import VitlensError
+from ..explainers import EXPLAINERS, get_explainer
+from ..io import atomic_write_json
+from ..options import parse_value
+from ..training.distributed import all_reduce_sum, setup, teardown
+from .base import METRICS, Batch, get_metric
+
+TARGETS = ("label", "predicted")
+
+
+def parse_names(value: str | Sequence[str], known: dict, kind: str) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` → names, each checked against the registry ``known``."""
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else [str(n).strip() for n in value]
+    names = [n for n in names if n]
+    if not names:
+        raise VitlensError(f"no {kind}s given (known: {', '.join(sorted(known))})")
+    for n in names:
+        if n not in known:
+            raise VitlensError(f"unknown {kind} {n!r} (known: {', '.join(sorted(known))})")
+    return list(dict.fromkeys(names))
+
+
+def metric_names(value: str | Sequence[str], dataset) -> list[str]:
+    """Metric names; ``all`` = every registered metric that applies to ``dataset``."""
+    if value == "all" or (not isinstance(value, str) and list(value) == ["all"]):
+        return [n for n in sorted(METRICS) if METRICS[n].applies_to(dataset)]
+    names = parse_names(value, METRICS, "metric")
+    for n in names:
+        if not METRICS[n].applies_to(dataset):
+            raise VitlensError(f"metric {n!r} does not apply to this data set (it needs {', '.join(METRICS[n].needs)})")
+    return names
+
+
+def parse_options(items: Sequence[str]) -> dict[str, dict]:
+    """``["deletion.fill=blur", "rollout.residual=false"]`` → ``{"deletion": {"fill": "blur"}, …}``."""
+    options: dict[str, dict] = {}
+    for item in items:
+        name, dot, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not (dot and eq and name and key):
+            raise VitlensError(f"bad option {item!r}: expected NAME.KEY=VALUE, e.g. deletion.fill=blur")
+        options.setdefault(name, {})[key] = parse_value(value)
+    return options
+
+
+def collate_batch(samples: list[dict]) -> dict:
+    """:func:`vitlens.data.collate` plus fashion-grid's ``sources`` (the canvases of the cells)."""
+    batch = collate(samples)
+    good = [s for s in samples if "error" not in s]
+    if good and "sources" in good[0]:
+        batch["sources"] = torch.stack([s["sources"] for s in good])
+    return batch
+
+
+def fit_to(batch: dict, size: tuple[int, int]) -> dict:
+    """Resize images (bilinear), masks (nearest) and boxes / cells (scaled and floored, as wsolevaluation's
+    ``resize_bbox``) to the model's input ``size``."""
+    h, w = batch["image"].shape[-2:]
+    if (h, w) == tuple(size):
+        return batch
+    sx, sy = size[1] / w, size[0] / h
+    scale = torch.tensor([sx, sy, sx, sy])
+
+    def boxes(b: torch.Tensor) -> torch.Tensor:
+        return (b.double() * scale.double()).floor().float()
+
+    out = dict(batch)
+    out["image"] = resize(batch["image"], size)
+    out["mask"] = F.interpolate(batch["mask"][:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    out["boxes"] = [boxes(b) for b in batch["boxes"]]
+    if "cells" in batch:
+        out["cells"] = boxes(batch["cells"])
+    return out
+
+
+def evaluate(
+    model: str | os.PathLike | Backbone,
+    methods: str | Sequence[str],
+    metrics: str | Sequence[str] = "all",
+    data: str = "fashion-canvas:test",
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    target: str = "label",
+    options: dict[str, dict] | None = None,
+    device: str | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Score ``methods`` with ``metrics`` on ``data``; returns the summary on the main process, ``None`` on
+    the others.
+
+    Summary: ``{"model", "data", "n", "accuracy", "results": {method: {key: value}}, "seconds":
+    {method: s}, "used": {metric: samples}}`` (values in [0, 1]; ``None`` where a metric had no sample).
+    ``out`` writes the summary plus ``per_image`` values, ``curves`` and the ``settings`` as JSON
+    (atomically). ``options`` maps a method or metric name to its options.
+    """
+    if target not in TARGETS:
+        raise VitlensError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise VitlensError("batch size and limit must be at least 1")
+    joined = dist.is_initialized()
+    d = setup(device)
+    try:
+        return _evaluate(model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress)
+    finally:
+        if not joined:
+            teardown()
+
+
+def _evaluate(model, methods, metrics, data, limit, batch_size, target, options, d, out, progress) -> dict | None:
+    backbone = load_model(model).to(d.device)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        return _run(backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress)
+    finally:
+        backbone.train(was_training)
+
+
+def _run(backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress) -> dict | None:
+    size = backbone.preprocessing.input_size
+    spec = parse_data_spec(data) if isinstance(data, str) else data
+    dataset = open_dataset(spec, size=size)
+    method_list = parse_names(methods, EXPLAINERS, "method")
+    metric_list = metric_names(metrics, dataset)
+    for name in options:
+        if name not in method_list and name not in metric_list:
+            raise VitlensError(f"options given for {name!r}, which is not among the chosen methods and metrics")
+    explainers = {m: get_explainer(m, backbone, **options.get(m, {})) for m in method_list}
+    scores = {m: {k: get_metric(k, **options.get(k, {})) for k in metric_list} for m in method_list}
+    for per_method in scores.values():
+        for metric in per_method.values():
+            metric.setup(backbone, dataset)
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = list(range(d.rank, n, d.world))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_batch
+    )
+    seconds = dict.fromkeys(method_list, 0.0)
+    counts = torch.zeros(2, dtype=torch.float64)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(indices), desc="evaluate", unit="img", file=sys.stderr, disable=not (progress and d.main))
+    for raw in loader:
+        if "image" not in raw:
+            continue
+        b = fit_to(raw, size)
+        images = b["image"].to(d.device)
+        with torch.no_grad():
+            logits = backbone(images)
+        labels = b["label"]
+        counts += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)], dtype=torch.float64)
+        targets = labels if target == "label" else logits.argmax(1).cpu()
+        extra = {k: b[k] for k in ("labels", "cells", "sources") if k in b}
+        extra["dataset"] = dataset
+        shared: dict = {}
+        for m, explainer in explainers.items():
+            start = time.perf_counter()
+            maps = explainer(images, targets.to(d.device))
+            batch = Batch(
+                images=images, labels=labels, targets=targets, index=b["index"], boxes=b["boxes"], masks=b["mask"],
+                has_mask=b["has_mask"], logits=logits, model=backbone, explainer=explainer, extra=extra,
+                shared=shared,
+            )  # fmt: skip
+            for metric in scores[m].values():
+                metric.update(batch, maps)
+            seconds[m] += time.perf_counter() - start
+        bar.update(len(images))
+    bar.close()
+
+    correct, total = all_reduce_sum(counts.to(d.device)).cpu().tolist()
+    elapsed = torch.tensor([seconds[m] for m in method_list], dtype=torch.float64, device=d.device)
+    if dist.is_initialized():
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    for per_method in scores.values():
+        for metric in per_method.values():
+            metric.finish()
+    if not d.main:
+        return None
+    first = scores[method_list[0]]
+    summary = {
+        "model": os.fspath(model) if isinstance(model, str | os.PathLike) else type(model).__name__,
+        "data": data if isinstance(data, str) else str(spec),
+        "n": int(total),
+        "accuracy": correct / total if total else None,
+        "results": {m: {k: v for metric in scores[m].values() for k, v in metric.result().items()} for m in scores},
+        "seconds": {m: round(s, 3) for m, s in zip(method_list, elapsed.cpu().tolist(), strict=True)},
+        "used": {k: first[k].used for k in metric_list},
+    }
+    if out is not None:
+        atomic_write_json(
+            out,
+            {
+                **summary,
+                "settings": {
+                    "target": target,
+                    "batch_size": batch_size,
+                    "limit": limit,
+                    "world_size": d.world,
+                    "methods": {m: explainers[m].settings for m in method_list},
+                    "metrics": {k: first[k].settings for k in metric_list},
+                },
+                "curves": {m: {k: metric.curves() for k, metric in scores[m].items()} for m in scores},
+                "per_image": {m: {k: metric.per_image() for k, metric in scores[m].items()} for m in scores},
+            },
+        )
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a plain-text table: one row per metric value (↑ higher / ↓ lower is better), one
+    column per method, the samples each metric used, and the seconds per method."""
+    methods = list(summary["results"])
+    keys = list(dict.fromkeys(k for m in methods for k in summary["results"][m]))
+    used = summary.get("used", {})
+
+    def label(key: str) -> str:
+        base = key.split("/")[0]
+        if base not in METRICS:
+            return key
+        return f"{key} {'↑' if METRICS[base].higher_is_better else '↓'}"
+
+    def cell(v) -> str:
+        return "—" if v is None else f"{v:.4f}"
+
+    acc = summary.get("accuracy")
+    head = [
+        f"model:    {summary['model']}",
+        f"data:     {summary['data']}  (n = {summary['n']}, accuracy {cell(acc)})",
+        "",
+    ]
+    rows = [["metric", "n", *methods]]
+    rows += [[label(k), str(used.get(k.split("/")[0], "")), *(cell(summary["results"][m].get(k)) for m in methods)]
+             for k in keys]  # fmt: skip
+    rows.append(["seconds", "", *(f"{summary['seconds'][m]:.2f}" for m in methods)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows
+    ]
+    return "\n".join(head + lines)

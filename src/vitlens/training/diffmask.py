@@ -1,0 +1,118 @@
+"""Training Vision DiffMask gates on a frozen classifier (SPEC §3.3).
+
+Per step: sample a state ℓ per image, sample Hard Concrete gates for states 0..ℓ and multiply them
+(a patch can be dropped at any depth), replace closed patches by the placeholder at the embedding level,
+and minimise ``α_ℓ (KL(p_orig ‖ p_masked) − ε) + L0`` where ``L0`` is the cumulative sum of
+log P(gate ≠ 0) averaged over patches. The Lagrange multipliers α (one per state) are updated by gradient
+*ascent* (Adam with ``maximize=True``) and clipped to [0, 200], so a violated constraint raises its
+multiplier and a satisfied one lowers it to the floor. (The public reference implementation flips the
+sign before the gradient exists, so its multipliers descend.) The classifier's parameters are frozen:
+gradients flow through its activations to the gates, never into its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backbones import Backbone
+from ..explainers.diffmask import DiffMaskGates
+from .distributed import all_reduce_sum
+from .loop import Task, TrainConfig
+from .optim import Lookahead
+
+
+def kl_to_original(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+class DiffMaskTask(Task):
+    kind = "diffmask"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        kl_margin: float = 0.1,
+        multiplier_init: float = 20.0,
+        multiplier_max: float = 200.0,
+        multiplier_lr: float = 0.3,
+        placeholder_lr_scale: float = 10.0,
+        scale: float = 15.0,
+        offset: float = 8.0,
+        gates: DiffMaskGates | None = None,
+    ):
+        super().__init__(backbone)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        dim = backbone.run(
+            torch.zeros(1, 3, *backbone.preprocessing.input_size, device=backbone.mean.device)
+        ).tokens.shape[-1]
+        num_states = len(backbone.blocks) + 2
+        self.gates = gates if gates is not None else DiffMaskGates(dim, num_states, scale, offset)
+        self.settings = {"dim": dim, "num_states": num_states, "scale": scale, "offset": offset, "kl_margin": kl_margin}
+        self.kl_margin, self.multiplier_max, self.placeholder_lr_scale = kl_margin, multiplier_max, placeholder_lr_scale
+        self.multipliers = torch.full((num_states,), float(multiplier_init), requires_grad=True)
+        self.multiplier_opt = torch.optim.Adam([self.multipliers], lr=multiplier_lr, maximize=True)
+
+    def modules(self) -> torch.nn.Module:
+        return self.gates
+
+    def optimizer(self, cfg: TrainConfig):
+        self.multipliers = self.multipliers.detach().to(self.backbone.mean.device).requires_grad_(True)
+        self.multiplier_opt = torch.optim.Adam([self.multipliers], lr=self.multiplier_opt.defaults["lr"], maximize=True)
+        probes = [p for n, p in self.gates.named_parameters() if n != "placeholder"]
+        groups = [
+            {"params": probes, "lr": cfg.lr},
+            {"params": [self.gates.placeholder], "lr": cfg.lr * self.placeholder_lr_scale},
+        ]
+        return Lookahead(torch.optim.Adam(groups), k=6, alpha=0.5)
+
+    def loss(self, module, batch, step):
+        self.backbone.eval()  # frozen: no dropout, BatchNorm statistics untouched
+        images = batch["image"]
+        with torch.no_grad():
+            trace = self.backbone.run(images)
+            log_p = trace.logits.log_softmax(-1)
+        log_alpha = module(trace)  # [B, K, N]
+        b, k, _ = log_alpha.shape
+        layer = torch.randint(0, k, (b,), device=images.device)
+        rows = torch.arange(b, device=images.device)
+        open_gates = self.gates.gate.sample(log_alpha).cumprod(1)[rows, layer]
+        masked = self.backbone.run(embeddings=self.gates.masked_embeddings(trace, open_gates), grid=trace.grid)
+        kl = kl_to_original(log_p, masked.logits.log_softmax(-1))
+        l0 = self.gates.gate.log_p_open(log_alpha).cumsum(1)[rows, layer].mean(-1)
+        loss = (self.multipliers.to(kl.device)[layer] * (kl - self.kl_margin)).mean() + l0.mean()
+        return loss, {"kl": kl.mean().item(), "l0": l0.mean().item(), "open": (open_gates > 0).float().mean().item()}
+
+    def after_step(self, step: int) -> None:
+        """Gradient ascent on the multipliers, then clip them to [0, max]."""
+        if self.multipliers.grad is None:
+            return
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.multipliers.grad = all_reduce_sum(self.multipliers.grad) / world
+        self.multiplier_opt.step()
+        self.multiplier_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.multipliers.clamp_(0, self.multiplier_max)
+
+    def state_dict(self) -> dict:
+        return {"multipliers": self.multipliers.detach().cpu(), "multiplier_opt": self.multiplier_opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.multipliers.copy_(state["multipliers"])
+        self.multiplier_opt.load_state_dict(state["multiplier_opt"])
+
+    def save_extras(self) -> tuple[dict, dict]:
+        tensors = {f"gates.{k}": v for k, v in self.gates.state_dict().items()}
+        tensors["multipliers"] = self.multipliers.detach()
+        return tensors, {"diffmask": self.settings}
+
+    @torch.no_grad()
+    def masked_kl(self, images: torch.Tensor) -> torch.Tensor:
+        """KL(p_orig ‖ p_masked) per image with the deterministic (expected) gates of all states."""
+        trace = self.backbone.run(images)
+        gates = self.gates.gate.expected_gate(self.gates(trace)).prod(1)
+        masked = self.backbone.run(embeddings=self.gates.masked_embeddings(trace, gates), grid=trace.grid)
+        return kl_to_original(trace.logits.log_softmax(-1), masked.logits.log_softmax(-1))

@@ -1,0 +1,165 @@
+"""``vitlens evaluate``: the driver end to end on the counting classifier, its CLI, its errors, and a sharded
+run (two CPU processes under torchrun) that must equal the single-process one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, committed
+from vitlens import load_model
+from vitlens.cli import main
+from vitlens.data import open_dataset
+from vitlens.metrics import METRICS, evaluate, format_table
+
+SUMMARY_KEYS = {"model", "data", "n", "accuracy", "results", "seconds", "used"}
+APPLICABLE = sorted(set(METRICS) - {"grid-pointing-game"})
+
+
+def run(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def counting_run(tmp_path_factory):
+    model = committed("counting-vit")
+    out = tmp_path_factory.mktemp("eval") / "results.json"
+    summary = evaluate(model, "rollout,attention", "all", "counting:test", limit=32, batch_size=16, out=out,
+                       progress=False)  # fmt: skip
+    return model, summary, json.loads(out.read_text())
+
+
+def test_evaluate_end_to_end(counting_run):
+    model, summary, full = counting_run
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["n"] == 32 and summary["accuracy"] == 1.0  # the committed classifier is perfect
+    assert list(summary["results"]) == ["rollout", "attention"] and set(summary["seconds"]) == {"rollout", "attention"}
+    with_cells = sum(open_dataset("counting:test")[i]["label"] > 0 for i in range(32))
+    for name in APPLICABLE:
+        expected = (
+            32
+            if name in ("deletion", "insertion", "positive-perturbation", "negative-perturbation", "sanity")
+            else with_cells
+        )
+        assert summary["used"][name] == expected, name
+    for method, values in summary["results"].items():
+        assert {k.split("/")[0] for k in values} == set(APPLICABLE)
+        for key, v in values.items():
+            low = -1.0 if key == "sanity" else 0.0
+            assert low <= v <= 1.0, (method, key, v)
+    # the file: the same summary plus per-image values (data-set order) and curves
+    assert {k: full[k] for k in SUMMARY_KEYS} == json.loads(json.dumps(summary))
+    per = full["per_image"]["rollout"]
+    assert per["deletion"]["index"] == list(range(32)) and len(per["deletion"]["probability"]) == 32
+    assert len(per["maxboxacc-v2"]["index"]) == with_cells
+    assert np.mean(per["pointing-game"]["hit"]) == pytest.approx(summary["results"]["rollout"]["pointing-game"])
+    curves = full["curves"]["attention"]
+    assert len(curves["deletion"]["probability"]) == 10  # 3×3 patches: K = 9 steps, 10 points
+    assert curves["sanity"]["levels"] == ["head", "block2", "block1", "block0"]
+    assert len(curves["maxboxacc-v2"]["accuracy"]) == 3 and len(curves["maxboxacc-v2"]["threshold"]) == 100
+    assert full["settings"]["metrics"]["deletion"] == {"fill": "mean", "granularity": "patch", "steps": 16}
+
+
+def test_evaluate_is_batch_size_invariant_and_leaves_the_model_alone(counting_run):
+    model, summary, _ = counting_run
+    backbone = load_model(model)
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    flags = [p.requires_grad for p in backbone.parameters()]
+    again = evaluate(backbone, ["rollout", "attention"], APPLICABLE, "counting:test", limit=32, batch_size=11,
+                     progress=False)  # fmt: skip
+    for method in summary["results"]:
+        assert again["results"][method] == pytest.approx(summary["results"][method], abs=1e-6)
+    assert again["used"] == summary["used"]
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in state.items())
+    assert [p.requires_grad for p in backbone.parameters()] == flags and not backbone.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in backbone.modules())
+
+
+def test_format_table(counting_run):
+    _, summary, _ = counting_run
+    table = format_table(summary)
+    assert "accuracy 1.0000" in table and "deletion ↓" in table and "insertion ↑" in table
+    assert table.splitlines()[3].split() == ["metric", "n", "rollout", "attention"]
+    assert table.splitlines()[-1].startswith("seconds")
+
+
+def test_cli_json_and_table(capsys):
+    model = str(committed("counting-vit"))
+    args = ["evaluate", "--model", model, "--methods", "attention", "--metrics", "pointing-game,deletion",
+            "--data", "counting:test", "--limit", "8", "--batch-size", "4", "--option", "deletion.steps=3"]  # fmt: skip
+    code, out, err = run([*args, "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)  # exactly one JSON object on stdout; the progress bar went to stderr
+    assert set(summary) == SUMMARY_KEYS and summary["n"] == 8
+    assert set(summary["results"]["attention"]) == {"pointing-game", "deletion"}
+    code, out, err = run(args, capsys)
+    assert code == 0 and "pointing-game ↑" in out and "deletion ↓" in out
+    code, out, _ = run(["metrics"], capsys)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == sorted(METRICS)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "nope"], "unknown method 'nope' (known: "),
+        (["--metrics", "deletion,nope"], "unknown metric 'nope' (known: deletion, "),
+        (["--data", "nope:test"], "unknown data set 'nope'"),
+        (["--metrics", "grid-pointing-game"], "does not apply to this data set (it needs fashion-grid"),
+        (["--option", "deletion"], "expected NAME.KEY=VALUE"),
+        (["--option", "deletion.fill=grey"], "fill='grey' is not one of mean, blur, zero, noise"),
+        (["--option", "deletion.nope=1"], "deletion: unknown option(s) nope"),
+        (["--option", "insertion.fill=zero"], "options given for 'insertion', which is not among the chosen"),
+        (["--option", "attention.x=1"], "attention: unknown option(s) x"),
+    ],
+)
+def test_cli_errors(extra, message, capsys):
+    base = {"--model": str(committed("counting-vit")), "--methods": "attention", "--metrics": "deletion",
+            "--data": "counting:test", "--limit": "2"}  # fmt: skip
+    args = ["evaluate"]
+    for k, v in base.items():
+        if k not in extra:
+            args += [k, v]
+    code, out, err = run(args + extra, capsys)
+    assert code == 2 and out == ""
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sharded_equals_unsharded(tmp_path):
+    model = str(committed("counting-vit"))
+    common = ["--model", model, "--methods", "rollout,attention", "--data", "counting:test", "--limit", "21",
+              "--batch-size", "4", "--json"]  # fmt: skip
+    single = evaluate(model, "rollout,attention", "all", "counting:test", limit=21, batch_size=4,
+                      out=tmp_path / "single.json", progress=False)  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitlens",
+         "evaluate", *common, "--out", str(tmp_path / "sharded.json")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout)  # only the main process prints
+    assert sharded["n"] == single["n"] == 21 and sharded["accuracy"] == single["accuracy"]
+    assert sharded["used"] == single["used"]
+    for method in single["results"]:
+        # float32 forward passes over other batch compositions: equal up to float rounding
+        assert sharded["results"][method] == pytest.approx(single["results"][method], abs=1e-6)
+    a = json.loads((tmp_path / "single.json").read_text())
+    b = json.loads((tmp_path / "sharded.json").read_text())
+    assert b["settings"]["world_size"] == 2
+    for method in a["per_image"]:
+        for metric, values in a["per_image"][method].items():
+            assert b["per_image"][method][metric].keys() == values.keys()
+            for key, v in values.items():
+                assert np.allclose(b["per_image"][method][metric][key], v, atol=1e-6), (method, metric, key)
