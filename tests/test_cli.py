@@ -116,3 +116,18 @@ def test_console_entry_points(tiny_checkpoint, image_files, tmp_path):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "vitlens", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("vitlens ")
+
+
+def test_demo_writes_overlays_for_every_method(tmp_path, capsys):
+    from conftest import committed
+
+    committed("fashion-vit-pm")
+    code, out, _ = run(["demo", "--out", str(tmp_path / "demo"), "-n", "2"], capsys)
+    assert code == 0 and "overview" in out
+    sheet = Image.open(tmp_path / "demo" / "overview.png")
+    from vitlens.demo import DEMO_METHODS
+
+    assert sheet.size[1] > 256 * len(DEMO_METHODS)  # one row of overlays per method
+    for m in DEMO_METHODS:
+        assert len(list((tmp_path / "demo" / m).glob("*.png"))) == 2
+        assert len(list((tmp_path / "demo" / m).glob("*.npy"))) == 2

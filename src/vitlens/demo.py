@@ -1,4 +1,4 @@
-"""``vitlens demo``: the embedded default — explain fashion canvases with the committed checkpoint."""
+"""``vitlens demo``: the embedded default — explain fashion canvases with the committed checkpoints."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .errors import VitlensError
 from .files import explain_files
 from .io import atomic_write
 
-DEMO_METHODS = ("rollout", "attention")
+DEMO_METHODS = ("pm", "attention", "rollout", "gradcam", "gae")
 
 
 def checkpoints_dir() -> Path:
@@ -32,9 +32,12 @@ def default_checkpoint(name: str) -> Path:
 
 
 def run_demo(out: str | os.PathLike = "demo-out", n: int = 8, methods=DEMO_METHODS) -> dict:
-    """Write ``n`` fashion-canvas test images and their explanations under ``out``; returns a summary."""
+    """Write ``n`` fashion-canvas test images and their explanations under ``out``; returns a summary.
+
+    The model is the PM-tuned fashion classifier, so the PM map is the one the paper's training gives.
+    """
     out = Path(out)
-    model = default_checkpoint("fashion-vit")
+    model = default_checkpoint("fashion-vit-pm")
     data = open_dataset("fashion-canvas:test")
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)

@@ -196,7 +196,7 @@ def train_diffmask(
             raise VitlensError("DiffMask needs a model loaded from a URI or a vitlens checkpoint")
         if getattr(backbone, "config", {}).get("kind") == "diffmask":
             raise VitlensError(f"{model} is already a DiffMask checkpoint; pass the classifier it was trained on")
-        task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr)
+        task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, seed=cfg.seed)
         source = str(model)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     dataset = open_dataset(spec, size=backbone.preprocessing.input_size)

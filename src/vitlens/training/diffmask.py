@@ -41,6 +41,7 @@ class DiffMaskTask(Task):
         scale: float = 15.0,
         offset: float = 8.0,
         gates: DiffMaskGates | None = None,
+        seed: int = 0,
     ):
         super().__init__(backbone)
         for p in backbone.parameters():
@@ -49,7 +50,11 @@ class DiffMaskTask(Task):
             torch.zeros(1, 3, *backbone.preprocessing.input_size, device=backbone.mean.device)
         ).tokens.shape[-1]
         num_states = len(backbone.blocks) + 2
-        self.gates = gates if gates is not None else DiffMaskGates(dim, num_states, scale, offset)
+        if gates is None:
+            with torch.random.fork_rng(devices=[]):  # the initial gates depend on the seed alone
+                torch.manual_seed(seed)
+                gates = DiffMaskGates(dim, num_states, scale, offset)
+        self.gates = gates
         self.settings = {"dim": dim, "num_states": num_states, "scale": scale, "offset": offset, "kl_margin": kl_margin}
         self.kl_margin, self.multiplier_max, self.placeholder_lr_scale = kl_margin, multiplier_max, placeholder_lr_scale
         self.multipliers = torch.full((num_states,), float(multiplier_init), requires_grad=True)
