@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TIMM_VARIANTS, committed, make_timm
+from conftest import TIMM_VARIANTS, committed, make_timm, tiny_timm
 from vitlens import explain, load_model
 from vitlens.backbones import adapt
 from vitlens.data import collate, open_dataset
+from vitlens.data.fashion import compose_grid
 from vitlens.explainers import get_explainer
 from vitlens.training import TrainConfig, train_pm
-from vitlens.training.pm import pm_targets, select_mask_indices
+from vitlens.training.pm import PMTask, pm_targets, select_mask_indices
 
 
 @pytest.mark.parametrize("variant", list(TIMM_VARIANTS))
@@ -56,6 +57,55 @@ def test_pm_targets_on_a_hand_made_mask():
     expected[0, 0], expected[0, 1], expected[1, 2] = 1.0, 0.5, 4 / 64
     torch.testing.assert_close(t[0, 3], expected)
     assert t[0, [0, 1, 2, 4]].abs().sum() == 0  # every other class: 0
+
+
+def test_pm_targets_with_several_objects_give_each_class_its_own_patches():
+    masks = torch.zeros(1, 3, 32, 32, dtype=torch.bool)
+    masks[0, 0, 0:8, 0:8] = True  # class 2 at patch (0, 0)
+    masks[0, 1, 24:32, 24:28] = True  # class 4 at patch (3, 3), half
+    masks[0, 2, 0:4, 0:8] = True  # a second, smaller class-2 object on the same patch: the larger coverage wins
+    t = pm_targets(masks, torch.tensor([[2, 4, 2]]), num_classes=5, grid=(4, 4))
+    expected = torch.zeros(5, 4, 4)
+    expected[2, 0, 0], expected[4, 3, 3] = 1.0, 0.5
+    torch.testing.assert_close(t[0], expected)
+    single = pm_targets(masks[:, 1], torch.tensor([4]), num_classes=5, grid=(4, 4))
+    torch.testing.assert_close(single[0], (expected * (torch.arange(5) == 4)[:, None, None]))
+
+
+def test_compose_grid_tiles_images_and_places_each_mask_in_its_cell():
+    images = torch.rand(8, 3, 16, 16)
+    masks = torch.zeros(8, 16, 16, dtype=torch.bool)
+    masks[:, 4:12, 4:12] = True
+    tiles, object_masks = compose_grid(images, masks, grid=2)
+    assert tiles.shape == (2, 3, 16, 16) and object_masks.shape == (2, 4, 16, 16)
+    for j in range(4):
+        r, c = divmod(j, 2)
+        cell = (slice(None), slice(r * 8, r * 8 + 8), slice(c * 8, c * 8 + 8))
+        torch.testing.assert_close(tiles[1][cell], torch.nn.functional.avg_pool2d(images[4 + j], 2))
+        expected = torch.zeros(16, 16, dtype=torch.bool)
+        expected[r * 8 + 2 : r * 8 + 6, c * 8 + 2 : c * 8 + 6] = True
+        assert torch.equal(object_masks[1, j], expected)
+
+
+def test_composites_target_each_objects_class_in_its_own_cell_and_keep_the_batch_size():
+    dataset = open_dataset("fashion-canvas:train:n=200")
+    bb = adapt(tiny_timm(img_size=64, num_classes=10))
+    torch.manual_seed(0)
+    task = PMTask(bb, dataset, mask_fraction=0.1, mask_batch=2, composites=3)
+    tiles, targets = task._composite_batch("cpu")
+    assert tiles.shape == (3, 3, 64, 64) and targets.shape == (3, 10, *task.grid)
+    half = task.grid[0] // 2
+    for t in targets:  # each class lights up only in the cells of its objects
+        present = (t.flatten(1).amax(1) > 0).nonzero().flatten()
+        assert 1 <= len(present) <= 4
+        cells = [{(int(r) // half, int(c) // half) for r, c in t[k].nonzero()} for k in present]
+        assert sum(map(len, cells)) <= 4 and all(a.isdisjoint(b) for i, a in enumerate(cells) for b in cells[i + 1 :])
+    sizes = []
+    forward = task.net.forward
+    task.net.forward = lambda x, n: sizes.append((len(x), n)) or forward(x, n)
+    loss, logs = task.loss(task.net, collate([dataset[i] for i in range(16)]), 0)
+    assert sizes == [(16, 5)]  # 11 ordinary + 2 masked + 3 composites: same batch size as a classifier step
+    assert torch.isfinite(loss) and logs["pm_bce"] > 0
 
 
 def test_mask_indices_are_a_fixed_seeded_fraction():

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--lambda", dest="lam", type=float, default=10.0, help="weight of the patch-level BCE")
     pm.add_argument("--pos-weight", type=float, default=1.0, help="weight of positive (object) patch targets")
     pm.add_argument("--mask-batch", type=_positive_int, default=8, help="masked images in every batch")
+    pm.add_argument(
+        "--composites", type=int, default=0, help="2×2 composites of masked images in every batch (class separation)"
+    )
     pm.add_argument("--pseudo-masks", type=int, default=0, metavar="ROUNDS", help="self-training rounds")
     pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
     bc = tsub.add_parser("bcos", help="train a B-cos ViT (Böhle et al. 2024): BCE, Adam, AGC; --weight-decay ignored")
@@ -238,8 +241,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
         summary = train_pm(
             a.model, a.data, a.out, _train_config(a), mask_fraction=a.mask_fraction, lam=a.lam,
-            pos_weight=a.pos_weight, mask_batch=a.mask_batch, pseudo_rounds=a.pseudo_masks, resume=a.resume,
-            eval_data=a.eval_data,
+            pos_weight=a.pos_weight, mask_batch=a.mask_batch, composites=a.composites, pseudo_rounds=a.pseudo_masks,
+            resume=a.resume, eval_data=a.eval_data,
         )  # fmt: skip
     if a.task == "bcos":
         from .training.bcos import train_bcos

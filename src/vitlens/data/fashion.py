@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import VitlensError
@@ -161,6 +162,25 @@ class FashionCanvas(torch.utils.data.Dataset):
         }
 
 
+def compose_grid(images: torch.Tensor, masks: torch.Tensor, grid: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile groups of ``grid²`` images, each shrunk to one cell, into images of the same size (row-major).
+
+    ``images`` ``[N, 3, S, S]`` and ``masks`` ``[N, S, S]`` → ``[N / grid², 3, S, S]`` and the per-object
+    masks ``[N / grid², grid², S, S]`` (object k's mask in its cell, empty elsewhere).
+    """
+    k, size = grid**2, images.shape[-1]
+    cell = size // grid
+    small = F.interpolate(images, size=(cell, cell), mode="area")
+    small_masks = F.interpolate(masks[:, None].float(), size=(cell, cell), mode="area")[:, 0] > 0.5
+    tiled = images.new_zeros(len(images) // k, 3, size, size)
+    object_masks = torch.zeros(len(images) // k, k, size, size, dtype=torch.bool, device=masks.device)
+    for j in range(k):
+        rows, cols = slice(j // grid * cell, (j // grid + 1) * cell), slice(j % grid * cell, (j % grid + 1) * cell)
+        tiled[:, :, rows, cols] = small[j::k]
+        object_masks[:, j, rows, cols] = small_masks[j::k]
+    return tiled, object_masks
+
+
 class FashionGrid(torch.utils.data.Dataset):
     """2×2 grids of fashion-canvas test images of four different classes (B-cos grid pointing game).
 
@@ -189,30 +209,23 @@ class FashionGrid(torch.utils.data.Dataset):
         k = self.grid**2
         classes = rng.choice(len(CLASSES), size=k, replace=False)
         cell = self.size // self.grid
-        image = torch.zeros(3, self.size, self.size)
-        mask = torch.zeros(self.size, self.size, dtype=torch.bool)
-        boxes, cells, sources = [], [], []
-        for j, c in enumerate(classes):
-            src = int(rng.choice(self.by_class[c]))
-            s = self.canvas[src]
-            r, q = divmod(j, self.grid)
-            y0, x0 = r * cell, q * cell
-            small = torch.nn.functional.interpolate(s["image"][None], size=(cell, cell), mode="area")[0]
-            m = torch.nn.functional.interpolate(s["mask"][None, None].float(), size=(cell, cell), mode="area")[0, 0]
-            image[:, y0 : y0 + cell, x0 : x0 + cell] = small
-            mask[y0 : y0 + cell, x0 : x0 + cell] = m > 0.5
-            scale = cell / self.size
-            b = s["boxes"][0]
+        samples = [self.canvas[int(rng.choice(self.by_class[c]))] for c in classes]
+        image, object_masks = compose_grid(
+            torch.stack([s["image"] for s in samples]), torch.stack([s["mask"] for s in samples]), self.grid
+        )
+        boxes, cells = [], []
+        for j, s in enumerate(samples):
+            y0, x0 = j // self.grid * cell, j % self.grid * cell
+            b, scale = s["boxes"][0], cell / self.size
             boxes.append([x0 + b[0] * scale, y0 + b[1] * scale, x0 + b[2] * scale, y0 + b[3] * scale])
             cells.append([x0, y0, x0 + cell - 1, y0 + cell - 1])
-            sources.append(src)
         return {
-            "image": image,
+            "image": image[0],
             "label": int(classes[0]),
             "labels": torch.as_tensor(classes, dtype=torch.long),
-            "mask": mask,
+            "mask": object_masks[0].any(0),
             "boxes": torch.tensor(boxes, dtype=torch.float32).floor(),
             "cells": torch.tensor(cells, dtype=torch.float32),
-            "sources": torch.tensor(sources),
+            "sources": torch.tensor([s["index"] for s in samples]),
             "index": i,
         }

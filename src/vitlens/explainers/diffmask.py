@@ -50,13 +50,24 @@ class HardConcrete:
 
 
 class Probe(nn.Module):
-    """Weight-normalised Linear(2D → D/4) → tanh → Linear(D/4 → 1) → tanh, × scale, + learned offset."""
+    """Weight-normalised Linear(2D → D/4) → tanh → Linear(D/4 → 1) → tanh, × scale, + learned offset.
+
+    Gates must start open (SPEC §3.3). With PyTorch's default init, the last layer's bias shifts all gate
+    logits of a state at once and ``tanh × scale`` can outweigh the offset, so for some seeds whole states
+    started shut; a shut Hard Concrete gate passes no gradient and training collapsed (KL > 3 on held-out
+    images for 1 of 8 seeds). So the last layer starts with a zero bias and half the default weight norm:
+    logits start spread around the offset (training still finds the sparse set quickly), all gates open.
+    (A zero last layer keeps every gate at P(open) ≈ 1, where the L0 term has no gradient: nothing learns.)
+    """
 
     def __init__(self, dim: int, scale: float = 15.0, offset: float = 8.0):
         super().__init__()
         hidden = max(1, dim // 4)
         self.fc1 = weight_norm(nn.Linear(2 * dim, hidden))
         self.fc2 = weight_norm(nn.Linear(hidden, 1))
+        with torch.no_grad():  # gates start open: logits spread around the offset, no per-state shift
+            self.fc2.parametrizations.weight.original0.mul_(0.5)
+            self.fc2.bias.zero_()
         self.scale = scale
         self.offset = nn.Parameter(torch.tensor(float(offset)))
 

@@ -128,6 +128,7 @@ def train_pm(
     lam: float = 10.0,
     pos_weight: float = 1.0,
     mask_batch: int = 8,
+    composites: int = 0,
     pseudo_rounds: int = 0,
     resume: bool = False,
     eval_data: str | None = None,
@@ -156,8 +157,8 @@ def train_pm(
         before = round(accuracy(backbone.to(cfg.device or "cpu"), test), 4)
     task = PMTask(
         backbone, dataset, mask_fraction=mask_fraction, lam=lam, pos_weight=pos_weight, mask_batch=mask_batch,
-        pseudo_rounds=pseudo_rounds, total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))),
-        seed=cfg.seed,
+        composites=composites, pseudo_rounds=pseudo_rounds, seed=cfg.seed,
+        total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))),
     )  # fmt: skip
     provenance = {"command": _command(), "data": str(spec), "eval_data": str(held_out), "base_model": source,
                   "accuracy_before": before}  # fmt: skip

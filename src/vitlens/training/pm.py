@@ -4,8 +4,11 @@
 the images that carry a mask (or boxes, turned into a box mask): target = the fraction of the patch the
 object covers for the true class, 0 for every other class. Those images are a fixed, seeded fraction of
 the training set (default 1%); ``mask_batch`` of them take the place of ordinary images in every batch,
-so a step costs the same as a classifier step. Optional pseudo-mask rounds (self-training) add
-confidently, correctly classified training images whose current PM map, thresholded, becomes their target.
+so a step costs the same as a classifier step. ``composites`` more slots hold 2×2 tiles of four masked
+images at half size, each object's patches the target of its own class only: they teach the map to
+separate the classes of several objects in one image (no CE on them, no extra labels). Optional
+pseudo-mask rounds (self-training) add confidently, correctly classified training images whose current
+PM map, thresholded, becomes their target.
 """
 
 from __future__ import annotations
@@ -17,17 +20,24 @@ from torch import nn
 
 from ..backbones import Backbone, boxes_to_mask, patch_coverage
 from ..data import collate
+from ..data.fashion import compose_grid
 from ..explainers.pm import patch_probabilities
 from .augment import flip_shift
 from .loop import Task
 
 
 def pm_targets(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, grid: tuple[int, int]) -> torch.Tensor:
-    """``[B, C, gh, gw]`` BCE targets: patch coverage of the mask for the true class, 0 elsewhere."""
-    coverage = patch_coverage(masks, grid)
-    targets = torch.zeros(len(labels), num_classes, *grid, device=masks.device)
-    targets[torch.arange(len(labels)), labels] = coverage
-    return targets
+    """``[B, C, gh, gw]`` BCE targets: patch coverage of each object's mask for its class, 0 elsewhere.
+
+    ``masks`` ``[B, H, W]`` with ``labels`` ``[B]`` (one object per image), or ``[B, K, H, W]`` with
+    ``[B, K]`` (K objects per image, e.g. composites; objects of one class take the larger coverage).
+    """
+    if masks.dim() == 3:
+        masks, labels = masks[:, None], labels[:, None]
+    b, k = labels.shape
+    coverage = patch_coverage(masks.flatten(0, 1), grid).view(b, k, *grid)
+    targets = torch.zeros(b, num_classes, *grid, device=masks.device)
+    return targets.scatter_reduce(1, labels[..., None, None].expand(-1, -1, *grid), coverage, reduce="amax")
 
 
 def pm_loss(patch_logits: torch.Tensor, targets: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
@@ -71,6 +81,7 @@ class PMTask(Task):
         lam: float = 10.0,
         pos_weight: float = 1.0,
         mask_batch: int = 8,
+        composites: int = 0,
         pseudo_rounds: int = 0,
         pseudo_pool: int = 2000,
         pseudo_threshold: float = 0.5,
@@ -82,6 +93,7 @@ class PMTask(Task):
         super().__init__(backbone)
         self.net = PMForward(backbone)
         self.dataset, self.lam, self.pos_weight, self.mask_batch = dataset, lam, pos_weight, mask_batch
+        self.composites = composites
         self.label_smoothing, self.seed = label_smoothing, seed
         self.mask_fraction = mask_fraction
         self.mask_indices = select_mask_indices(len(dataset), mask_fraction, seed)
@@ -121,15 +133,29 @@ class PMTask(Task):
             targets = torch.cat([targets, tgt.to(device)])
         return images.to(device), labels.to(device), targets
 
+    def _composite_batch(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``composites`` 2×2 tiles of four pool images each, with every object's target for its class."""
+        pick = torch.randint(0, len(self.mask_indices), (4 * self.composites,))
+        images, masks = flip_shift(self.pool["image"][pick], self.pool["mask"][pick])
+        tiles, object_masks = compose_grid(images, masks, grid=2)
+        labels = self.pool["label"][pick].view(-1, 4)
+        targets = pm_targets(object_masks.to(device), labels.to(device), self.backbone.num_classes, self.grid)
+        return tiles.to(device), targets
+
     def modules(self) -> nn.Module:
         return self.net
 
     def loss(self, module, batch, step):
+        """CE on the ordinary and the masked images, λ · BCE on the masked images and the composites."""
         x, y = flip_shift(batch["image"])[0], batch["label"]
         mx, my, targets = self._mask_batch(x.device)
-        keep = max(0, len(x) - len(mx))  # masked images replace ordinary ones: same batch size
-        logits, patch_logits = module(torch.cat([x[:keep], mx]), len(mx))
-        ce = F.cross_entropy(logits, torch.cat([y[:keep], my]), label_smoothing=self.label_smoothing)
+        parts, n_patch = [mx], len(mx)
+        if self.composites:
+            tiles, tile_targets = self._composite_batch(x.device)
+            parts, targets, n_patch = [mx, tiles], torch.cat([targets, tile_targets]), n_patch + len(tiles)
+        keep = max(0, len(x) - n_patch)  # masked images and composites replace ordinary ones: same batch size
+        logits, patch_logits = module(torch.cat([x[:keep], *parts]), n_patch)
+        ce = F.cross_entropy(logits[: keep + len(mx)], torch.cat([y[:keep], my]), label_smoothing=self.label_smoothing)
         bce = pm_loss(patch_logits, targets, self.pos_weight)
         return ce + self.lam * bce, {"ce": ce.item(), "pm_bce": bce.item()}
 
@@ -183,6 +209,7 @@ class PMTask(Task):
                 "lambda": self.lam,
                 "pos_weight": self.pos_weight,
                 "mask_batch": self.mask_batch,
+                "composites": self.composites,
                 "pseudo_rounds": self.pseudo_rounds,
                 "pseudo_labelled": len(self.pseudo_indices),
             }
