@@ -141,6 +141,8 @@ def train_pm(
     held_out = _held_out(spec, eval_data)
     if not 0 < mask_fraction <= 1:
         raise VitlensError(f"--mask-fraction must be in (0, 1], got {mask_fraction}")
+    if composites < 0:
+        raise VitlensError(f"--composites must be 0 or more, got {composites}")
     if resume:
         check_resumable(out)
         backbone = load_checkpoint(out, kind="pm")
