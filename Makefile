@@ -6,9 +6,9 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 BENCH_METHODS ?= pm,attention,rollout
 
-.PHONY: install data test test-all demo lint bench clean
+.PHONY: install data browser test test-all demo lint bench clean
 
-install: $(STAMP) data
+install: $(STAMP) data browser
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,15 @@ data:
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 		|| echo "note: dataset-fashion-mnist not installable; vitlens will try \$$VITLENS_DATA or a download"; \
 	else echo "note: no $(FMNIST); vitlens will try \$$VITLENS_DATA or a download"; fi
+
+# Headless Chromium for the report's browser test (tests/test_report.py); best effort: the test skips
+# without it and the build never fails on it.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "note: chromium not installable; the report's browser test will be skipped"; \
+	else echo "note: no chromium; the report's browser test will be skipped"; fi
 
 test: install
 	$(PY) -m pytest -q

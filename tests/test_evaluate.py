@@ -18,7 +18,7 @@ from vitlens.cli import main
 from vitlens.data import open_dataset
 from vitlens.metrics import METRICS, evaluate, format_table
 
-SUMMARY_KEYS = {"model", "data", "n", "accuracy", "results", "seconds", "used"}
+SUMMARY_KEYS = {"model", "data", "n", "accuracy", "results", "seconds", "used", "skipped"}
 APPLICABLE = sorted(set(METRICS) - {"grid-pointing-game"})
 
 

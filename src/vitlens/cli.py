@@ -23,20 +23,58 @@ def _positive_int(v: str) -> int:
     return n
 
 
-def _train_options(p: argparse.ArgumentParser) -> None:
+def _non_negative_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}")
+    return n
+
+
+def _number(low: float = 0.0, strict: bool = True):
+    """An argparse type for a finite float above ``low`` (or at least ``low`` when not ``strict``)."""
+    what = f"a number {'>' if strict else '>='} {low:g}"
+
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if not (x > low if strict else x >= low) or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
+        return x
+
+    return parse
+
+
+def _device(v: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(v)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {v!r} (expected cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{v}: no CUDA device is available (use cpu)")
+    return v
+
+
+def _train_options(p: argparse.ArgumentParser, lr: float = 1e-3) -> None:
     p.add_argument("--data", required=True, help="data spec, e.g. fashion-canvas:train")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float)
+    length.add_argument("--epochs", type=_number())
     length.add_argument("--max-steps", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--lr", type=_number(), default=lr)
+    p.add_argument("--weight-decay", type=_number(strict=False), default=0.05)
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=100)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="data loader worker processes")
+    p.add_argument("--checkpoint-every", type=_number(strict=False), default=30.0, help="seconds between checkpoints")
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
 
@@ -65,14 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     pm = tsub.add_parser("pm", help="PM fine-tuning: patch-level mask prediction (Kang et al. 2025)")
     _train_options(pm)
     pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI or checkpoint directory)")
-    pm.add_argument("--mask-fraction", type=float, default=0.01, help="share of training images whose masks are used")
-    pm.add_argument("--lambda", dest="lam", type=float, default=10.0, help="weight of the patch-level BCE")
-    pm.add_argument("--pos-weight", type=float, default=1.0, help="weight of positive (object) patch targets")
+    pm.add_argument(
+        "--mask-fraction", type=_number(), default=0.01, help="share of training images whose masks are used"
+    )
+    pm.add_argument(
+        "--lambda", dest="lam", type=_number(strict=False), default=10.0, help="weight of the patch-level BCE"
+    )
+    pm.add_argument("--pos-weight", type=_number(), default=1.0, help="weight of positive (object) patch targets")
     pm.add_argument("--mask-batch", type=_positive_int, default=8, help="masked images in every batch")
     pm.add_argument(
         "--composites", type=int, default=0, help="2×2 composites of masked images in every batch (class separation)"
     )
-    pm.add_argument("--pseudo-masks", type=int, default=0, metavar="ROUNDS", help="self-training rounds")
+    pm.add_argument("--pseudo-masks", type=_non_negative_int, default=0, metavar="ROUNDS", help="self-training rounds")
     pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
     bc = tsub.add_parser("bcos", help="train a B-cos ViT (Böhle et al. 2024): BCE, Adam, AGC; --weight-decay ignored")
     _train_options(bc)
@@ -80,14 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
 
     ex = sub.add_parser("explain", help="explain image files with one method")
-    ex.add_argument("images", nargs="+", help="image files")
+    ex.add_argument("images", nargs="+", help="image files or folders of them")
     ex.add_argument("--model", required=True, help="timm:NAME, hf:NAME, torchvision:NAME or a checkpoint directory")
     ex.add_argument("--method", default="rollout", help="explanation method (see `vitlens methods`)")
     ex.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
     ex.add_argument("--out", default="vitlens-out", help="output directory for maps (.npy) and overlays (.png)")
     ex.add_argument("--batch-size", type=_positive_int, default=16)
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
-    ex.add_argument("--json", action="store_true", help="print one JSON list with a record per image")
+    ex.add_argument("--json", action="store_true", help="print one JSON list with a record per image (streamed)")
 
     sub.add_parser("methods", help="list the explanation methods")
 
@@ -95,22 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model")
 
     dm = tsub.add_parser("diffmask", help="Vision DiffMask gates for a frozen classifier (Nalmpantis et al. 2023)")
-    _train_options(dm)
+    _train_options(dm, lr=3e-4)  # the gate probes read the raw residual stream: 1e-3 can collapse them
     dm.add_argument("--model", required=True, help="the frozen classifier (URI or checkpoint directory)")
-    dm.add_argument("--kl-margin", type=float, default=0.1, help="KL(p_orig || p_masked) allowed, in nats")
-    dm.add_argument("--multiplier-lr", type=float, default=0.3, help="learning rate of the Lagrange multipliers")
+    dm.add_argument("--kl-margin", type=_number(), default=0.1, help="KL(p_orig || p_masked) allowed, in nats")
+    dm.add_argument("--multiplier-lr", type=_number(), default=0.3, help="learning rate of the Lagrange multipliers")
     bn = sub.add_parser("bench", help="time methods against one plain forward pass")
     bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0")
     bn.add_argument("--methods", default="pm,attention,rollout", help="comma-separated method names")
     bn.add_argument("--batch-size", type=_positive_int, default=16)
     bn.add_argument("--image-size", type=_positive_int)
-    bn.add_argument("--device", default="cpu")
+    bn.add_argument("--device", type=_device, default="cpu")
     bn.add_argument("--repeat", type=_positive_int, default=5)
     bn.add_argument("--json", action="store_true")
 
-    demo = sub.add_parser("demo", help="explain fashion canvases with the committed checkpoint")
-    demo.add_argument("--out", default="demo-out")
-    demo.add_argument("-n", type=_positive_int, default=8, help="number of images")
+    demo = sub.add_parser("demo", help="evaluate the committed fashion checkpoints: an HTML report")
+    demo.add_argument("--out", default="demo-out", help="output directory (report.html, gallery.png, results/)")
+    demo.add_argument("-n", "--images", type=_positive_int, help="at most N images per metric group")
+    demo.add_argument("--gallery", type=_non_negative_int, default=8, help="images in the report's gallery")
+    demo.add_argument("--train", action="store_true", help="first re-create every checkpoint from scratch (hours)")
 
     ev = sub.add_parser("evaluate", help="score explanation methods with the evaluation metrics (torchrun: sharded)")
     ev.add_argument("--model", required=True, help="timm:NAME, hf:NAME, torchvision:NAME or a checkpoint directory")
@@ -122,11 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--target", choices=["label", "predicted"], default="label", help="class the maps explain")
     ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
-    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file")
+    ev.add_argument("--gallery", type=_non_negative_int, default=8, help="images (with every map) kept in --out")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     sub.add_parser("metrics", help="list the evaluation metrics")
+
+    rp = sub.add_parser("report", help="a self-contained HTML report from `vitlens evaluate --out` files")
+    rp.add_argument("results", nargs="+", help="results files of `vitlens evaluate --out` (several merge)")
+    rp.add_argument("--out", default="report.html", help="the HTML file to write")
+    rp.add_argument("--title", default="vitlens report")
     return parser
 
 
@@ -136,19 +186,30 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from .files import explain_files
     from .options import parse_options
 
-    records, failed = [], 0
+    failed: list[str] = []  # only the bad files are kept: memory stays flat over any number of images
+    done = 0
     options = parse_options(a.option, what="--option")
     run = explain_files(a.images, a.model, a.method, target=a.target, out=a.out, batch_size=a.batch_size,
                         options=options)  # fmt: skip
-    for r in run:
-        records.append(r)
-        if "error" in r:
-            failed += 1
-            print(f"vitlens: error: {r['error']}", file=sys.stderr)
-        elif not a.json:
-            print(f"{r['image']}: {r['predicted_class']} ({r['probability']:.2f}) -> {r['overlay']}")
-    if a.json:
-        print(json.dumps(records, indent=2))
+    try:
+        for r in run:  # records are printed as they come (the --json list too)
+            if a.json:
+                print(("[\n" if done == 0 else ",\n") + json.dumps(r), end="", flush=True)
+            elif "error" not in r:
+                print(f"{r['image']}: {r['predicted_class']} ({r['probability']:.2f}) -> {r['overlay']}")
+            done += 1
+            if "error" in r:
+                failed.append(r["error"])
+    finally:
+        if a.json and done:
+            print("\n]")
+    if a.json and not done:
+        print("[]")
+    for error in failed:  # the bad files, reported at the end
+        print(f"vitlens: error: {error}", file=sys.stderr)
+    if failed and done > 1:
+        print(f"vitlens: error: {len(failed)} of {done} images could not be read (listed above); "
+              f"{done - len(failed)} explained into {a.out}", file=sys.stderr)  # fmt: skip
     return 2 if failed else 0
 
 
@@ -193,9 +254,20 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .io import check_output_dir
 
-    summary = run_demo(a.out, n=a.n)
-    print(f"wrote {summary['images']} images x {len(summary['methods'])} methods; overview: {summary['overview']}")
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    summary = run_demo(check_output_dir(a.out, "--out"), images=a.images, gallery=a.gallery, train=a.train, log=log)
+    print(f"report: {summary['report']}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .viz.report import write_report
+
+    print(f"report: {write_report(a.results, a.out, title=a.title)}")
     return 0
 
 
@@ -206,11 +278,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     summary = evaluate(
         a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
-        options=parse_options(a.option), device=a.device, out=a.out,
+        options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery,
     )  # fmt: skip
-    if summary is not None:  # None on the other torchrun processes
-        print(json.dumps(summary) if a.json else format_table(summary))
-    return 0
+    if summary is None:  # the other torchrun processes
+        return 0
+    print(json.dumps(summary) if a.json else format_table(summary))
+    skipped = summary.get("skipped", [])
+    for s in skipped:  # samples that could not be read (folder data), reported at the end
+        print(f"vitlens: error: {s['error']}", file=sys.stderr)
+    if skipped:
+        print(f"vitlens: error: {len(skipped)} samples could not be read (listed above); the scores leave them out",
+              file=sys.stderr)  # fmt: skip
+    return 2 if skipped else 0
 
 
 def cmd_metrics(a: argparse.Namespace) -> int:
@@ -227,7 +306,10 @@ def cmd_metrics(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     import json
 
+    from .io import check_output_dir
     from .training import train_classifier
+
+    check_output_dir(a.out, "--out", create=False)
 
     if a.task == "diffmask":
         from .training import train_diffmask
@@ -265,6 +347,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "evaluate": cmd_evaluate,
     "metrics": cmd_metrics,
+    "report": cmd_report,
 }
 
 

@@ -1,18 +1,84 @@
-"""``vitlens demo``: the embedded default — explain fashion canvases with the committed checkpoints."""
+"""``vitlens demo``: the embedded default — the committed fashion checkpoints on fashion-canvas test images,
+scored with ``vitlens evaluate`` and written up as one self-contained HTML report (no network, no training).
+
+What runs is the two tables below: :data:`RUNS` (checkpoint → methods) and :data:`METRIC_GROUPS` (metrics
+→ data and number of images). Every (run, group) is one call of the ``evaluate`` driver writing a results
+file, and the report is built from those files alone, exactly as ``vitlens report`` does: the numbers in
+the report are those of ``vitlens evaluate`` on the same images. ``--train`` first re-creates every
+checkpoint from scratch with the commands of :data:`TRAINING` (the ones ``checkpoints/README.md``
+documents), writing them under the output folder.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
+from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image
-
-from .data import open_dataset
 from .errors import VitlensError
-from .files import explain_files
-from .io import atomic_write
+from .io import atomic_write, atomic_write_text
 
-DEMO_METHODS = ("pm", "attention", "rollout", "gradcam", "gae")
+# (checkpoint, methods): the seed methods, each on its own model, and the main baselines on the PM-tuned
+# classifier (the model whose PM map is shown, so PM and the baselines explain the same decisions).
+RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("fashion-vit-pm", ("pm", "attention", "rollout", "gae", "chefer", "gradcam")),
+    ("fashion-vit-diffmask", ("diffmask",)),
+    ("fashion-bcos-vit", ("bcos",)),
+)
+# (name, data, metrics, images): the cheap localisation metrics on many images; the perturbation metrics
+# (34 forward passes per image and method) and the sanity check (5 randomised explanations) on fewer, so
+# that the demo stays within 5 minutes on 2 CPU cores. The report gives n per metric.
+METRIC_GROUPS: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
+    ("localisation", "fashion-canvas:test",
+     ("pointing-game", "energy-pointing-game", "maxboxacc", "maxboxacc-v2", "top1-loc", "pxap", "miou"), 400),
+    ("faithfulness", "fashion-canvas:test",
+     ("deletion", "insertion", "positive-perturbation", "negative-perturbation"), 100),
+    ("sanity", "fashion-canvas:test", ("sanity",), 64),
+    ("grid", "fashion-grid:test", ("grid-pointing-game",), 64),
+)  # fmt: skip
+GALLERY = 8  # gallery images (from the first group's images)
+BATCH_SIZE = 64
+
+# How every checkpoint was made: its commands in order and about how many minutes they take on the
+# project's 2-core CPU. checkpoints/README.md quotes this table; `vitlens demo --train` runs it.
+TRAINING: dict[str, tuple[tuple[str, ...], int]] = {
+    "fashion-vit": (
+        (
+            "vitlens train classifier --data fashion-canvas:train --out runs/fashion-vit-stage1 --epochs 5 "
+            "--lr 2e-3 --warmup-steps 200 --batch-size 64",
+            "vitlens train classifier --data fashion-canvas:train --init runs/fashion-vit-stage1 "
+            "--out runs/fashion-vit-stage2 --epochs 3 --lr 5e-4 --warmup-steps 100 --batch-size 64",
+            "vitlens train classifier --data fashion-canvas:train --init runs/fashion-vit-stage2 "
+            "--out runs/fashion-vit-stage3 --epochs 7 --lr 1e-3 --warmup-steps 300 --batch-size 64",
+            "vitlens train classifier --data fashion-canvas:train --init runs/fashion-vit-stage3 "
+            "--out checkpoints/fashion-vit --epochs 4 --lr 7e-4 --warmup-steps 200 --batch-size 64",
+        ),
+        140,
+    ),
+    "fashion-vit-pm": (
+        (
+            "vitlens train pm --model checkpoints/fashion-vit --data fashion-canvas:train "
+            "--out checkpoints/fashion-vit-pm --max-steps 1500 --lr 2e-4 --warmup-steps 100 --lambda 10 "
+            "--mask-fraction 0.01 --composites 24 --pos-weight 10",
+        ),
+        16,
+    ),
+    "fashion-vit-diffmask": (
+        (
+            "vitlens train diffmask --model checkpoints/fashion-vit --data fashion-canvas:train "
+            "--out checkpoints/fashion-vit-diffmask --max-steps 600 --batch-size 32 --lr 3e-4 --warmup-steps 50",
+        ),
+        11,
+    ),
+    "fashion-bcos-vit": (
+        (
+            "vitlens train bcos --data fashion-canvas:train --out checkpoints/fashion-bcos-vit "
+            "--arch bcos_vit_fashion --epochs 5 --batch-size 64 --lr 1e-3 --warmup-steps 200",
+        ),
+        60,
+    ),
+}
 
 
 def checkpoints_dir() -> Path:
@@ -21,43 +87,94 @@ def checkpoints_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "checkpoints"
 
 
-def default_checkpoint(name: str) -> Path:
-    path = checkpoints_dir() / name
-    if not (path / "config.json").is_file():
-        raise VitlensError(
-            f"committed checkpoint {name!r} not found in {path.parent} "
-            "(run from a vitlens source checkout or set VITLENS_CHECKPOINTS)"
-        )
-    return path
+def missing_message(name: str, root: Path) -> str:
+    command = TRAINING[name][0][-1] if name in TRAINING else "vitlens train …"
+    return f"checkpoint {name} missing in {root}: run `vitlens demo --train` or `{command}`"
 
 
-def run_demo(out: str | os.PathLike = "demo-out", n: int = 8, methods=DEMO_METHODS) -> dict:
-    """Write ``n`` fashion-canvas test images and their explanations under ``out``; returns a summary.
+def needed(names: list[str]) -> list[str]:
+    """``names`` and the checkpoints their commands start from, in training order."""
+    order: list[str] = []
 
-    The model is the PM-tuned fashion classifier, so the PM map is the one the paper's training gives.
+    def visit(name: str) -> None:
+        for cmd in TRAINING[name][0]:
+            args = shlex.split(cmd)
+            for flag in ("--model", "--init"):
+                if flag in args:
+                    base = Path(args[args.index(flag) + 1])
+                    if base.parent.name == "checkpoints" and base.name in TRAINING:
+                        visit(base.name)
+        if name not in order:
+            order.append(name)
+
+    for n in names:
+        visit(n)
+    return order
+
+
+def training_argv(command: str, root: Path) -> list[str]:
+    """A documented command as ``vitlens`` arguments writing under ``root`` (``checkpoints/…`` → ``root/
+    checkpoints/…``, ``runs/…`` → ``root/runs/…``), so the committed checkpoints stay as they are."""
+    args = shlex.split(command)[1:]
+    return [str(root / a) if a.startswith(("checkpoints/", "runs/")) else a for a in args]
+
+
+def train_checkpoints(root: Path, log: Callable[[str], None]) -> Path:
+    """Run every :data:`TRAINING` command the demo needs; returns the folder of the new checkpoints."""
+    from .cli import main
+
+    names = needed([name for name, _ in RUNS])
+    minutes = sum(TRAINING[n][1] for n in names)
+    log(f"--train: re-creating {', '.join(names)} from scratch: about {minutes} min on a 2-core CPU")
+    for name in names:
+        for command in TRAINING[name][0]:
+            argv = training_argv(command, root)
+            log("vitlens " + shlex.join(argv))
+            if main(argv) != 0:
+                raise VitlensError(f"training {name} failed: vitlens {shlex.join(argv)}")
+    return root / "checkpoints"
+
+
+def run_demo(
+    out: str | os.PathLike = "demo-out",
+    *,
+    images: int | None = None,
+    gallery: int = GALLERY,
+    train: bool = False,
+    log: Callable[[str], None] = lambda line: None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate :data:`RUNS` × :data:`METRIC_GROUPS` and write ``out/report.html``; returns a summary.
+
+    ``images`` caps the images of every metric group (default: each group's own number). A checkpoint
+    that is missing is reported through ``log`` in one line and left out; with none at all it is an error.
     """
+    from .metrics import evaluate
+    from .viz.report import build_report, load_results
+
     out = Path(out)
-    model = default_checkpoint("fashion-vit-pm")
-    data = open_dataset("fashion-canvas:test")
-    image_dir = out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        s = data[i]
-        arr = (s["image"].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        p = image_dir / f"canvas-{i:03d}.png"
-        atomic_write(p, lambda tmp, arr=arr: Image.fromarray(arr).save(tmp, format="PNG"))
-        paths.append(p)
-    records = {m: list(explain_files(paths, model, m, out=out / m)) for m in methods}
-    sheet = _contact_sheet([[Image.open(r["overlay"]) for r in records[m]] for m in methods])
-    atomic_write(out / "overview.png", lambda tmp: sheet.save(tmp, format="PNG"))
-    return {"out": str(out), "overview": str(out / "overview.png"), "images": n, "methods": list(methods)}
-
-
-def _contact_sheet(rows: list[list[Image.Image]]) -> Image.Image:
-    w, h = rows[0][0].size
-    sheet = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), (24, 24, 28))
-    for y, row in enumerate(rows):
-        for x, pic in enumerate(row):
-            sheet.paste(pic, (x * w, y * h))
-    return sheet
+    root = train_checkpoints(out, log) if train else checkpoints_dir()
+    present = [(name, methods) for name, methods in RUNS if (root / name / "config.json").is_file()]
+    missing = [name for name, _ in RUNS if not (root / name / "config.json").is_file()]
+    for name in missing:
+        log(missing_message(name, root))
+    if not present:
+        raise VitlensError(f"none of the demo's checkpoints ({', '.join(n for n, _ in RUNS)}) is in {root}")
+    steps = [(run, group) for run in present for group in METRIC_GROUPS]
+    files = []
+    for k, ((name, methods), (group, data, metrics, n)) in enumerate(steps, 1):
+        limit = min(n, images) if images else n
+        log(f"[{k}/{len(steps)}] {name}: {', '.join(methods)} — {group} metrics on {limit} {data} images")
+        path = out / "results" / f"{name}.{group}.json"
+        evaluate(
+            root / name, methods, metrics, data, limit=limit, batch_size=BATCH_SIZE, out=path, progress=progress,
+            gallery=gallery if group == METRIC_GROUPS[0][0] else 0,
+        )  # fmt: skip
+        files.append(path)
+    page, sheet = build_report([load_results(p) for p in files], title="vitlens demo")
+    report = atomic_write_text(out / "report.html", page)
+    summary = {"report": str(report), "results": [str(p) for p in files], "missing": missing}
+    if sheet is not None:
+        atomic_write(out / "gallery.png", lambda tmp: sheet.save(tmp, format="PNG"))
+        summary["gallery"] = str(out / "gallery.png")
+    return summary

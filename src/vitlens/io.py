@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import VitlensError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -20,6 +22,41 @@ def _publish_mode(path: str | os.PathLike) -> None:
     """Give a temporary file or directory the permissions a normal create would (mkstemp uses 0600/0700)."""
     base = 0o777 if os.path.isdir(path) else 0o666
     os.chmod(path, base & ~_umask())
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output directory", create: bool = True) -> Path:
+    """Refuse, before any work is done, an output directory that cannot be used.
+
+    With ``create`` the directory is made and a probe file written in it; without, ``path`` must not be
+    a file and its nearest existing ancestor must be a writable directory.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VitlensError(f"{what} {path} exists and is not a directory")
+    if not create:
+        base = path.absolute()
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise VitlensError(f"{what} {path} cannot be created: {base} is not a writable directory")
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".vitlens-probe.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise VitlensError(f"{what} {path} cannot be written ({e.strerror or e})") from e
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Refuse, before any work is done, an output file path that is a directory or cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise VitlensError(f"{what} {path} is a directory; give a file name")
+    check_output_dir(path.parent, what=f"{what} {path}: folder")
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from torch import nn
 
@@ -73,11 +72,14 @@ def parse_model_uri(uri: str) -> tuple[str, str, dict]:
             "or a vitlens checkpoint directory"
         )
     name, _, query = rest.partition("?")
-    if not name:
+    if not name.strip():
         raise VitlensError(f"model URI {uri!r} names no model")
     kwargs = parse_options(filter(None, query.split("&")), what=f"option in model URI {uri!r}")
     if "pretrained" in kwargs:
-        kwargs["pretrained"] = bool(kwargs["pretrained"])
+        flag = kwargs["pretrained"]
+        if flag not in (0, 1):  # 0, 1, true, false (parse_value gives True/False for the words)
+            raise VitlensError(f"pretrained={flag} in model URI {uri!r}: expected 0, 1, true or false")
+        kwargs["pretrained"] = bool(flag)
     return scheme, name, kwargs
 
 
@@ -133,7 +135,15 @@ def _load_uri(uri: str, options: dict) -> Backbone:
         else:
             import transformers
 
-            model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs)
+            bars = transformers.utils.logging.is_progress_bar_enabled()
+            transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for a local load
+            try:
+                model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs)
+            finally:
+                if bars:
+                    transformers.utils.logging.enable_progress_bar()
+            if not is_hf_vit(model):
+                adapt(model)  # raises: not a supported Vision Transformer
             try:
                 processor = transformers.AutoImageProcessor.from_pretrained(name)
             except (OSError, ValueError):
@@ -144,7 +154,7 @@ def _load_uri(uri: str, options: dict) -> Backbone:
             backbone.spec = {"source": "hf", "name": type(model).__name__, "config": model.config.to_dict()}
     except VitlensError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError) as e:  # download / cache / config failures
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:  # download, config, kwargs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VitlensError(f"could not load {uri}: {first}") from e
     return backbone
@@ -161,17 +171,23 @@ def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **o
     if isinstance(model, nn.Module):
         backbone = adapt(model)
     elif isinstance(model, str | os.PathLike):
-        from ..checkpoint import load_checkpoint
+        from ..checkpoint import is_checkpoint_dir, load_checkpoint
 
         text = os.fspath(model)
-        if Path(text).is_dir():
+        if is_checkpoint_dir(text):
             backbone = load_checkpoint(text)
         elif text.partition(":")[0] in SCHEMES:
             backbone = _load_uri(text, options)
         else:
+            if os.path.exists(text):
+                what = f"{text!r} is a file, not a model"
+            elif os.sep in text or text.startswith("."):
+                what = f"no such checkpoint directory {text!r}"
+            else:
+                what = f"unknown model {text!r}"
             raise VitlensError(
-                f"unknown model {text!r}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME "
-                "or a vitlens checkpoint directory"
+                f"{what}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME or a vitlens checkpoint "
+                "directory"
             )
         backbone.eval()
     else:

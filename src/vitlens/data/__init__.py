@@ -27,6 +27,14 @@ DATASETS: dict[str, tuple[Callable[..., torch.utils.data.Dataset], dict[str, typ
     "counting": (Counting, {"n": int, "seed": int, "colour": str, "grid": int, "cell": int}),
     "folder": (Folder, {}),
 }
+# Allowed ranges of integer options, (low, high) inclusive; None = unbounded. A canvas holds a 20-36 px
+# item; a fashion grid needs grid² different classes (10 exist).
+BOUNDS: dict[str, tuple[int, int | None]] = {"n": (1, None), "seed": (0, None), "cell": (1, 1024)}
+DATASET_BOUNDS: dict[str, dict[str, tuple[int, int | None]]] = {
+    "fashion-canvas": {"size": (36, 1024)},
+    "fashion-grid": {"size": (36, 1024), "grid": (1, 3)},
+    "counting": {"grid": (1, 16)},
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,15 @@ class DataSpec:
         if self.options:
             parts.append(",".join(f"{k}={v}" for k, v in self.options.items()))
         return ":".join(parts)
+
+
+def _check_bounds(name: str, key: str, value: object) -> None:
+    if not isinstance(value, int):
+        return
+    lo, hi = DATASET_BOUNDS.get(name, {}).get(key, BOUNDS.get(key, (0, None)))
+    if value < lo or (hi is not None and value > hi):
+        allowed = f"{lo}..{hi}" if hi is not None else f"at least {lo}"
+        raise VitlensError(f"{key}={value} out of range for {name} (allowed: {allowed})")
 
 
 def parse_data_spec(spec: str, default_split: str = "test") -> DataSpec:
@@ -71,7 +88,10 @@ def parse_data_spec(spec: str, default_split: str = "test") -> DataSpec:
             try:
                 options[key] = allowed[key](value)
             except ValueError as e:
-                raise VitlensError(f"bad value {value!r} for {key} in {spec!r}") from e
+                raise VitlensError(
+                    f"bad value {value!r} for {key} in {spec!r}: expected {allowed[key].__name__}"
+                ) from e
+            _check_bounds(name, key, options[key])
     if name != "folder" and split not in SPLITS:
         raise VitlensError(f"unknown split {split!r} in {spec!r} (known: {', '.join(SPLITS)})")
     return DataSpec(name, split, options, root)

@@ -7,9 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VitlensError
-from .images import load_image
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from .images import is_image_file, load_image, read_image
 
 
 def read_localization(path: Path) -> dict[str, list[list[float]]]:
@@ -48,7 +46,7 @@ class Folder(torch.utils.data.Dataset):
         self.files: list[tuple[str, int]] = []
         for label, d in enumerate(class_dirs):
             for f in sorted(d.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                if f.is_file() and is_image_file(f):
                     self.files.append((f.relative_to(self.root).as_posix(), label))
         if not self.files:
             raise VitlensError(f"folder data: no images under {self.root}")
@@ -63,21 +61,17 @@ class Folder(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         rel, label = self.files[i]
         sample: dict = {"label": label, "index": i, "path": str(self.root / rel)}
-        try:
-            full = load_image(self.root / rel)
+        try:  # resized while decoding (memory stays bounded for large photographs)
+            image, (h, w) = read_image(self.root / rel, self.size)
+            mask_file = self.masks_dir / rel
+            mask = load_image(mask_file, image.shape[-2:]).mean(0) > 0.5 if mask_file.is_file() else None
         except VitlensError as e:
             return {**sample, "error": str(e)}
-        h, w = full.shape[-2:]
-        size = self.size or (h, w)
-        image = torch.nn.functional.interpolate(
-            full[None], size=size, mode="bilinear", align_corners=False, antialias=True
-        )[0].clamp_(0, 1)
+        size = image.shape[-2:]
         sx, sy = size[1] / w, size[0] / h
         if rel in self.boxes:
             b = torch.tensor(self.boxes[rel], dtype=torch.float32)
             sample["boxes"] = torch.stack([b[:, 0] * sx, b[:, 1] * sy, b[:, 2] * sx, b[:, 3] * sy], 1).floor()
-        mask_file = self.masks_dir / rel
-        if mask_file.is_file():
-            m = load_image(mask_file).mean(0, keepdim=True)[None]
-            sample["mask"] = torch.nn.functional.interpolate(m, size=size, mode="nearest")[0, 0] > 0.5
+        if mask is not None:
+            sample["mask"] = mask
         return {**sample, "image": image}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import Backbone, Trace
+from ..backbones import Backbone, Trace, to_grid
 from ..errors import VitlensError
 from .base import Explainer, register, resolve_target
 
@@ -118,16 +118,20 @@ class HeadParts:
 
 @dataclass
 class _Activations:
+    """One block's forward pass, every tensor an LRP rule reads (``f1``: fc1's output before the activation)."""
+
     x: Tensor
     h1: Tensor
     q: Tensor
     k: Tensor
     v: Tensor
+    qkv: Tensor
     a: Tensor
     o: Tensor
     y: Tensor
     mid: Tensor
     h2: Tensor
+    f1: Tensor
     g: Tensor
     mlp: Tensor
     out: Tensor
@@ -262,22 +266,28 @@ def _head_parts(backbone: Backbone) -> HeadParts:
     raise _refuse(f"{backbone.family} models")
 
 
-def _safe_divide(a: Tensor, b: Tensor) -> Tensor:
-    """a / b with the reference's stabiliser: a / (b + 1e-9), and 0 where b is exactly 0."""
-    den = b + 1e-9
-    den = torch.where(den == 0, torch.full_like(den, 1e-9), den)
-    return torch.where(b != 0, a / den, torch.zeros_like(a))
+def _safe_divide(a: Tensor, b: Tensor, eps: float = 1e-9) -> Tensor:
+    """a / b with the reference's stabiliser: a / (b + eps) (eps where that is 0), and 0 where b is exactly 0."""
+    den = b + eps
+    den.masked_fill_(den == 0, eps)
+    return (a / den).masked_fill_(b == 0, 0.0)
 
 
-def _zplus(x: Tensor, w: Tensor, r: Tensor) -> Tensor:
+def _zplus(x: Tensor, w: Tensor, r: Tensor, xw: Tensor | None = None) -> Tensor:
     """LRP-αβ with α = 1, β = 0 through a linear layer (bias ignored), as the reference's ``Linear.relprop``.
 
-    R_in = x⁺ ⊙ (s W⁺) + x⁻ ⊙ (s W⁻) with s = R_out / (x⁺W⁺ᵀ + x⁻W⁻ᵀ): conservative.
+    R_in = x⁺ ⊙ (s W⁺) + x⁻ ⊙ (s W⁻) with s = R_out / (x⁺W⁺ᵀ + x⁻W⁻ᵀ + 1e-9): conservative. Computed with
+    three products the size of the layer instead of four, using 2·(x⁺W⁺ᵀ + x⁻W⁻ᵀ) = xWᵀ + |x||W|ᵀ, where
+    ``xw`` = xWᵀ comes from the forward pass, and 2·(x⁺ ⊙ sW⁺ + x⁻ ⊙ sW⁻) = x ⊙ sW + |x| ⊙ s|W| (one product
+    with [W, |W|]): with s' = R_out / (xWᵀ + |x||W|ᵀ + 2e-9) = s / 2, R_in = x ⊙ s'W + |x| ⊙ s'|W|.
     """
-    wp, wn = w.clamp(min=0), w.clamp(max=0)
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    s = _safe_divide(r, F.linear(xp, wp) + F.linear(xn, wn))
-    return xp * (s @ wp) + xn * (s @ wn)
+    wa, xa = w.abs(), x.abs()
+    if xw is None:
+        xw = F.linear(x, w)
+    n = w.shape[1]
+    z2 = torch.addmm(xw.reshape(-1, w.shape[0]), xa.reshape(-1, n), wa.t()).view(xw.shape)
+    u = _safe_divide(r, z2, 2e-9) @ torch.cat([w, wa], 1)
+    return torch.addcmul(x * u[..., :n], xa, u[..., n:])
 
 
 def _add_rule(xs: Sequence[Tensor], r: Tensor) -> list[Tensor]:
@@ -295,13 +305,14 @@ def _add_rule(xs: Sequence[Tensor], r: Tensor) -> list[Tensor]:
     out = []
     for p, t in zip(shares, totals, strict=True):
         factor = _safe_divide(_safe_divide(t.abs(), norm) * r_total, t)
-        out.append(p * factor.view(-1, *[1] * (p.ndim - 1)))
+        out.append(p.mul_(factor.view(-1, *[1] * (p.ndim - 1))))
     return out
 
 
-def _matmul_rule(a: Tensor, b: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-    """Relevance of both factors of ``a @ b``, each halved (the reference's ``einsum`` rule in attention)."""
-    s = _safe_divide(r, a @ b)
+def _matmul_rule(a: Tensor, b: Tensor, r: Tensor, ab: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Relevance of both factors of ``a @ b`` (``ab``, when the forward pass has it), each halved (the
+    reference's ``einsum`` rule in attention)."""
+    s = _safe_divide(r, a @ b if ab is None else ab)
     return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
 
 
@@ -309,31 +320,40 @@ def _activations(p: BlockParts, x: Tensor) -> _Activations:
     """Recompute one block from its input ``x`` [B, T, D], keeping every tensor an LRP rule reads."""
     b, t, _ = x.shape
     h1 = p.norm1(x)
-    q, k, v = F.linear(h1, *p.qkv).reshape(b, t, 3, p.heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(h1, *p.qkv)
+    q, k, v = qkv.reshape(b, t, 3, p.heads, -1).permute(2, 0, 3, 1, 4)
     q, k = p.q_norm(q), p.k_norm(k)
     a = ((q * p.scale) @ k.transpose(-2, -1)).softmax(-1)
     o = p.out_norm((a @ v).transpose(1, 2).reshape(b, t, -1))
     y = F.linear(o, *p.proj)
     mid = x + y
     h2 = p.norm2(mid)
-    g = p.act(F.linear(h2, *p.fc1))
+    f1 = F.linear(h2, *p.fc1)
+    g = p.act(f1)
     mlp = F.linear(g, *p.fc2)
-    return _Activations(x, h1, q, k, v, a, o, y, mid, h2, g, mlp, mid + mlp)
+    return _Activations(x, h1, q, k, v, qkv, a, o, y, mid, h2, f1, g, mlp, mid + mlp)
+
+
+def _unbiased(out: Tensor, affine: Affine) -> Tensor:
+    """A linear layer's output without its bias: xWᵀ, recovered from the forward pass's xWᵀ + b."""
+    return out if affine[1] is None else out - affine[1]
 
 
 def _lrp_block(p: BlockParts, c: _Activations, r_out: Tensor, to_input: bool) -> tuple[Tensor, Tensor | None]:
     """Relevance of the block's output [B, T, D] → (R_A [B, heads, T, T], relevance of its input or None)."""
     r_mid, r_mlp = _add_rule([c.mid, c.mlp], r_out)
-    r_mid = r_mid + _zplus(c.h2, p.fc1[0], _zplus(c.g, p.fc2[0], r_mlp))  # clone: the two paths add up
+    r_g = _zplus(c.g, p.fc2[0], r_mlp, _unbiased(c.mlp, p.fc2))
+    r_mid = r_mid + _zplus(c.h2, p.fc1[0], r_g, _unbiased(c.f1, p.fc1))  # clone: the two paths add up
     r_x, r_y = _add_rule([c.x, c.y], r_mid)
     b, t, _ = r_y.shape
-    r_o = _zplus(c.o, p.proj[0], r_y).reshape(b, t, p.heads, -1).transpose(1, 2)
-    r_a, r_v = _matmul_rule(c.a, c.v, r_o)
+    r_o = _zplus(c.o, p.proj[0], r_y, _unbiased(c.y, p.proj)).reshape(b, t, p.heads, -1).transpose(1, 2)
+    av = c.o.reshape(b, t, p.heads, -1).transpose(1, 2) if isinstance(p.out_norm, nn.Identity) else None
+    r_a, r_v = _matmul_rule(c.a, c.v, r_o, av)
     if not to_input:
         return r_a, None
     r_q, r_kt = _matmul_rule(c.q, c.k.transpose(-2, -1), r_a)  # softmax passes relevance unchanged
     r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v]).permute(1, 3, 0, 2, 4).reshape(b, t, -1)
-    return r_a, r_x + _zplus(c.h1, p.qkv[0], r_qkv)
+    return r_a, r_x + _zplus(c.h1, p.qkv[0], r_qkv, _unbiased(c.qkv, p.qkv))
 
 
 def _head_relevance(head: HeadParts, tokens: Tensor, target: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
@@ -365,25 +385,64 @@ def _check_reproduced(ours: Tensor, theirs: Tensor, what: str) -> None:
         raise _refuse(f"this model: recomputing {what} from its parts does not reproduce the model")
 
 
-def attention_relevance(backbone: Backbone, trace: Trace, target: Tensor) -> list[Tensor]:
-    """R_A of every block [B, heads, T, T]: LRP from the target logit down to the first block's attention.
+@dataclass
+class _PartsPass:
+    """One forward pass computed from the blocks' parts: what both the gradient and the LRP rules read."""
 
-    Each block is recomputed from its input in ``trace.hidden`` (and checked against the trace), one at a
-    time from the top, so only one block's activations are held. The first block's q/k/v are not
-    propagated (nothing below its attention map is read).
+    blocks: list[tuple[BlockParts, _Activations]]
+    tokens: Tensor
+    logits: Tensor
+    grid: tuple[int, int]
+
+
+def forward_parts(backbone: Backbone, images: Tensor) -> _PartsPass:
+    """The model's forward pass recomputed from :func:`_anatomy`, keeping every block's activations.
+
+    The graph starts at the input of the first block (a leaf that requires grad; no parameter gradients),
+    so ∂ logit / ∂ A_b comes from the same pass whose activations the LRP rules read: one forward for both.
     """
-    hidden = [h.detach() for h in trace.hidden]
-    r, logits = _head_relevance(_head_parts(backbone), trace.tokens.detach(), target, trace.num_prefix_tokens)
-    _check_reproduced(logits, trace.logits.detach(), "the classifier")
-    relevances = []
-    for i in reversed(range(len(hidden) - 1)):
-        parts = _anatomy(backbone, backbone.blocks[i])
-        c = _activations(parts, hidden[i])
-        _check_reproduced(c.out, hidden[i + 1], f"block {i}")
-        _check_reproduced(c.a, trace.attentions[i].detach(), f"the attention of block {i}")
+    with torch.no_grad():
+        embeddings, grid = backbone.embed(backbone.normalize(images))
+        x = backbone.add_prefix_and_position(embeddings, grid)
+    x = x.detach().requires_grad_(True)
+    blocks = []
+    for block in backbone.blocks:
+        parts = _anatomy(backbone, block)
+        c = _activations(parts, x)
+        blocks.append((parts, c))
+        x = c.out
+    tokens = backbone.final_norm(x)
+    return _PartsPass(blocks, tokens, backbone.head(tokens), grid)
+
+
+def _check_against_model(backbone: Backbone, image: Tensor) -> None:
+    """:func:`forward_parts` reproduces the model's own forward pass (blocks, attention maps, logits) on
+    ``image`` [1, 3, H, W], in float32 also under autocast (the check is about the architecture)."""
+    with torch.no_grad(), torch.autocast(image.device.type, enabled=False):
+        ref = backbone.run(image, attention=True)
+        ours = forward_parts(backbone, image)
+    for i, (_, c) in enumerate(ours.blocks):
+        _check_reproduced(c.out, ref.hidden[i + 1], f"block {i}")
+        _check_reproduced(c.a, ref.attentions[i], f"the attention of block {i}")
+    _check_reproduced(ours.logits, ref.logits, "the logits")
+
+
+def transformer_attribution_mats(backbone: Backbone, run: _PartsPass, target: Tensor, grads: Sequence[Tensor]):
+    """Ā_b = E_h[(∇A_b ⊙ R_A_b)⁺] for every block [B, T, T], R_A_b by LRP from the target logit down.
+
+    Blocks are taken from the top and dropped from ``run`` once used, so memory shrinks as the pass goes
+    down. The first block's q/k/v are not propagated (nothing below its attention map is read).
+    """
+    num_prefix = backbone.num_prefix_tokens
+    tokens, logits = run.tokens.detach(), run.logits.detach()
+    r, head_logits = _head_relevance(_head_parts(backbone), tokens, target, num_prefix)
+    _check_reproduced(head_logits, logits, "the classifier")
+    mats = []
+    for i in reversed(range(len(run.blocks))):
+        parts, c = run.blocks.pop()
         r_a, r = _lrp_block(parts, c, r, to_input=i > 0)
-        relevances.append(r_a)
-    return relevances[::-1]
+        mats.append((grads[i] * r_a).clamp(min=0).mean(1))
+    return mats[::-1]
 
 
 @register
@@ -398,18 +457,35 @@ class Chefer(Explainer):
     Extensions beyond the reference (which has one class token and batch size 1): per-image sums in the
     add rule, distillation heads split by the add rule, average pooling by the z-rule, layer scale folded
     into the projections, qk-norm / MLP norms treated as LayerNorm.
+
+    One forward pass, recomputed from the blocks' parts (:func:`forward_parts`), gives both the attention
+    gradients and the activations the LRP rules read; the first call of an explainer checks that
+    recomputation against the model's own forward on one image.
     """
 
     name = "chefer"
     paper = "Chefer, Gur, Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021"
     cost = "1 forward + 1 backward + 1 LRP pass (explicit attention)"
 
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.checked = False
+
     def explain(self, images: Tensor, target) -> Tensor:
-        trace, target, grads = attention_gradients(self.backbone, images, target)
+        bb = self.backbone
+        if not self.checked:
+            _check_against_model(bb, images[:1])
+            self.checked = True
+        with torch.enable_grad():
+            run = forward_parts(bb, images)
+            target = resolve_target(target, run.logits.detach())
+            score = run.logits.gather(1, target[:, None]).sum()
+            grads = torch.autograd.grad(score, [c.a for _, c in run.blocks])
         with torch.no_grad():
-            relevance = attention_relevance(self.backbone, trace, target)
-            mats = [(g * r).clamp(min=0).mean(1) for g, r in zip(grads, relevance, strict=True)]
-            return _readout_map(self.backbone, trace, mats)
+            mats = transformer_attribution_mats(bb, run, target, grads)
+            t = mats[0].shape[-1]
+            start = bb.readout(t).to(mats[0].dtype).expand(mats[0].shape[0], t)
+            return to_grid(rollout_with_identity(mats, start)[:, bb.num_prefix_tokens :], run.grid)
 
 
 # --- attention flow -------------------------------------------------------------------------------

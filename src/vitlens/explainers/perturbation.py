@@ -36,7 +36,9 @@ def check_fill(method: str, fill) -> None:
 
 
 def fill_image(backbone: Backbone, images: Tensor, fill) -> Tensor:
-    """The values hidden pixels take, ``[B, 3, H, W]`` (see the module docstring)."""
+    """The values hidden pixels take (see the module docstring), as a 4-D tensor that broadcasts to the
+    images ``[B, 3, H, W]`` without being expanded: ``[1, 3, 1, 1]`` for a colour, ``[B, 3, 1, 1]`` for each
+    image's mean, ``[B, 3, H, W]`` for the blurred images."""
     if torch.is_tensor(fill):
         value = fill.to(images)
     elif fill == "blur":
@@ -48,16 +50,38 @@ def fill_image(backbone: Backbone, images: Tensor, fill) -> Tensor:
     else:
         value = torch.tensor(0.0 if fill == "black" else float(fill)).to(images)
     try:
-        return value.expand_as(images)
+        value.expand_as(images)
     except RuntimeError:
         raise VitlensError(
             f"fill of shape {tuple(value.shape)} does not fit images of shape {tuple(images.shape)}"
         ) from None
+    return value.reshape((1,) * (4 - value.ndim) + tuple(value.shape))
 
 
 def grid_to_pixels(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """Patch-grid masks ``[K, gh, gw]`` → pixel masks ``[K, 1, H, W]`` (each patch's pixels take its value)."""
     return F.interpolate(masks[:, None], size=size, mode="nearest")
+
+
+def keep_patches(images: Tensor, fill: Tensor, i: Tensor, keep: Tensor) -> Tensor:
+    """``images[i]`` with every patch where the binary grid mask ``keep`` ``[K, gh, gw]`` is 0 taken from
+    ``fill[i]`` (a :func:`fill_image` tensor): ``images[i] · M + fill[i] · (1 − M)`` for the pixel masks M.
+
+    When the image is a whole number of patches, the masks select per patch on a ``[K, 3, gh, ph, gw, pw]``
+    view: no pixel masks are built and every pixel is written once.
+    """
+    x = images[i]
+    f = fill if fill.shape[0] == 1 else fill[i]
+    (k, c, h, w), (gh, gw) = x.shape, keep.shape[-2:]
+    if h % gh or w % gw:  # odd sizes (dynamic_img_size): nearest-neighbour pixel masks
+        return torch.where(grid_to_pixels(keep, (h, w)) > 0, x, f)
+    ph, pw = h // gh, w // gw
+    if f.shape[-2:] != (1, 1):
+        f = f.expand(f.shape[0], c, h, w).reshape(f.shape[0], c, gh, ph, gw, pw)
+    else:
+        f = f.reshape(f.shape[0], f.shape[1], 1, 1, 1, 1)
+    mask = keep.reshape(k, 1, gh, 1, gw, 1) > 0
+    return torch.where(mask, x.view(k, c, gh, ph, gw, pw), f).view(k, c, h, w)
 
 
 def target_probability(backbone: Backbone, x: Tensor, target: Tensor) -> Tensor:
@@ -109,10 +133,8 @@ class RISE(Explainer):
         shifts = torch.stack([torch.randint(0, c, (self.n,), generator=gen) for c in cell], 1)
         return cells, shifts
 
-    def pixel_masks(self, cells: Tensor, shifts: Tensor | None, size: tuple[int, int]) -> Tensor:
-        """Grids ``[K, gh, gw]`` (and shifts) → pixel masks ``[K, 1, H, W]``."""
-        if shifts is None:
-            return grid_to_pixels(cells, size)
+    def pixel_masks(self, cells: Tensor, shifts: Tensor, size: tuple[int, int]) -> Tensor:
+        """Grids ``[K, gh, gw]`` and shifts → the smooth pixel masks ``[K, 1, H, W]`` (``smooth=True``)."""
         (gh, gw), (h, w) = cells.shape[1:], size
         up = (math.ceil(h / gh) * (gh + 1), math.ceil(w / gw) * (gw + 1))
         big = F.interpolate(cells[:, None], size=up, mode="bilinear", align_corners=False)[:, 0]
@@ -134,10 +156,13 @@ class RISE(Explainer):
         saliency = images.new_zeros(b, *grid)
         for idx in torch.arange(self.n * b, device=images.device).split(self.chunk):
             m, i = idx.div(b, rounding_mode="floor"), idx % b
-            pix = self.pixel_masks(cells[m], None if shifts is None else shifts[m], size)
-            prob = target_probability(bb, images[i] * pix + fill[i] * (1 - pix), t[i])
-            weight = cells[m] if shifts is None else F.adaptive_avg_pool2d(pix, grid)[:, 0]
-            saliency.index_add_(0, i, prob.view(-1, 1, 1) * weight)
+            if shifts is None:  # binary patch masks
+                x, weight = keep_patches(images, fill, i, cells[m]), cells[m]
+            else:
+                pix = self.pixel_masks(cells[m], shifts[m], size)
+                x = images[i] * pix + (fill if fill.shape[0] == 1 else fill[i]) * (1 - pix)
+                weight = F.adaptive_avg_pool2d(pix, grid)[:, 0]
+            saliency.index_add_(0, i, target_probability(bb, x, t[i]).view(-1, 1, 1) * weight)
         return saliency / (self.n * self.settings["p"])
 
 
@@ -187,6 +212,5 @@ class Occlusion(Explainer):
         drops = images.new_zeros(b, len(windows))
         for idx in torch.arange(len(windows) * b, device=images.device).split(self.chunk):
             w, i = idx.div(b, rounding_mode="floor"), idx % b
-            pix = grid_to_pixels(windows[w], size)
-            drops[i, w] = base[i] - target_probability(bb, images[i] * (1 - pix) + fill[i] * pix, t[i])
+            drops[i, w] = base[i] - target_probability(bb, keep_patches(images, fill, i, 1 - windows[w]), t[i])
         return torch.einsum("bp,phw->bhw", drops, windows) / windows.sum(0)

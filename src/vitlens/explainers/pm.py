@@ -23,6 +23,14 @@ def patch_probabilities(backbone: Backbone, trace: Trace) -> Tensor:
     return trace.to_grid(logits.sigmoid()).permute(0, 3, 1, 2)
 
 
+def pm_maps(backbone: Backbone, trace: Trace, target: Tensor) -> Tensor:
+    """The PM map of class ``target[b]`` for every image ``[B, gh, gw]``: the volume's slice, with the
+    sigmoid taken on the target's patch logits only."""
+    logits = backbone.token_logits(trace.patch_tokens)  # [B, N, C]
+    picked = logits.gather(2, target.view(-1, 1, 1).expand(-1, logits.shape[1], 1))[..., 0]
+    return trace.to_grid(picked.sigmoid())
+
+
 @register
 class PM(Explainer):
     name = "pm"
@@ -31,16 +39,16 @@ class PM(Explainer):
 
     @torch.no_grad()
     def explain(self, images: Tensor, target) -> Tensor:
-        return self.explain_and_predict(images, target)[0]
+        trace = self.backbone.run(images)
+        return pm_maps(self.backbone, trace, resolve_target(target, trace.logits))
 
     def explain_and_predict(self, images: Tensor, target=None) -> tuple[Tensor, Tensor]:
         """Map and logits from one forward pass."""
         images = self._check(images)
         with frozen_eval(self.backbone), torch.no_grad():
             trace = self.backbone.run(images)
-            t = resolve_target(target, trace.logits)
-            volume = patch_probabilities(self.backbone, trace)
-        return volume[torch.arange(len(t), device=t.device), t].float(), trace.logits
+            maps = pm_maps(self.backbone, trace, resolve_target(target, trace.logits))
+        return maps.float(), trace.logits
 
     def volume(self, images: Tensor) -> Tensor:
         """Every class's PM map at once: ``[B, C, gh, gw]`` probabilities."""

@@ -22,10 +22,11 @@ from ..backbones import Backbone, load_model
 from ..data import collate, open_dataset, parse_data_spec, resize
 from ..errors import VitlensError
 from ..explainers import EXPLAINERS, get_explainer
-from ..io import atomic_write_json
+from ..io import atomic_write_json, check_output_file
 from ..options import parse_value
 from ..training.distributed import all_reduce_sum, setup, teardown
 from .base import METRICS, Batch, get_metric
+from .gallery import gallery_payload, pick_indices
 
 TARGETS = ("label", "predicted")
 
@@ -108,39 +109,51 @@ def evaluate(
     device: str | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    gallery: int = 8,
 ) -> dict | None:
     """Score ``methods`` with ``metrics`` on ``data``; returns the summary on the main process, ``None`` on
     the others.
 
     Summary: ``{"model", "data", "n", "accuracy", "results": {method: {key: value}}, "seconds":
     {method: s}, "used": {metric: samples}}`` (values in [0, 1]; ``None`` where a metric had no sample).
-    ``out`` writes the summary plus ``per_image`` values, ``curves`` and the ``settings`` as JSON
-    (atomically). ``options`` maps a method or metric name to its options.
+    ``out`` writes the summary plus ``per_image`` values, ``curves``, the ``settings``, the run's
+    ``classes``, ``versions`` and ``cost`` (seconds per image of each method's maps and their ratio to
+    the plain forward pass of the same batches) and a ``gallery`` of ``gallery`` evaluated images with
+    every method's maps, as JSON (atomically): everything ``vitlens report`` needs. ``options`` maps a
+    method or metric name to its options.
     """
     if target not in TARGETS:
         raise VitlensError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise VitlensError("batch size and limit must be at least 1")
+    if out is not None:
+        check_output_file(out, "output file")
+    if gallery < 0:
+        raise VitlensError(f"gallery must be 0 or more images, got {gallery}")
     joined = dist.is_initialized()
     d = setup(device)
     try:
-        return _evaluate(model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress)
+        return _evaluate(
+            model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress, gallery
+        )
     finally:
         if not joined:
             teardown()
 
 
-def _evaluate(model, methods, metrics, data, limit, batch_size, target, options, d, out, progress) -> dict | None:
+def _evaluate(model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery):
     backbone = load_model(model).to(d.device)
     was_training = backbone.training
     backbone.eval()
     try:
-        return _run(backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress)
+        return _run(
+            backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery
+        )
     finally:
         backbone.train(was_training)
 
 
-def _run(backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress) -> dict | None:
+def _run(backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery):
     size = backbone.preprocessing.input_size
     spec = parse_data_spec(data) if isinstance(data, str) else data
     dataset = open_dataset(spec, size=size)
@@ -161,17 +174,26 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
         torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_batch
     )
     seconds = dict.fromkeys(method_list, 0.0)
+    explain_seconds = dict.fromkeys(["forward", *method_list], 0.0)  # the maps alone, and the plain forward
+    timed = 0  # images in those times: the first batch (lazy initialisation) is left out when there are more
     counts = torch.zeros(2, dtype=torch.float64)
+    skipped: list[dict] = []  # samples that could not be read (folder data): left out, reported
     from tqdm import tqdm
 
     bar = tqdm(total=len(indices), desc="evaluate", unit="img", file=sys.stderr, disable=not (progress and d.main))
-    for raw in loader:
+    for step, raw in enumerate(loader):
+        skipped.extend(raw["errors"])
         if "image" not in raw:
             continue
         b = fit_to(raw, size)
         images = b["image"].to(d.device)
+        clock = step > 0 or len(loader) == 1
+        start = time.perf_counter()
         with torch.no_grad():
             logits = backbone(images)
+        if clock:
+            explain_seconds["forward"] += time.perf_counter() - start
+            timed += len(images)
         labels = b["label"]
         counts += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)], dtype=torch.float64)
         targets = labels if target == "label" else logits.argmax(1).cpu()
@@ -181,6 +203,8 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
         for m, explainer in explainers.items():
             start = time.perf_counter()
             maps = explainer(images, targets.to(d.device))
+            if clock:
+                explain_seconds[m] += time.perf_counter() - start
             batch = Batch(
                 images=images, labels=labels, targets=targets, index=b["index"], boxes=b["boxes"], masks=b["mask"],
                 has_mask=b["has_mask"], logits=logits, model=backbone, explainer=explainer, extra=extra,
@@ -193,9 +217,15 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
     bar.close()
 
     correct, total = all_reduce_sum(counts.to(d.device)).cpu().tolist()
+    if dist.is_initialized():
+        parts: list = [None] * d.world
+        dist.all_gather_object(parts, skipped)
+        skipped = sorted((s for part in parts for s in part), key=lambda s: s["index"])
     elapsed = torch.tensor([seconds[m] for m in method_list], dtype=torch.float64, device=d.device)
+    explain_elapsed = torch.tensor([*explain_seconds.values(), timed], dtype=torch.float64, device=d.device)
     if dist.is_initialized():
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        dist.all_reduce(explain_elapsed)
     for per_method in scores.values():
         for metric in per_method.values():
             metric.finish()
@@ -210,16 +240,39 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
         "results": {m: {k: v for metric in scores[m].values() for k, v in metric.result().items()} for m in scores},
         "seconds": {m: round(s, 3) for m, s in zip(method_list, elapsed.cpu().tolist(), strict=True)},
         "used": {k: first[k].used for k in metric_list},
+        "skipped": skipped,
     }
     if out is not None:
+        shown = collate_batch([dataset[i] for i in pick_indices(dataset, gallery, n)]) if gallery else {}
+        pictures = gallery_payload(backbone, explainers, fit_to(shown, size), target) if "image" in shown else None
+        seconds_each = (explain_elapsed[:-1] / explain_elapsed[-1].clamp(min=1)).cpu().tolist()
+        per_image = dict(zip(explain_seconds, seconds_each, strict=True))
         atomic_write_json(
             out,
             {
                 **summary,
+                "format": "vitlens-results",
+                "classes": list(backbone.classes),
+                "versions": versions(),
+                "device": device_name(d.device),
+                "threads": torch.get_num_threads(),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "cost": {
+                    "forward_seconds_per_image": per_image["forward"],
+                    "methods": {
+                        m: {
+                            "seconds_per_image": per_image[m],
+                            "ratio_to_forward": per_image[m] / per_image["forward"] if per_image["forward"] else None,
+                        }
+                        for m in method_list
+                    },
+                },
+                "gallery": pictures,
                 "settings": {
                     "target": target,
                     "batch_size": batch_size,
                     "limit": limit,
+                    "gallery": gallery,
                     "world_size": d.world,
                     "methods": {m: explainers[m].settings for m in method_list},
                     "metrics": {k: first[k].settings for k in metric_list},
@@ -229,6 +282,23 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
             },
         )
     return summary
+
+
+def versions() -> dict[str, str]:
+    """The versions of Python and of the libraries a result depends on."""
+    import contextlib
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("vitlens", "torch", "timm", "transformers", "torchvision"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
 def format_table(summary: dict) -> str:

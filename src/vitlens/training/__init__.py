@@ -101,6 +101,7 @@ def train_classifier(
         if backbone.spec is None:
             raise VitlensError("--init needs a model loaded from a URI or a vitlens checkpoint")
     else:
+        torch.manual_seed(cfg.seed)  # the initial weights follow --seed too (same run, same weights)
         backbone = build_classifier(arch, spec, open_dataset(spec))
     dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     held_out = _held_out(spec, eval_data)

@@ -122,6 +122,7 @@ def train_bcos(
         dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     else:
         dataset = open_dataset(spec)
+        torch.manual_seed(cfg.seed)  # the initial weights follow --seed too (same run, same weights)
         backbone = build_bcos(arch, spec, dataset)
         if spec.name == "folder":
             dataset = open_dataset(spec, size=backbone.preprocessing.input_size)

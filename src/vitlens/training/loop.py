@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import STATE, save_checkpoint
+from ..checkpoint import STATE, recover, save_checkpoint
 from ..data import collate
 from ..errors import VitlensError
 from . import distributed
@@ -135,6 +135,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def check_resumable(out: str | Path) -> None:
+    recover(out)  # a kill between the two renames of a checkpoint swap left the last checkpoint aside
     if not (Path(out) / STATE).is_file():
         raise VitlensError(f"--resume: no training checkpoint in {out} (missing {STATE})")
 
@@ -151,6 +152,7 @@ def train(
 ) -> dict:
     """Run the loop; returns the final summary (also stored in the checkpoint's ``training``)."""
     out = Path(out)
+    recover(out)
     d = distributed.setup(cfg.device)
     total = cfg.total_steps(len(dataset), d.world)
     start, state = 0, None

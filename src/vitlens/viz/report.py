@@ -1,0 +1,540 @@
+"""``vitlens report``: one self-contained HTML page from ``vitlens evaluate --out`` files.
+
+Pictures are inline PNG data URIs and the style sheet is inline, so the page needs no network to view.
+Several results files (several models, or the same model scored on different numbers of images) merge
+into one page: a column per (model, method), each metric with the number of images it used.
+
+Sections: what was run; the gallery (rows of images, columns of methods, ground-truth boxes and the
+WSOL boxes at MaxBoxAcc's best threshold); what each map means; the B-cos colour explanations; the
+metric table (best value per column marked); insertion / deletion and perturbation curves; the cost of
+each method as a ratio to one forward pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..backbones import upsample
+from ..errors import VitlensError
+from ..io import atomic_write_text
+from ..metrics import METRICS, boxes_from_map
+from ..metrics.localisation import normalize_maps
+from .overlay import BACKGROUND, GT_COLOUR, PRED_COLOUR, font, on_background, overlay, plain, scale_for
+
+CELL = 128  # pixels of a gallery picture's longer side (64 px inputs at twice their size)
+CMAP = "inferno"
+PALETTE = ("#4c9be8", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7", "#9c755f")
+
+# What the map of each method means, in one sentence (the seed methods first).
+MEANINGS = {
+    "pm": "Probability (absolute, 0–1) that the patch is evidence for the class: the model's own classifier "
+    "applied to the patch token, through a sigmoid (Kang, Heo, Choe 2025).",
+    "bcos": "Linear contribution of the patch's pixels to the class logit: a B-cos network computes W(x)·x, so "
+    "the contributions plus the fixed bias terms add up to the logit (Böhle et al. 2024).",
+    "diffmask": "Probability that the patch is kept: the product over layers of the chance that its gate stays "
+    "open; the closed patches can be removed without changing the prediction (Nalmpantis et al. 2023).",
+    "attention": "Attention of the class token to the patch in the last block, heads averaged (relative).",
+    "rollout": "Attention flow from the patch to the class token through all blocks, the residual path "
+    "included (Abnar & Zuidema 2020; relative).",
+    "gae": "Gradient-weighted attention, positive part, rolled out through the blocks (Chefer et al. 2021b; "
+    "relative relevance).",
+    "chefer": "LRP relevance times attention gradients, rolled out (Chefer et al. 2021a; relative relevance).",
+    "gradcam": "Token activations weighted by the class gradient, positive part (Selvaraju et al. 2017; relative).",
+    "inputxgrad": "Input times gradient of the class score, summed over each patch (relative, signed).",
+    "ig": "Integrated gradients from a baseline image, summed over each patch (Sundararajan et al. 2017).",
+    "smoothgrad": "Gradient magnitude averaged over noisy copies of the image (Smilkov et al. 2017; relative).",
+    "rise": "Class probability averaged over random patch masks that keep the patch (Petsiuk et al. 2018).",
+    "occlusion": "Drop of the class probability when the patch is occluded (Zeiler & Fergus 2014).",
+    "flow": "Maximum attention flow from the patch to the class token (Abnar & Zuidema 2020; relative).",
+}
+# The perturbation curves and the value each one tracks.
+CURVES = {
+    "deletion": ("probability", "patches removed, most relevant first"),
+    "insertion": ("probability", "patches revealed, most relevant first"),
+    "positive-perturbation": ("accuracy", "patches removed, most relevant first"),
+    "negative-perturbation": ("accuracy", "patches removed, least relevant first"),
+}
+
+STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d1d22;
+background:#f6f6f8}
+main{max-width:1280px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:36px 0 10px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.sub{color:#666;margin:0 0 12px}
+table{border-collapse:collapse;background:#fff;font-size:14px}
+th,td{border:1px solid #e2e2e6;padding:4px 8px;text-align:right;vertical-align:top}
+th{background:#efeff3;font-weight:600}
+td.l,th.l{text-align:left}
+td.best{font-weight:700;background:#e4f4e4}
+td.best::after{content:" ★";color:#2f8a3a}
+.gallery{background:#18181c;color:#eee;border-collapse:separate;border-spacing:4px}
+.gallery td,.gallery th{border:0;background:none;text-align:center;padding:2px;vertical-align:top}
+.gallery th{font-size:13px}.gallery .model{display:block;color:#aaa;font-weight:400;font-size:11px}
+.gallery img{display:block;width:{cell}px;height:auto;image-rendering:auto}
+.gallery .lab{font-size:12px;color:#ccc;max-width:{cell}px;margin:2px auto 0}
+.legend{display:flex;gap:22px;align-items:center;flex-wrap:wrap;font-size:13px;margin:8px 0}
+.bar{display:inline-block;width:180px;height:12px;border-radius:2px;vertical-align:middle;margin:0 6px}
+.box{display:inline-block;width:14px;height:10px;border:2px solid;vertical-align:middle;margin-right:4px}
+.cost{display:inline-block;height:10px;background:#4c9be8;border-radius:2px;vertical-align:middle}
+.note{color:#666;font-size:13px}
+dl{background:#fff;padding:10px 16px;border:1px solid #e2e2e6}dt{font-weight:700}dd{margin:0 0 8px 0}
+.pair{display:inline-block;margin:4px;text-align:center;font-size:12px;color:#ccc}
+.pairs{background:#18181c;padding:8px}
+.pairs img{width:{cell}px;display:inline-block}
+"""
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """A ``vitlens evaluate --out`` file, checked to have what the report needs."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise VitlensError(f"results file {os.fspath(path)!r} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VitlensError(f"cannot read results file {os.fspath(path)!r}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or "model" not in data:
+        raise VitlensError(f"{os.fspath(path)!r} is not a `vitlens evaluate --out` results file")
+    return data
+
+
+# --- merging results files into columns -------------------------------------------------------------
+
+
+def short(model: str) -> str:
+    """A checkpoint path's last part, a URI (``timm:…``, ``hf:org/name``) as it is."""
+    if ":" in model.split("/")[0]:
+        return model
+    return Path(model).name or model
+
+
+@dataclass
+class Column:
+    """One (model, method) of the report, merged over every results file that scored it."""
+
+    method: str
+    model: str
+    label: str = ""
+    results: dict = field(default_factory=dict)
+    used: dict = field(default_factory=dict)  # metric → images (or cells) it used
+    curves: dict = field(default_factory=dict)
+    cost: dict | None = None
+    cost_n: int = 0
+    run: dict | None = None  # the results file whose gallery the column shows
+
+
+def columns_of(runs: list[dict]) -> list[Column]:
+    cols: dict[tuple[str, str], Column] = {}
+    for run in runs:
+        for method, values in run["results"].items():
+            col = cols.setdefault((run["model"], method), Column(method, run["model"]))
+            col.results.update(values)
+            col.used.update(run.get("used", {}))
+            col.curves.update((run.get("curves") or {}).get(method, {}))
+            cost = (run.get("cost") or {}).get("methods", {}).get(method)
+            if cost is not None and run["n"] > col.cost_n:
+                col.cost, col.cost_n = cost, run["n"]
+            if col.run is None and method in ((run.get("gallery") or {}).get("maps") or {}):
+                col.run = run
+    models = {}
+    for model, method in cols:
+        models.setdefault(method, set()).add(model)
+    for (model, method), col in cols.items():
+        col.label = method if len(models[method]) == 1 else f"{method} · {short(model)}"
+    return list(cols.values())
+
+
+# --- pictures -----------------------------------------------------------------------------------------
+
+
+def data_uri(picture: Image.Image) -> str:
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGBA")
+
+
+def image_tensor(b64: str) -> torch.Tensor:
+    return torch.from_numpy(np.array(decode_png(b64).convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def wsol_box(heat: torch.Tensor, size: tuple[int, int], threshold: float) -> list[list[int]]:
+    """The box MaxBoxAcc scores: the largest component of the min-max normalised map at ``threshold``."""
+    pixels = normalize_maps(upsample(heat[None].float(), size))[0]
+    return boxes_from_map(pixels, threshold)[:1].tolist()
+
+
+def best_threshold(col: Column) -> float | None:
+    best = col.curves.get("maxboxacc", {}).get("best_threshold")
+    return float(best[0]) if best else None
+
+
+@dataclass
+class GalleryRow:
+    key: tuple[str, int]  # (data, index)
+    image: torch.Tensor
+    label: int
+    boxes: list
+    classes: list
+    predictions: dict = field(default_factory=dict)  # model → (class, probability)
+    cells: dict = field(default_factory=dict)  # column label → picture
+    colour: dict = field(default_factory=dict)  # column label → B-cos colour picture
+
+
+def gallery_rows(cols: list[Column]) -> list[GalleryRow]:
+    """Every gallery image of the results, with each column's overlay (and colour explanation)."""
+    rows: dict[tuple[str, int], GalleryRow] = {}
+    for col in cols:
+        if col.run is None:
+            continue
+        g, classes = col.run["gallery"], col.run.get("classes") or []
+        thr = best_threshold(col)
+        for i, index in enumerate(g["index"]):
+            key = (col.run["data"], index)
+            if key not in rows:
+                rows[key] = GalleryRow(key, image_tensor(g["image"][i]), g["label"][i], g["boxes"][i], classes)
+            row = rows[key]
+            row.predictions[short(col.model)] = (g["predicted"][i], g["probability"][i])
+            heat = torch.tensor(g["maps"][col.method][i])
+            size = tuple(row.image.shape[-2:])
+            pred = wsol_box(heat, size, thr) if thr is not None else []
+            row.cells[col.label] = overlay(
+                row.image, heat, boxes=row.boxes, pred_boxes=pred, size=CELL, cmap=CMAP, scale=scale_for(col.method)
+            )
+            colour = (g.get("pictures") or {}).get(col.method, {}).get("bcos-colour")
+            if colour:
+                row.colour[col.label] = on_background(decode_png(colour[i]).resize(row.cells[col.label].size))
+    return list(rows.values())
+
+
+def class_name(classes: list, k: int) -> str:
+    return str(classes[k]) if 0 <= k < len(classes) else str(k)
+
+
+def gallery_sheet(cols: list[Column], rows: list[GalleryRow]) -> Image.Image:
+    """The gallery as one picture (for a README): a header row of method names, a row per image."""
+    labels = [c.label for c in cols if c.run is not None]
+    head, side = 26, 4
+    width = side + (len(labels) + 1) * (CELL + side)
+    sheet = Image.new("RGB", (width, head + len(rows) * (CELL + side) + side), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    f = font(14)
+    for j, text in enumerate(["image", *labels]):
+        draw.text(
+            (side + j * (CELL + side) + CELL // 2, head // 2 + 2), text, fill=(235, 235, 235), font=f, anchor="mm"
+        )
+    for i, row in enumerate(rows):
+        y = head + i * (CELL + side)
+        pics = [plain(row.image, boxes=row.boxes, size=CELL), *(row.cells.get(label) for label in labels)]
+        for j, pic in enumerate(pics):
+            if pic is not None:
+                sheet.paste(pic, (side + j * (CELL + side), y))
+        name = class_name(row.classes, row.label)
+        draw.text((side + 4, y + CELL - 4), name, fill=(255, 255, 255), font=font(13), anchor="ld", stroke_width=2,
+                  stroke_fill=(0, 0, 0))  # fmt: skip
+    return sheet
+
+
+def figure_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def curves_figure(cols: list[Column]) -> str | None:
+    """Mean perturbation curves (and, when scored, box accuracy over thresholds and the sanity check's
+    rank correlation per randomised level) as one PNG data URI; ``None`` when there are none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in (*CURVES, "maxboxacc", "sanity") if any(col.curves.get(k) for col in cols)]
+    if not panels:
+        return None
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.3 * nrows), squeeze=False)
+    colour = {col.label: PALETTE[i % len(PALETTE)] for i, col in enumerate(cols)}
+    for ax, key in zip(axes.flat, panels, strict=False):
+        arrow = "↑" if METRICS[key].higher_is_better else "↓"
+        for col in cols:
+            c = col.curves.get(key)
+            if not c:
+                continue
+            value = col.results.get(key)  # the area under the curve, or the best point
+            name = f"{col.label} ({value:.3f})" if isinstance(value, float) else col.label
+            if key in CURVES:
+                quantity, xlabel = CURVES[key]
+                x, y, ylabel = c["fraction"], c[quantity], f"{quantity} of the class"
+            elif key == "maxboxacc":
+                x, y, xlabel, ylabel = c["threshold"], c["accuracy"][0], "threshold τ", "box accuracy (IoU ≥ 0.5)"
+            else:
+                x, y, xlabel, ylabel = range(len(c["levels"])), c["spearman"], "randomised from the top", "rank corr."
+                ax.set_xticks(list(x), c["levels"], rotation=45, fontsize=7)
+            ax.plot(x, y, color=colour[col.label], lw=1.8, label=name)
+        ax.set_title(f"{key} {arrow}", fontsize=11)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return figure_uri(fig)
+
+
+# --- HTML -------------------------------------------------------------------------------------------
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def fmt(v) -> str:
+    return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else esc(v)
+
+
+def colour_bar() -> str:
+    from matplotlib import colormaps
+
+    stops = ", ".join(
+        "#{:02x}{:02x}{:02x}".format(*(round(255 * c) for c in colormaps[CMAP](t)[:3])) for t in np.linspace(0, 1, 9)
+    )
+    return f'<span class="bar" style="background:linear-gradient(to right,{stops})"></span>'
+
+
+def section_run(runs: list[dict]) -> str:
+    rows = []
+    for r in runs:
+        s = r.get("settings") or {}
+        metrics = ", ".join(f"{k} ({n})" for k, n in r.get("used", {}).items())
+        rows.append(
+            f"<tr><td class=l>{esc(r['model'])}</td><td class=l>{esc(r['data'])}</td><td>{r['n']}</td>"
+            f"<td>{fmt(r.get('accuracy'))}</td><td class=l>{esc(s.get('target', '—'))}</td>"
+            f"<td class=l>{esc(', '.join(r['results']))}</td><td class=l>{esc(metrics)}</td>"
+            f"<td class=l>{esc(r.get('device', '—'))}, {esc(r.get('threads', '?'))} threads</td>"
+            f"<td class=l>{esc(r.get('date', '—'))}</td></tr>"
+        )
+    versions = sorted({", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items()) for r in runs} - {""})
+    return (
+        '<section id="run"><h2>What was run</h2><table><tr><th class=l>model</th><th class=l>data</th><th>n</th>'
+        "<th>accuracy</th><th class=l>explained class</th><th class=l>methods</th><th class=l>metrics (images used)"
+        "</th><th class=l>device</th><th class=l>date</th></tr>" + "".join(rows) + "</table>"
+        + "".join(f'<p class="note">versions: {esc(v)}</p>' for v in versions)
+        + "</section>"
+    )  # fmt: skip
+
+
+def section_gallery(cols: list[Column], rows: list[GalleryRow]) -> str:
+    shown = [c for c in cols if c.run is not None]
+    if not rows:
+        return (
+            '<section id="gallery"><h2>Gallery</h2><p class="note">These results carry no gallery (run '
+            "<code>vitlens evaluate --out FILE</code> with <code>--gallery N</code>, N &gt; 0).</p></section>"
+        )
+    thresholds = ", ".join(f"{c.label} τ={best_threshold(c):.2f}" for c in shown if best_threshold(c) is not None)
+    head = "".join(f'<th>{esc(c.method)}<span class="model">{esc(short(c.model))}</span></th>' for c in shown)
+    body = []
+    for row in rows:
+        preds = "<br>".join(
+            f"{esc(m)}: {esc(class_name(row.classes, k))} {p:.2f}{' ✓' if k == row.label else ' ✗'}"
+            for m, (k, p) in row.predictions.items()
+        )
+        first = (
+            f'<td><img alt="image {row.key[1]}" src="{data_uri(plain(row.image, boxes=row.boxes, size=CELL))}">'
+            f'<div class="lab"><b>{esc(class_name(row.classes, row.label))}</b> · #{row.key[1]}<br>{preds}</div></td>'
+        )
+        cells = "".join(
+            f'<td><img alt="{esc(c.label)}" src="{data_uri(row.cells[c.label])}"></td>' if c.label in row.cells
+            else "<td>—</td>"
+            for c in shown
+        )  # fmt: skip
+        body.append(f"<tr>{first}{cells}</tr>")
+    legend = (
+        f'<div class="legend"><span>map: low{colour_bar()}high</span>'
+        f'<span><span class="box" style="border-color:rgb{GT_COLOUR}"></span>ground-truth box</span>'
+        f'<span><span class="box" style="border-color:rgb{PRED_COLOUR}"></span>WSOL box (largest component of the '
+        f"map at MaxBoxAcc's best threshold over the data set{': ' + esc(thresholds) if thresholds else ''})</span>"
+        "</div>"
+    )
+    note = (
+        '<p class="note">Each map explains the class the evaluation explained (its <i>explained class</i>). '
+        "PM and DiffMask maps are probabilities shown on their absolute scale (0 → 1); B-cos maps show the "
+        "positive contributions relative to the largest; the other maps are min-max normalised per image.</p>"
+    )
+    return (
+        f'<section id="gallery"><h2>Gallery</h2>{legend}{note}<div style="overflow-x:auto"><table class="gallery">'
+        f"<tr><th>image</th>{head}</tr>" + "".join(body) + "</table></div></section>"
+    )
+
+
+def section_meanings(cols: list[Column]) -> str:
+    items = []
+    for method in dict.fromkeys(c.method for c in cols):
+        text = MEANINGS.get(method)
+        if text is None:
+            from ..explainers import EXPLAINERS
+
+            text = (
+                f"Relative relevance ({EXPLAINERS[method].paper})." if method in EXPLAINERS else "Relative relevance."
+            )
+        items.append(f"<dt>{esc(method)}</dt><dd>{esc(text)}</dd>")
+    return '<section id="meanings"><h2>What each map means</h2><dl>' + "".join(items) + "</dl></section>"
+
+
+def section_bcos(cols: list[Column], rows: list[GalleryRow]) -> str:
+    labels = [c.label for c in cols if any(c.label in r.colour for r in rows)]
+    if not labels:
+        return (
+            '<section id="bcos"><h2>B-cos colour explanations</h2><p class="note">No B-cos model among these '
+            "results: train one with <code>vitlens train bcos</code> and evaluate it with the method "
+            "<code>bcos</code>.</p></section>"
+        )
+    pairs = []
+    for row in rows:
+        for label in labels:
+            if label in row.colour:
+                pairs.append(
+                    f'<span class="pair"><img alt="image" src="{data_uri(plain(row.image, size=CELL))}">'
+                    f'<img alt="B-cos colour explanation" src="{data_uri(row.colour[label])}"><br>'
+                    f"{esc(class_name(row.classes, row.label))} · {esc(label)}</span>"
+                )
+    return (
+        '<section id="bcos"><h2>B-cos colour explanations</h2><p class="note">Per pixel, the colour the '
+        "dynamic linear weights W(x) align with (the angle of their six input channels r, g, b, 1−r, 1−g, "
+        "1−b), shown where the contribution W(x)·x to the class logit is positive, with opacity from the "
+        'weights\' norm (Böhle et al. 2024).</p><div class="pairs">' + "".join(pairs) + "</div></section>"
+    )
+
+
+def metric_keys(cols: list[Column]) -> list[str]:
+    return list(dict.fromkeys(k for c in cols for k in c.results))
+
+
+def best_values(cols: list[Column], key: str) -> set[str]:
+    """Labels of the columns holding the best value of ``key`` (ties all marked)."""
+    values = {c.label: c.results.get(key) for c in cols if isinstance(c.results.get(key), int | float)}
+    if len(values) < 2:
+        return set()
+    base = key.split("/")[0]
+    higher = METRICS[base].higher_is_better if base in METRICS else True
+    best = max(values.values()) if higher else min(values.values())
+    return {label for label, v in values.items() if np.isclose(v, best, rtol=0, atol=1e-12)}
+
+
+def metric_table(cols: list[Column], keys: list[str]) -> str:
+    def head(key: str) -> str:
+        base = key.split("/")[0]
+        arrow = (" ↑" if METRICS[base].higher_is_better else " ↓") if base in METRICS else ""
+        ns = sorted({c.used[base] for c in cols if base in c.used and key in c.results})
+        n = "" if not ns else f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
+        return f'<th>{esc(key)}{arrow}<span class="note" style="display:block;font-weight:400">{n}</span></th>'
+
+    best = {k: best_values(cols, k) for k in keys}
+    rows = []
+    for c in cols:
+        cells = "".join(f"<td{' class=best' if c.label in best[k] else ''}>{fmt(c.results.get(k))}</td>" for k in keys)
+        rows.append(
+            f"<tr><td class=l><b>{esc(c.method)}</b> <span class=note>{esc(short(c.model))}</span></td>{cells}</tr>"
+        )
+    return "<table><tr><th class=l>method</th>" + "".join(head(k) for k in keys) + "</tr>" + "".join(rows) + "</table>"
+
+
+def section_metrics(cols: list[Column]) -> str:
+    keys = metric_keys(cols)
+    main = [k for k in keys if "/" not in k]
+    detail = [k for k in keys if "/" in k]
+    out = (
+        '<section id="metrics"><h2>Metrics</h2><p class="note">↑ higher is better, ↓ lower is better; ★ the best '
+        "value of each column; n = the images (grid cells for the grid pointing game) each metric used. "
+        "Values are fractions in [0, 1].</p>" + metric_table(cols, main)
+    )
+    if detail:
+        out += "<details><summary>all values</summary>" + metric_table(cols, keys) + "</details>"
+    return out + "</section>"
+
+
+def section_curves(cols: list[Column]) -> str:
+    uri = curves_figure(cols)
+    body = (
+        f'<img alt="curves" style="max-width:100%" src="{uri}"><p class="note">Mean curves over the images each '
+        "metric used; legend values are the areas under the curves (the metric's value).</p>"
+        if uri
+        else '<p class="note">No curves in these results (the perturbation metrics were not run).</p>'
+    )
+    return f'<section id="curves"><h2>Curves</h2>{body}</section>'
+
+
+def section_cost(cols: list[Column], runs: list[dict]) -> str:
+    costed = [c for c in cols if c.cost and c.cost.get("ratio_to_forward") is not None]
+    if not costed:
+        return '<section id="cost"><h2>Cost</h2><p class="note">No cost in these results.</p></section>'
+    top = max(c.cost["ratio_to_forward"] for c in costed)
+    rows = "".join(
+        f"<tr><td class=l><b>{esc(c.method)}</b> <span class=note>{esc(short(c.model))}</span></td>"
+        f"<td>{c.cost['seconds_per_image'] * 1000:.2f}</td><td>{c.cost['ratio_to_forward']:.2f}×</td>"
+        f'<td class=l><span class="cost" style="width:{max(2, round(240 * c.cost["ratio_to_forward"] / top))}px">'
+        "</span></td></tr>"
+        for c in costed
+    )
+    devices = ", ".join(sorted({f"{r.get('device', '?')} ({r.get('threads', '?')} threads)" for r in runs}))
+    return (
+        '<section id="cost"><h2>Cost</h2><table><tr><th class=l>method</th><th>ms / image</th>'
+        f'<th>× one forward</th><th class=l></th></tr>{rows}</table><p class="note">Time to compute the maps, '
+        "measured inside <code>vitlens evaluate</code> over the evaluated batches (the first one, a warm-up, left out "
+        "when there are more), as a ratio to one plain "
+        f"forward pass of the same batches ({esc(devices)}). Compare ratios, not absolute times.</p></section>"
+    )
+
+
+def build_report(runs: list[dict], title: str = "vitlens report") -> tuple[str, Image.Image | None]:
+    """(the HTML page, the gallery as one picture or ``None``) for a list of loaded results files."""
+    if not runs:
+        raise VitlensError("no results to report")
+    cols = columns_of(runs)
+    rows = gallery_rows(cols)
+    models = ", ".join(dict.fromkeys(short(r["model"]) for r in runs))
+    data = ", ".join(dict.fromkeys(r["data"] for r in runs))
+    style = STYLE.replace("{cell}", str(CELL))
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{style}</style></head><body><main>'
+        f'<h1>{esc(title)}</h1><p class="sub">{esc(models)} on {esc(data)}</p>'
+        + section_run(runs)
+        + section_gallery(cols, rows)
+        + section_meanings(cols)
+        + section_bcos(cols, rows)
+        + section_metrics(cols)
+        + section_curves(cols)
+        + section_cost(cols, runs)
+        + "</main></body></html>\n"
+    )
+    return page, gallery_sheet(cols, rows) if rows else None
+
+
+def write_report(
+    results: list[str | os.PathLike], out: str | os.PathLike = "report.html", title: str = "vitlens report"
+) -> Path:
+    """Read ``vitlens evaluate --out`` files and write the self-contained report to ``out`` (atomically)."""
+    if Path(out).is_dir():
+        raise VitlensError(f"report output {os.fspath(out)} is a directory (give the HTML file to write)")
+    page, _ = build_report([load_results(p) for p in results], title)
+    return atomic_write_text(out, page)
