@@ -118,7 +118,7 @@ def table_values(page: str) -> dict[str, dict[str, str]]:
     table = page.split('<section id="metrics">')[1].split("<details>")[0]
     header = re.findall(r"<th>([a-z0-9-]+)", table)
     out = {}
-    for row in re.findall(r"<tr><td class=l>(.*?)</tr>", table):
+    for row in re.findall(r"<tr><td class='l m'>(.*?)</tr>", table):
         method = re.search(r"<b>([a-z]+)</b>", row).group(1)
         out[method] = dict(zip(header, re.findall(r"<td(?: class=best)?>([^<]*)</td>", row), strict=True))
     return out

@@ -103,7 +103,7 @@ def test_metric_table_equals_the_results_and_marks_the_best(results):
     header = re.findall(r"<th>([a-z0-9-]+)", table)
     rows = {
         re.search(r"<b>([a-z]+)</b>", r).group(1): re.findall(r"<td( class=best)?>([^<]*)</td>", r)
-        for r in re.findall(r"<tr><td class=l>(.*?)</tr>", table)
+        for r in re.findall(r"<tr><td class='l m'>(.*?)</tr>", table)
     }
     assert set(rows) == {"rollout", "attention", "diffmask"}
     by_method = {m: v for run in runs for m, v in run["results"].items()}

@@ -75,13 +75,17 @@ table{border-collapse:collapse;background:#fff;font-size:14px}
 th,td{border:1px solid #e2e2e6;padding:4px 8px;text-align:right;vertical-align:top}
 th{background:#efeff3;font-weight:600}
 td.l,th.l{text-align:left}
-td.best{font-weight:700;background:#e4f4e4}
+td.best{font-weight:700;background:#e4f4e4;white-space:nowrap}
+.scroll{overflow-x:auto}.metrics th{font-size:12px;padding:4px 5px}.metrics td{padding:4px 6px}
 td.best::after{content:" ★";color:#2f8a3a}
 .gallery{background:#18181c;color:#eee;border-collapse:separate;border-spacing:4px}
 .gallery td,.gallery th{border:0;background:none;text-align:center;padding:2px;vertical-align:top}
 .gallery th{font-size:13px}.gallery .model{display:block;color:#aaa;font-weight:400;font-size:11px}
 .gallery img{display:block;width:{cell}px;height:auto;image-rendering:auto}
-.gallery .lab{font-size:12px;color:#ccc;max-width:{cell}px;margin:2px auto 0}
+.gallery td.first{min-width:200px}
+.gallery .lab{font-size:11px;line-height:1.35;color:#ccc;white-space:nowrap;margin:3px auto 0}
+.gallery .lab b{font-size:13px;color:#fff}
+td.m{white-space:nowrap}
 .legend{display:flex;gap:22px;align-items:center;flex-wrap:wrap;font-size:13px;margin:8px 0}
 .bar{display:inline-block;width:180px;height:12px;border-radius:2px;vertical-align:middle;margin:0 6px}
 .box{display:inline-block;width:14px;height:10px;border:2px solid;vertical-align:middle;margin-right:4px}
@@ -282,7 +286,8 @@ def curves_figure(cols: list[Column]) -> str | None:
             name = f"{col.label} ({value:.3f})" if isinstance(value, float) else col.label
             if key in CURVES:
                 quantity, xlabel = CURVES[key]
-                x, y, ylabel = c["fraction"], c[quantity], f"{quantity} of the class"
+                ylabel = "probability of the class" if quantity == "probability" else "top-1 accuracy"
+                x, y = c["fraction"], c[quantity]
             elif key == "maxboxacc":
                 x, y, xlabel, ylabel = c["threshold"], c["accuracy"][0], "threshold τ", "box accuracy (IoU ≥ 0.5)"
             else:
@@ -355,12 +360,14 @@ def section_gallery(cols: list[Column], rows: list[GalleryRow]) -> str:
     body = []
     for row in rows:
         preds = "<br>".join(
-            f"{esc(m)}: {esc(class_name(row.classes, k))} {p:.2f}{' ✓' if k == row.label else ' ✗'}"
+            f"{esc(m) if len(row.predictions) > 1 else 'predicted'}: {esc(class_name(row.classes, k))} {p:.2f}"
+            f"{' ✓' if k == row.label else ' ✗'}"
             for m, (k, p) in row.predictions.items()
         )
         first = (
-            f'<td><img alt="image {row.key[1]}" src="{data_uri(plain(row.image, boxes=row.boxes, size=CELL))}">'
-            f'<div class="lab"><b>{esc(class_name(row.classes, row.label))}</b> · #{row.key[1]}<br>{preds}</div></td>'
+            f'<td class="first"><img alt="image {row.key[1]}" style="margin:0 auto" '
+            f'src="{data_uri(plain(row.image, boxes=row.boxes, size=CELL))}"><div class="lab">'
+            f"<b>{esc(class_name(row.classes, row.label))}</b> · #{row.key[1]}<br>{preds}</div></td>"
         )
         cells = "".join(
             f'<td><img alt="{esc(c.label)}" src="{data_uri(row.cells[c.label])}"></td>' if c.label in row.cells
@@ -452,10 +459,11 @@ def metric_table(cols: list[Column], keys: list[str]) -> str:
     rows = []
     for c in cols:
         cells = "".join(f"<td{' class=best' if c.label in best[k] else ''}>{fmt(c.results.get(k))}</td>" for k in keys)
-        rows.append(
-            f"<tr><td class=l><b>{esc(c.method)}</b> <span class=note>{esc(short(c.model))}</span></td>{cells}</tr>"
-        )
-    return "<table><tr><th class=l>method</th>" + "".join(head(k) for k in keys) + "</tr>" + "".join(rows) + "</table>"
+        name = f"<b>{esc(c.method)}</b><br><span class=note>{esc(short(c.model))}</span>"
+        rows.append(f"<tr><td class='l m'>{name}</td>{cells}</tr>")
+    heads = "".join(head(k) for k in keys)
+    body = "".join(rows)
+    return f'<div class="scroll"><table class="metrics"><tr><th class=l>method</th>{heads}</tr>{body}</table></div>'
 
 
 def section_metrics(cols: list[Column]) -> str:
@@ -489,7 +497,7 @@ def section_cost(cols: list[Column], runs: list[dict]) -> str:
         return '<section id="cost"><h2>Cost</h2><p class="note">No cost in these results.</p></section>'
     top = max(c.cost["ratio_to_forward"] for c in costed)
     rows = "".join(
-        f"<tr><td class=l><b>{esc(c.method)}</b> <span class=note>{esc(short(c.model))}</span></td>"
+        f"<tr><td class='l m'><b>{esc(c.method)}</b> <span class=note>{esc(short(c.model))}</span></td>"
         f"<td>{c.cost['seconds_per_image'] * 1000:.2f}</td><td>{c.cost['ratio_to_forward']:.2f}×</td>"
         f'<td class=l><span class="cost" style="width:{max(2, round(240 * c.cost["ratio_to_forward"] / top))}px">'
         "</span></td></tr>"
