@@ -1,7 +1,8 @@
 """vitlens beside captum and pytorch-grad-cam: same model, same inputs, same machine, one run.
 
 Every figure is a ratio to one plain forward pass of the same batch, timed in the same process and
-interleaved with it (one warm-up each, then ``--repeat`` rounds of one call each; medians), so the numbers
+interleaved with it (one warm-up each, then ``--repeat`` rounds of one call each; medians of the per-round
+ratios), so the numbers
 compare across machines and a shared machine's drifts hit both libraries alike. Run:
 ``python benchmarks/peers.py [--model URI] [--batch-size N] [--steps S] [--occlusion-window K]``;
 ``--markdown`` prints the table for ``benchmarks/RESULTS.md``.
@@ -77,12 +78,13 @@ def peers(
     for name, (ours, theirs) in pairs.items():
         calls[f"{name}/vitlens"], calls[f"{name}/peer"] = ours, theirs
     clock = time.process_time if cpu_time else time.perf_counter
-    timed = {name: seconds for name, (seconds, _) in time_calls(calls, dev, repeat, clock=clock).items()}
-    forward_s = timed["forward"]
+    timed = time_calls(calls, dev, repeat, clock=clock)
+    forward_s = timed["forward"].seconds
     rows = {}
     for name in pairs:
-        t_ours, t_theirs = timed[f"{name}/vitlens"], timed[f"{name}/peer"]
-        rows[name] = {"vitlens": t_ours / forward_s, "peer": t_theirs / forward_s, "speedup": t_theirs / t_ours}
+        ours_t, theirs_t = timed[f"{name}/vitlens"], timed[f"{name}/peer"]
+        rows[name] = {"vitlens": ours_t.ratio_to(timed["forward"]), "peer": theirs_t.ratio_to(timed["forward"]),
+                      "speedup": theirs_t.ratio_to(ours_t)}  # fmt: skip
     return {"model": model, "batch_size": batch_size, "ig_steps": steps, "occlusion_window": window,
             "occlusion_windows": (gh - window + 1) * (gw - window + 1), "internal_batch_size": chunk,
             "forward_s": forward_s, "repeat": repeat, "clock": "process CPU time" if cpu_time else "wall",

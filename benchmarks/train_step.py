@@ -3,7 +3,8 @@
 Every task runs the loop's own step on the same batch: ``task.loss`` (augmentation included), zero the
 gradients, ``backward``, gradient clipping and ``optimizer.step`` (plus ``after_step``: DiffMask's
 multiplier ascent). Each task gets its own copy of the model; the steps are timed interleaved (one
-warm-up each, then ``--repeat`` rounds; medians), so a shared machine's drifts hit all of them alike.
+warm-up each, then ``--repeat`` rounds; medians of the per-round ratios), so a shared machine's drifts hit
+all of them alike.
 The performance issue's target: a PM step costs at most 1.1× a classifier step.
 
     python benchmarks/train_step.py --model checkpoints/fashion-vit --data fashion-canvas:train:n=512 --batch-size 64
@@ -67,7 +68,7 @@ def train_steps(
     }
     steps = {name: make_step(task, cfg, batch) for name, task in tasks.items()}
     timed = time_calls(steps, torch.device("cpu"), repeat, clock=time.process_time if cpu_time else time.perf_counter)
-    base = timed["classifier"][0]
+    base = timed["classifier"]
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as run_profile
@@ -85,8 +86,13 @@ def train_steps(
         "clock": "process CPU time" if cpu_time else "wall",
         "pm_options": pm_options,
         "results": {
-            name: {"seconds": s, "ratio_to_classifier_step": s / base, "peak_mem_mb": peak}
-            for name, (s, peak) in timed.items()
+            name: {
+                "seconds": t.seconds,
+                "ratio_to_classifier_step": t.ratio_to(base),
+                "peak_mem_mb": t.peak_mb,
+                "runs": t.runs,
+            }
+            for name, t in timed.items()
         },
     }
 

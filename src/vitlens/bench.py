@@ -1,11 +1,13 @@
 """``vitlens bench``: the cost of each explanation method as a ratio to one plain forward pass.
 
 The forward pass and every method are timed on the same batch, device and run, interleaved (one warm-up
-call each, in which peak memory is measured, then ``repeat`` rounds of one call each; medians), so slow
-drifts of a shared machine hit all of them alike and the ratio is comparable across machines even when
-absolute times are not. ``diffmask`` on a model without DiffMask gates is timed with seeded, untrained
-gates (the map's cost does not depend on the gates' values); ``bcos`` needs a B-cos ViT as the model
-(``bcos:NAME``), and its ratio is to that model's own forward pass.
+call each, in which peak memory is measured, then ``repeat`` rounds of one call each), so slow drifts of
+a shared machine hit all of them alike and the ratio is comparable across machines even when absolute
+times are not. ``seconds`` and ``forward_s`` are medians over the rounds (per batch);
+``ratio_to_forward`` is the median over the rounds of the method's time over the forward pass's time in
+the same round; ``runs`` lists every round's seconds. ``diffmask`` on a model without DiffMask gates is
+timed with seeded, untrained gates (the map's cost does not depend on the gates' values); ``bcos`` needs
+a B-cos ViT as the model (``bcos:NAME``), and its ratio is to that model's own forward pass.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -88,14 +91,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Timing:
+    """One call's timings: the seconds of every round, their median, and the peak memory (MB)."""
+
+    runs: list[float]
+    peak_mb: float | None
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.runs)
+
+    def ratio_to(self, base: Timing) -> float:
+        """The median over rounds of this call's time over ``base``'s time in the same round."""
+        return statistics.median(t / b for t, b in zip(self.runs, base.runs, strict=True))
+
+
 def time_calls(
     calls: dict[str, Callable[[], object]],
     device: torch.device,
     repeat: int,
     warmup: int = 1,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, tuple[float, float | None]]:
-    """{name: (median seconds, peak MB)} of every call, timed interleaved.
+) -> dict[str, Timing]:
+    """The :class:`Timing` of every call, timed interleaved.
 
     Each call runs ``warmup`` times first (peak memory is measured in the first of them, so the sampling
     never runs while a call is timed); then ``repeat`` rounds run every call once, in order. ``clock``:
@@ -116,12 +135,7 @@ def time_calls(
             fn()
             _sync(device)
             times[name].append(clock() - t0)
-    return {name: (statistics.median(times[name]), peaks[name]) for name in calls}
-
-
-def time_call(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 1) -> tuple[float, float]:
-    """(median seconds, peak MB) of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
-    return time_calls({"fn": fn}, device, repeat, warmup)["fn"]
+    return {name: Timing(times[name], peaks[name]) for name in calls}
 
 
 def with_untrained_gates(backbone: Backbone, seed: int = 0) -> Backbone:
@@ -205,22 +219,24 @@ def bench(
     if cpu_time and dev.type != "cpu":
         raise VitlensError("cpu_time measures CPU work: use it with device cpu")
     timed = time_calls(calls, dev, repeat, warmup, time.process_time if cpu_time else time.perf_counter)
-    forward_s = timed.pop("forward")[0]
+    fwd = timed.pop("forward")
     results = {
         name: {
-            "seconds": seconds,
-            "seconds_per_image": seconds / batch_size,
-            "ratio_to_forward": seconds / forward_s,
-            "peak_mem_mb": None if peak is None else round(peak, 1),
+            "seconds": t.seconds,
+            "seconds_per_image": t.seconds / batch_size,
+            "ratio_to_forward": t.ratio_to(fwd),
+            "peak_mem_mb": None if t.peak_mb is None else round(t.peak_mb, 1),
+            "runs": t.runs,
         }
-        for name, (seconds, peak) in timed.items()
+        for name, t in timed.items()
     }
     return {
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "model": os.fspath(model) if isinstance(model, str | os.PathLike) else type(model).__name__,
         "batch_size": batch_size,
         "image_size": list(size),
-        "forward_s": forward_s,
+        "forward_s": fwd.seconds,
+        "forward_runs": fwd.runs,
         "threads": torch.get_num_threads(),
         "repeat": repeat,
         "clock": "process CPU time" if cpu_time else "wall",

@@ -76,7 +76,7 @@ TRAINING: dict[str, tuple[tuple[str, ...], int]] = {
             "vitlens train bcos --data fashion-canvas:train --out checkpoints/fashion-bcos-vit "
             "--arch bcos_vit_fashion --epochs 5 --batch-size 64 --lr 1e-3 --warmup-steps 200",
         ),
-        60,
+        120,
     ),
 }
 

@@ -278,16 +278,15 @@ def _zplus(x: Tensor, w: Tensor, r: Tensor, xw: Tensor | None = None) -> Tensor:
 
     R_in = x⁺ ⊙ (s W⁺) + x⁻ ⊙ (s W⁻) with s = R_out / (x⁺W⁺ᵀ + x⁻W⁻ᵀ + 1e-9): conservative. Computed with
     three products the size of the layer instead of four, using 2·(x⁺W⁺ᵀ + x⁻W⁻ᵀ) = xWᵀ + |x||W|ᵀ, where
-    ``xw`` = xWᵀ comes from the forward pass, and 2·(x⁺ ⊙ sW⁺ + x⁻ ⊙ sW⁻) = x ⊙ sW + |x| ⊙ s|W| (one product
-    with [W, |W|]): with s' = R_out / (xWᵀ + |x||W|ᵀ + 2e-9) = s / 2, R_in = x ⊙ s'W + |x| ⊙ s'|W|.
+    ``xw`` = xWᵀ comes from the forward pass, and 2·(x⁺ ⊙ sW⁺ + x⁻ ⊙ sW⁻) = x ⊙ sW + |x| ⊙ s|W|: with
+    s' = R_out / (xWᵀ + |x||W|ᵀ + 2e-9) = s / 2, R_in = x ⊙ s'W + |x| ⊙ s'|W|.
     """
     wa, xa = w.abs(), x.abs()
     if xw is None:
         xw = F.linear(x, w)
-    n = w.shape[1]
-    z2 = torch.addmm(xw.reshape(-1, w.shape[0]), xa.reshape(-1, n), wa.t()).view(xw.shape)
-    u = _safe_divide(r, z2, 2e-9) @ torch.cat([w, wa], 1)
-    return torch.addcmul(x * u[..., :n], xa, u[..., n:])
+    z2 = torch.addmm(xw.reshape(-1, w.shape[0]), xa.reshape(-1, w.shape[1]), wa.t()).view(xw.shape)
+    s = _safe_divide(r, z2, 2e-9)
+    return torch.addcmul(x * (s @ w), xa, s @ wa)
 
 
 def _add_rule(xs: Sequence[Tensor], r: Tensor) -> list[Tensor]:
