@@ -41,21 +41,26 @@ def main() -> None:
     ap.add_argument("--scaling-repeat", type=int, default=3, help="rounds for the (long) sampling methods")
     ap.add_argument("--parts", default="methods,bcos,scaling")
     ap.add_argument("--cpu-time", action="store_true", help="one thread, process CPU time (a shared machine)")
+    ap.add_argument("--model", default=MODEL, help="the classifier for the methods and scaling parts")
+    ap.add_argument("--bcos-model", default=BCOS, help="the B-cos ViT for the bcos part")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--autocast", choices=["bf16", "fp16"], help="run everything under torch.autocast")
     a = ap.parse_args()
     if a.cpu_time:
         torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = {"batch_size": a.batch_size, "cpu_time": a.cpu_time}
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.autocast)
+    common = {"batch_size": a.batch_size, "cpu_time": a.cpu_time, "device": a.device, "autocast": autocast}
     parts = a.parts.split(",")
     if "methods" in parts:
-        record = bench(MODEL, METHODS, repeat=a.repeat, **common)
+        record = bench(a.model, METHODS, repeat=a.repeat, **common)
         (out / "methods.json").write_text(json.dumps(record, indent=1))
     if "bcos" in parts:
-        record = bench(BCOS, ["bcos"], repeat=a.repeat, **common)
+        record = bench(a.bcos_model, ["bcos"], repeat=a.repeat, **common)
         (out / "bcos.json").write_text(json.dumps(record, indent=1))
     if "scaling" in parts:
-        records = [bench(MODEL, list(s), repeat=a.scaling_repeat, options=s, **common) for s in SCALING]
+        records = [bench(a.model, list(s), repeat=a.scaling_repeat, options=s, **common) for s in SCALING]
         (out / "scaling.json").write_text(json.dumps(records, indent=1))
 
 

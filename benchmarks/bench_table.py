@@ -15,15 +15,22 @@ def positions(window: int, grid: int = 14) -> int:
     return (grid - window + 1) ** 2
 
 
+def device(record: dict) -> str:
+    """The device in words: the GPU's name or the CPU's threads, and the autocast dtype if any."""
+    name = f"{record['device']} ({record['threads']} threads)" if record["device"] == "cpu" else record["device"]
+    return name + (f", {record['autocast']} autocast" if record.get("autocast") else ", fp32")
+
+
 def table(folder: Path) -> str:
     methods = json.loads((folder / "methods.json").read_text())
     bcos = json.loads((folder / "bcos.json").read_text())
     rows = [
-        f"`{methods['model']}`, batch {methods['batch_size']}, {methods['device']} ({methods['threads']} threads), "
-        f"forward {methods['forward_s']:.2f} s per batch, median of {methods['repeat']} interleaved rounds; "
-        f"`bcos` on `{bcos['model']}` (forward {bcos['forward_s']:.2f} s), as a ratio to that model's own forward.",
+        f"`{methods['model']}`, batch {methods['batch_size']}, {device(methods)}, "
+        f"forward {methods['forward_s'] * 1000:.0f} ms per batch, median of {methods['repeat']} interleaved rounds; "
+        f"`bcos` on `{bcos['model']}` (forward {bcos['forward_s'] * 1000:.0f} ms), as a ratio to that model's "
+        "own forward.",
         "",
-        "| method | ratio to forward | target | met? | s/image | peak MB |",
+        "| method | ratio to forward | target | met? | ms/image | peak MB |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in [*methods["results"].items(), *bcos["results"].items()]:
@@ -31,7 +38,7 @@ def table(folder: Path) -> str:
         met = "—" if target is None else ("yes" if ratio <= target else "**no**")
         peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         rows.append(f"| {name} | {ratio:.2f}× | {'' if target is None else f'≤ {target:.2f}×'} | {met} | "
-                    f"{r['seconds_per_image']:.3f} | {peak} |")  # fmt: skip
+                    f"{r['seconds_per_image'] * 1000:.2f} | {peak} |")  # fmt: skip
     scaling = folder / "scaling.json"
     if scaling.exists():
         low, high = json.loads(scaling.read_text())

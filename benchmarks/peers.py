@@ -27,16 +27,23 @@ from vitlens.explainers import get_explainer
 
 
 def peers(
-    model: str, batch_size: int, steps: int, repeat: int, window: int = 1, chunk: int = 64, cpu_time: bool = False
+    model: str,
+    batch_size: int,
+    steps: int,
+    repeat: int,
+    window: int = 1,
+    chunk: int = 64,
+    cpu_time: bool = False,
+    device: str = "cpu",
 ) -> dict:
     from captum.attr import InputXGradient, IntegratedGradients, Occlusion
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    dev = torch.device("cpu")
-    bb = load_model(model).eval()  # parameters keep requires_grad=True, as users run the peers
+    dev = torch.device(device)
+    bb = load_model(model).to(dev).eval()  # parameters keep requires_grad=True, as users run the peers
     size = bb.preprocessing.input_size
-    images = torch.rand(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(batch_size, 3, *size, generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():
         target = bb(images).argmax(1)
     ph, pw = bb.patch_size
@@ -85,7 +92,8 @@ def peers(
         ours_t, theirs_t = timed[f"{name}/vitlens"], timed[f"{name}/peer"]
         rows[name] = {"vitlens": ours_t.ratio_to(timed["forward"]), "peer": theirs_t.ratio_to(timed["forward"]),
                       "speedup": theirs_t.ratio_to(ours_t)}  # fmt: skip
-    return {"model": model, "batch_size": batch_size, "ig_steps": steps, "occlusion_window": window,
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    return {"model": model, "device": name, "batch_size": batch_size, "ig_steps": steps, "occlusion_window": window,
             "occlusion_windows": (gh - window + 1) * (gw - window + 1), "internal_batch_size": chunk,
             "forward_s": forward_s, "repeat": repeat, "clock": "process CPU time" if cpu_time else "wall",
             "threads": torch.get_num_threads(), "results": rows}  # fmt: skip
@@ -93,7 +101,7 @@ def peers(
 
 def markdown(record: dict) -> str:
     lines = [
-        f"`{record['model']}`, batch {record['batch_size']}, CPU ({record['threads']} threads), "
+        f"`{record['model']}`, batch {record['batch_size']}, {record['device']}, "
         f"forward {record['forward_s'] * 1000:.0f} ms ({record['clock']}), median of {record['repeat']} "
         f"interleaved rounds; IG with "
         f"{record['ig_steps']} steps; occlusion with a {record['occlusion_window']}×{record['occlusion_window']}-patch "
@@ -120,9 +128,12 @@ if __name__ == "__main__":
     ap.add_argument("--occlusion-window", type=int, default=1, help="occlusion window in patches (stride one patch)")
     ap.add_argument("--internal-batch-size", type=int, default=64)
     ap.add_argument("--cpu-time", action="store_true", help="one thread, process CPU time (a shared machine)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
     if a.cpu_time:
         torch.set_num_threads(1)
-    rec = peers(a.model, a.batch_size, a.steps, a.repeat, a.occlusion_window, a.internal_batch_size, a.cpu_time)
+    rec = peers(
+        a.model, a.batch_size, a.steps, a.repeat, a.occlusion_window, a.internal_batch_size, a.cpu_time, a.device
+    )
     print(markdown(rec) if a.markdown else json.dumps(rec, indent=2))

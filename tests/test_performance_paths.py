@@ -269,10 +269,16 @@ def test_bench_times_bcos_against_its_own_model():
 def test_bench_under_bf16_autocast_on_cpu():
     """The same code paths run under ``torch.autocast`` (what the GPU bf16 figures use), here on the CPU."""
     record = bench(
-        adapt(make_timm("vit")), ["pm", "rollout", "gradcam", "gae", "chefer"], batch_size=2, repeat=1,
-        autocast=torch.bfloat16,
+        adapt(make_timm("vit")), BENCH_METHODS, batch_size=2, repeat=1, autocast=torch.bfloat16,
+        options={"ig": {"steps": 2}, "occlusion": {"window": 3}},
     )  # fmt: skip
-    assert record["autocast"] == "bfloat16" and len(record["results"]) == 5
+    assert record["autocast"] == "bfloat16" and list(record["results"]) == BENCH_METHODS
+
+
+def test_cli_bench_autocast_flag(tiny_checkpoint, capsys):
+    assert main(["bench", "--model", str(tiny_checkpoint), "--methods", "rollout,occlusion", "--batch-size", "2",
+                 "--repeat", "1", "--autocast", "bf16", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["autocast"] == "bfloat16"
 
 
 def test_cli_bench_json_prints_exactly_one_object(tiny_checkpoint, capsys):

@@ -249,7 +249,8 @@ def bench(
 def format_bench(record: dict) -> str:
     fwd = record["forward_s"]
     lines = [
-        f"{record['model']} on {record['device']}, batch {record['batch_size']}, "
+        f"{record['model']} on {record['device']}"
+        f"{', ' + record['autocast'] + ' autocast' if record.get('autocast') else ''}, batch {record['batch_size']}, "
         f"forward {fwd * 1000:.1f} ms ({fwd / record['batch_size'] * 1000:.2f} ms/image)",
         f"{'method':<14} {'s/image':>10} {'x forward':>10} {'peak MB':>9}",
     ]

@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--image-size", type=_positive_int)
     bn.add_argument("--device", type=_device, default="cpu")
     bn.add_argument("--repeat", type=_positive_int, default=5)
+    bn.add_argument("--autocast", choices=["bf16", "fp16"], help="time everything under torch.autocast")
     bn.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="evaluate the committed fashion checkpoints: an HTML report")
@@ -236,6 +237,8 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from .bench import bench, format_bench
     from .explainers import EXPLAINERS
 
@@ -245,9 +248,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raise VitlensError(
             f"unknown method(s) {', '.join(unknown) or '(none)'} (known: {', '.join(sorted(EXPLAINERS))})"
         )
-    if a.device.startswith("cuda") and not __import__("torch").cuda.is_available():
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise VitlensError("--device cuda: no CUDA device is available")
-    record = bench(a.model, methods, batch_size=a.batch_size, image_size=a.image_size, device=a.device, repeat=a.repeat)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.autocast)
+    record = bench(a.model, methods, batch_size=a.batch_size, image_size=a.image_size, device=a.device, repeat=a.repeat,
+                   autocast=autocast)  # fmt: skip
     print(json.dumps(record) if a.json else format_bench(record))
     return 0
 

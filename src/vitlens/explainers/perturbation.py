@@ -212,5 +212,7 @@ class Occlusion(Explainer):
         drops = images.new_zeros(b, len(windows))
         for idx in torch.arange(len(windows) * b, device=images.device).split(self.chunk):
             w, i = idx.div(b, rounding_mode="floor"), idx % b
-            drops[i, w] = base[i] - target_probability(bb, keep_patches(images, fill, i, 1 - windows[w]), t[i])
+            drops[i, w] = (base[i] - target_probability(bb, keep_patches(images, fill, i, 1 - windows[w]), t[i])).to(
+                drops
+            )
         return torch.einsum("bp,phw->bhw", drops, windows) / windows.sum(0)

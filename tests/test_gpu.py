@@ -1,0 +1,104 @@
+"""The same code on a CUDA device: maps equal the CPU's, bf16 autocast runs, training learns on the GPU.
+
+Skipped where no GPU is present (CI); run on a GPU machine with ``pytest tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import committed, tiny_timm
+from vitlens import load_model
+from vitlens.backbones import adapt
+from vitlens.bench import bench, with_untrained_gates
+from vitlens.data import open_dataset
+from vitlens.explainers import EXPLAINERS, get_explainer
+from vitlens.training import TrainConfig, accuracy, train_classifier, train_pm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+CLASSIFIER_METHODS = sorted(set(EXPLAINERS) - {"bcos"})
+
+
+def _pair(method: str):
+    """The same tiny ViT (with seeded gates for DiffMask) on the CPU and on the GPU, and a batch of images."""
+
+    def model():
+        bb = adapt(tiny_timm())
+        return with_untrained_gates(bb) if method == "diffmask" else bb
+
+    cpu, gpu = model(), model().to(CUDA)
+    torch.manual_seed(1)
+    return cpu, gpu, torch.rand(4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("method", CLASSIFIER_METHODS)
+def test_maps_on_gpu_equal_the_cpu_maps(method):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cpu, gpu, images = _pair(method)
+    target = torch.tensor([0, 1, 2, 3])
+    on_cpu = get_explainer(method, cpu)(images, target)
+    on_gpu = get_explainer(method, gpu)(images.to(CUDA), target.to(CUDA))
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
+    scale = on_cpu.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close((on_gpu.cpu() / scale), on_cpu / scale, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", CLASSIFIER_METHODS)
+def test_maps_under_bf16_autocast_follow_fp32(method):
+    """On the committed fashion models (random tiny ViTs have nearly flat maps that rounding dominates)."""
+    bb = load_model(committed({"pm": "fashion-vit-pm", "diffmask": "fashion-vit-diffmask"}.get(method, "fashion-vit")))
+    bb = bb.to(CUDA)
+    ds = open_dataset("fashion-canvas:test:n=8")
+    images = torch.stack([ds[i]["image"] for i in range(8)]).to(CUDA)
+    target = torch.tensor([ds[i]["label"] for i in range(8)], device=CUDA)
+    fp32 = get_explainer(method, bb)(images, target)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = get_explainer(method, bb)(images, target)
+    assert bf16.shape == fp32.shape and torch.isfinite(bf16).all()
+    a, b = fp32.flatten(1).float(), bf16.flatten(1).float()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    shaped = a.norm(dim=1) > 1e-6  # a flat map (e.g. Grad-CAM after its ReLU) has no correlation to compare
+    corr = (a * b).sum(1)[shaped] / (a.norm(dim=1) * b.norm(dim=1))[shaped].clamp_min(1e-12)
+    assert corr.median() > 0.9, corr  # bf16 keeps 8 bits of mantissa: single images may drift, not the batch
+
+
+def test_bcos_contributions_on_gpu_equal_the_cpu_ones():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = load_model("bcos:bcos_vit_fashion?pretrained=0").eval()
+    gpu = load_model("bcos:bcos_vit_fashion?pretrained=0").to(CUDA).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, *cpu.preprocessing.input_size)
+    on_cpu = get_explainer("bcos", cpu).explain_full(images)
+    on_gpu = get_explainer("bcos", gpu).explain_full(images.to(CUDA))
+    assert on_gpu.contributions.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, rtol=1e-4, atol=1e-4)
+    scale = on_cpu.contributions.abs().amax()
+    torch.testing.assert_close(on_gpu.contributions.cpu() / scale, on_cpu.contributions / scale, rtol=1e-3, atol=1e-4)
+
+
+def test_bench_on_gpu_reports_allocator_peaks():
+    record = bench(adapt(tiny_timm()), ["pm", "rollout", "gradcam"], batch_size=4, device="cuda", repeat=2)
+    assert record["device"] == torch.cuda.get_device_name(CUDA)
+    for r in record["results"].values():
+        assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] > 0 and r["ratio_to_forward"] > 0
+
+
+def test_training_on_gpu_learns_and_loads_on_cpu(tmp_path):
+    cfg = TrainConfig(max_steps=120, batch_size=32, lr=2e-3, warmup_steps=20, log_every=20, device="cuda")
+    summary = train_classifier("counting:train:grid=2,n=2000", tmp_path / "run", cfg,
+                               eval_data="counting:test:grid=2,n=400")  # fmt: skip
+    assert summary["test_accuracy"] > 0.6  # chance is 1/5
+    on_cpu = load_model(tmp_path / "run")  # saved from the GPU, read back on the CPU
+    assert accuracy(on_cpu, open_dataset("counting:test:grid=2,n=400")) == pytest.approx(
+        summary["test_accuracy"], abs=0.01
+    )
+    pm_cfg = TrainConfig(max_steps=20, batch_size=16, lr=2e-4, warmup_steps=5, log_every=10, device="cuda")
+    train_pm(tmp_path / "run", "counting:train:grid=2,n=400", tmp_path / "pm", pm_cfg, mask_fraction=0.1)
+    pm = load_model(tmp_path / "pm")
+    maps = get_explainer("pm", pm)(torch.rand(2, 3, *pm.preprocessing.input_size), torch.tensor([0, 1]))
+    assert torch.isfinite(maps).all() and ((maps >= 0) & (maps <= 1)).all()
