@@ -163,3 +163,17 @@ def test_sharded_equals_unsharded(tmp_path):
             assert b["per_image"][method][metric].keys() == values.keys()
             for key, v in values.items():
                 assert np.allclose(b["per_image"][method][metric][key], v, atol=1e-6), (method, metric, key)
+
+
+def test_accuracy_only_for_one_label_per_image():
+    """A fashion-grid image holds four objects: its ``label`` (the first cell's class) is not the answer,
+    so no accuracy is reported there; a single-object data set gets the true accuracy."""
+    model = load_model(committed("fashion-vit"))
+    grid = evaluate(model, "rollout", "grid-pointing-game", "fashion-grid:test", limit=8, progress=False)
+    assert grid["accuracy"] is None and grid["n"] == 8
+    canvas = evaluate(model, "rollout", "pointing-game", "fashion-canvas:test", limit=16, progress=False)
+    data = open_dataset("fashion-canvas:test")
+    images = torch.stack([data[i]["image"] for i in range(16)])
+    with torch.no_grad():
+        expected = (model(images).argmax(1) == torch.tensor([data[i]["label"] for i in range(16)])).float().mean()
+    assert canvas["accuracy"] == pytest.approx(expected.item())

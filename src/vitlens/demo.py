@@ -154,6 +154,8 @@ def run_demo(
 
     out = Path(out)
     root = train_checkpoints(out, log) if train else checkpoints_dir()
+    if root.is_absolute() and root.is_relative_to(Path.cwd()):
+        root = root.relative_to(Path.cwd())  # the report names checkpoints/NAME, not the full path
     present = [(name, methods) for name, methods in RUNS if (root / name / "config.json").is_file()]
     missing = [name for name, _ in RUNS if not (root / name / "config.json").is_file()]
     for name in missing:

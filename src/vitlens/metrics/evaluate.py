@@ -177,6 +177,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
     explain_seconds = dict.fromkeys(["forward", *method_list], 0.0)  # the maps alone, and the plain forward
     timed = 0  # images in those times: the first batch (lazy initialisation) is left out when there are more
     counts = torch.zeros(2, dtype=torch.float64)
+    several_objects = False  # multi-object samples (fashion-grid): one label per image is not the answer
     skipped: list[dict] = []  # samples that could not be read (folder data): left out, reported
     from tqdm import tqdm
 
@@ -195,6 +196,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
             explain_seconds["forward"] += time.perf_counter() - start
             timed += len(images)
         labels = b["label"]
+        several_objects = several_objects or "labels" in b
         counts += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)], dtype=torch.float64)
         targets = labels if target == "label" else logits.argmax(1).cpu()
         extra = {k: b[k] for k in ("labels", "cells", "sources") if k in b}
@@ -236,7 +238,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
         "model": os.fspath(model) if isinstance(model, str | os.PathLike) else type(model).__name__,
         "data": data if isinstance(data, str) else str(spec),
         "n": int(total),
-        "accuracy": correct / total if total else None,
+        "accuracy": correct / total if total and not several_objects else None,  # one label per image only
         "results": {m: {k: v for metric in scores[m].values() for k, v in metric.result().items()} for m in scores},
         "seconds": {m: round(s, 3) for m, s in zip(method_list, elapsed.cpu().tolist(), strict=True)},
         "used": {k: first[k].used for k in metric_list},
