@@ -34,10 +34,17 @@ def _pair(method: str):
     return cpu, gpu, torch.rand(4, 3, 32, 32)
 
 
+@pytest.fixture
+def no_tf32():
+    """Full fp32 matrix products on the GPU for the comparisons with the CPU (TF32 keeps 10 mantissa bits)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("method", CLASSIFIER_METHODS)
-def test_maps_on_gpu_equal_the_cpu_maps(method):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_maps_on_gpu_equal_the_cpu_maps(method, no_tf32):
     cpu, gpu, images = _pair(method)
     target = torch.tensor([0, 1, 2, 3])
     on_cpu = get_explainer(method, cpu)(images, target)
@@ -66,8 +73,7 @@ def test_maps_under_bf16_autocast_follow_fp32(method):
     assert corr.median() > 0.9, corr  # bf16 keeps 8 bits of mantissa: single images may drift, not the batch
 
 
-def test_bcos_contributions_on_gpu_equal_the_cpu_ones():
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_bcos_contributions_on_gpu_equal_the_cpu_ones(no_tf32):
     cpu = load_model("bcos:bcos_vit_fashion?pretrained=0").eval()
     gpu = load_model("bcos:bcos_vit_fashion?pretrained=0").to(CUDA).eval()
     gpu.load_state_dict(cpu.state_dict())
