@@ -26,8 +26,6 @@ from vitlens.backbones import adapt
 from vitlens.explainers.chefer import (
     _activations,
     _add_rule,
-    _anatomy,
-    _head_parts,
     _head_relevance,
     _lrp_block,
     _matmul_rule,
@@ -371,10 +369,10 @@ def test_relevance_is_conserved_through_every_block(kind, images):
     with torch.no_grad():
         trace = bb.run(images)
         target = trace.logits.argmax(1)
-        r, _ = _head_relevance(_head_parts(bb), trace.tokens, target, trace.num_prefix_tokens)
+        r, _ = _head_relevance(bb.head_parts(), trace.tokens, target, trace.num_prefix_tokens)
         torch.testing.assert_close(r.sum((1, 2)), torch.ones(3))
         for i in reversed(range(len(bb.blocks))):
-            parts = _anatomy(bb, bb.blocks[i])
+            parts = bb.block_parts(bb.blocks[i])
             r_a, r_in = _lrp_block(parts, _activations(parts, trace.hidden[i]), r, to_input=True)
             torch.testing.assert_close(r_in.sum((1, 2)), r.sum((1, 2)), atol=1e-4, rtol=1e-4)
             assert r_a.shape == trace.hidden[i].shape[:1] + (parts.heads,) + (trace.hidden[i].shape[1],) * 2

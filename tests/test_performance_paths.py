@@ -25,8 +25,6 @@ from vitlens.cli import main
 from vitlens.explainers.chefer import (
     _activations,
     _add_rule,
-    _anatomy,
-    _head_parts,
     _head_relevance,
     _zplus,
     attention_gradients,
@@ -74,10 +72,10 @@ def chefer_by_recomputation(bb, images: Tensor) -> Tensor:
     with torch.enable_grad():
         trace, target, grads = attention_gradients(bb, images, None)
     with torch.no_grad():
-        r, _ = _head_relevance(_head_parts(bb), trace.tokens, target, trace.num_prefix_tokens)
+        r, _ = _head_relevance(bb.head_parts(), trace.tokens, target, trace.num_prefix_tokens)
         mats = []
         for i in reversed(range(len(bb.blocks))):
-            parts = _anatomy(bb, bb.blocks[i])
+            parts = bb.block_parts(bb.blocks[i])
             r_a, r = naive_lrp_block(parts, _activations(parts, trace.hidden[i]), r, i > 0)
             mats.append((grads[i] * r_a).clamp(min=0).mean(1))
         mats = mats[::-1]

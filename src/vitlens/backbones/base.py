@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .parts import BlockParts, HeadParts, UnsupportedParts
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -168,6 +170,14 @@ class Backbone(nn.Module):
     def attention_norm(self, index: int) -> nn.Module:
         """The layer norm in front of block ``index``'s attention (pytorch-grad-cam's ViT target layer)."""
         raise NotImplementedError
+
+    def block_parts(self, block: nn.Module) -> BlockParts:
+        """One block as the relevance rules read it (:mod:`.parts`); families that can describe it override."""
+        raise UnsupportedParts(f"{self.family} models")
+
+    def head_parts(self) -> HeadParts:
+        """The classifier as the relevance rules read it (:mod:`.parts`)."""
+        raise UnsupportedParts(f"{self.family} models")
 
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:

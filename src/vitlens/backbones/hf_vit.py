@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import VitlensError
 from .base import Backbone, Preprocessing
+from .parts import BlockParts, HeadParts, UnsupportedParts, linear_parts
 
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resampling codes
 
@@ -139,6 +140,40 @@ class HFViT(Backbone):
 
     def attention_norm(self, index: int) -> nn.Module:
         return self.blocks[index].layernorm_before
+
+    def block_parts(self, block: nn.Module) -> BlockParts:
+        attn, mlp = getattr(block, "attention", None), getattr(block, "mlp", None)
+        expected = {
+            block: ("layernorm_before", "layernorm_after"),
+            attn: ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "num_attention_heads"),
+            mlp: ("fc1", "activation_fn", "fc2"),
+        }
+        if not all(hasattr(m, n) for m, names in expected.items() for n in names):
+            raise UnsupportedParts(f"Hugging Face {type(block).__name__} blocks of this transformers version")
+        q, k, v = (linear_parts(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj"))
+        bias = None if q[1] is None else torch.cat([q[1], k[1], v[1]])
+        identity = nn.Identity()
+        return BlockParts(
+            norm1=block.layernorm_before,
+            qkv=(torch.cat([q[0], k[0], v[0]]), bias),
+            heads=attn.num_attention_heads,
+            scale=float(attn.scaling),
+            q_norm=identity,
+            k_norm=identity,
+            out_norm=identity,
+            proj=linear_parts(attn.o_proj),
+            norm2=block.layernorm_after,
+            fc1=linear_parts(mlp.fc1),
+            act=mlp.activation_fn,
+            fc2=linear_parts(mlp.fc2),
+        )
+
+    def head_parts(self) -> HeadParts:
+        m = self.model
+        if self.distilled:
+            return HeadParts([(0, linear_parts(m.cls_classifier)), (1, linear_parts(m.distillation_classifier))],
+                             nn.Identity())  # fmt: skip
+        return HeadParts([(self.class_token_index, linear_parts(m.classifier))], nn.Identity())
 
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:

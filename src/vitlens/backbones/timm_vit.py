@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import VitlensError
 from .base import Backbone, Preprocessing
+from .parts import BlockParts, HeadParts, UnsupportedParts, linear_parts
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -102,6 +103,48 @@ class TimmViT(Backbone):
 
     def attention_norm(self, index: int) -> nn.Module:
         return self.model.blocks[index].norm1
+
+    def block_parts(self, block: nn.Module) -> BlockParts:
+        from timm.layers import Attention, LayerScale, Mlp
+        from timm.models.vision_transformer import Block
+
+        if type(block) is not Block:
+            raise UnsupportedParts(f"timm {type(block).__name__} blocks")
+        attn, mlp = block.attn, block.mlp
+        if type(attn) is not Attention:
+            raise UnsupportedParts(f"timm {type(attn).__name__} attention")
+        if getattr(attn, "gate", None) is not None:
+            raise UnsupportedParts("timm attention with an output gate")
+        if type(mlp) is not Mlp:
+            raise UnsupportedParts(f"timm {type(mlp).__name__} MLPs")
+
+        def gamma(ls: nn.Module) -> Tensor | None:
+            if isinstance(ls, LayerScale):
+                return ls.gamma
+            if isinstance(ls, nn.Identity):
+                return None
+            raise UnsupportedParts(f"timm {type(ls).__name__} layer scale")
+
+        return BlockParts(
+            norm1=block.norm1,
+            qkv=linear_parts(attn.qkv),
+            heads=attn.num_heads,
+            scale=float(attn.scale),
+            q_norm=attn.q_norm,
+            k_norm=attn.k_norm,
+            out_norm=attn.norm,
+            proj=linear_parts(attn.proj, gamma(block.ls1)),
+            norm2=block.norm2,
+            fc1=linear_parts(mlp.fc1),
+            act=lambda x: mlp.norm(mlp.act(x)),
+            fc2=linear_parts(mlp.fc2, gamma(block.ls2)),
+        )
+
+    def head_parts(self) -> HeadParts:
+        m = self.model
+        if self.distilled:
+            return HeadParts([(0, linear_parts(m.head)), (1, linear_parts(m.head_dist))], nn.Identity())
+        return HeadParts([(None if self.pooling == "avg" else self.class_token_index, linear_parts(m.head))], m.fc_norm)
 
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import VitlensError
 from .base import Backbone, Preprocessing, explicit_attention
+from .parts import BlockParts, HeadParts, UnsupportedParts, linear_parts
 
 
 def is_torchvision_vit(model: nn.Module) -> bool:
@@ -93,6 +94,31 @@ class TorchvisionViT(Backbone):
 
     def attention_norm(self, index: int) -> nn.Module:
         return self.blocks[index].ln_1
+
+    def block_parts(self, block: nn.Module) -> BlockParts:
+        mha, mlp = block.self_attention, block.mlp
+        if len(mlp) != 5 or not isinstance(mlp[0], nn.Linear) or not isinstance(mlp[3], nn.Linear):
+            raise UnsupportedParts(f"torchvision {type(mlp).__name__} MLPs of this layout")
+        identity = nn.Identity()
+        return BlockParts(
+            norm1=block.ln_1,
+            qkv=(mha.in_proj_weight, mha.in_proj_bias),
+            heads=mha.num_heads,
+            scale=(mha.embed_dim // mha.num_heads) ** -0.5,
+            q_norm=identity,
+            k_norm=identity,
+            out_norm=identity,
+            proj=linear_parts(mha.out_proj),
+            norm2=block.ln_2,
+            fc1=linear_parts(mlp[0]),
+            act=mlp[1],
+            fc2=linear_parts(mlp[3]),
+        )
+
+    def head_parts(self) -> HeadParts:
+        if len(self.model.heads) != 1:
+            raise UnsupportedParts("torchvision heads with a pre-logits layer")
+        return HeadParts([(self.class_token_index, linear_parts(self.model.heads.head))], nn.Identity())
 
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:

@@ -15,7 +15,7 @@ vector-matrix products from the last block down (never forming T×T products).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import Backbone, Trace, to_grid
+from ..backbones.parts import Affine, BlockParts, HeadParts, UnsupportedParts
 from ..errors import VitlensError
 from .base import Explainer, register, resolve_target
-
-Affine = tuple[Tensor, Tensor | None]  # (weight [out, in], bias [out] or None)
 
 
 def rollout_with_identity(mats: Sequence[Tensor], start: Tensor) -> Tensor:
@@ -82,41 +81,6 @@ class GAE(Explainer):
 
 
 @dataclass
-class BlockParts:
-    """One pre-norm transformer block as the LRP rules see it, in the order of its forward pass.
-
-    ``x → norm1 → qkv → (q_norm, k_norm) → softmax(q kᵀ·scale) v → out_norm → proj → + x`` then
-    ``→ norm2 → fc1 → act → fc2 → +``. Norms and the activation pass relevance unchanged (the reference's
-    LayerNorm / GELU rule), so they are kept as callables; layer scale is folded into proj / fc2.
-    """
-
-    norm1: Callable[[Tensor], Tensor]
-    qkv: Affine  # q, k, v stacked along the output, heads contiguous inside each
-    heads: int
-    scale: float
-    q_norm: Callable[[Tensor], Tensor]
-    k_norm: Callable[[Tensor], Tensor]
-    out_norm: Callable[[Tensor], Tensor]
-    proj: Affine
-    norm2: Callable[[Tensor], Tensor]
-    fc1: Affine
-    act: Callable[[Tensor], Tensor]
-    fc2: Affine
-
-
-@dataclass
-class HeadParts:
-    """The classifier: linear heads, each reading one token (index) or the patch mean (``None``).
-
-    The logits are the mean of the heads' outputs (two heads for distilled models); ``pre`` is the norm
-    between pooling and the linear layer (timm's ``fc_norm``).
-    """
-
-    heads: list[tuple[int | None, Affine]]
-    pre: Callable[[Tensor], Tensor]
-
-
-@dataclass
 class _Activations:
     """One block's forward pass, every tensor an LRP rule reads (``f1``: fc1's output before the activation)."""
 
@@ -142,128 +106,6 @@ def _refuse(what: str) -> VitlensError:
         f"method 'chefer' has no LRP rules for {what}; it supports standard pre-norm ViT blocks "
         "(use 'gae', which needs only the attention maps)"
     )
-
-
-def _linear(m: nn.Module, gamma: Tensor | None = None) -> Affine:
-    """A Linear's (weight, bias), with an optional per-output scale (layer scale) folded in."""
-    if not isinstance(m, nn.Linear):
-        raise _refuse(f"a {type(m).__name__} where a Linear layer was expected")
-    if gamma is None:
-        return m.weight, m.bias
-    return gamma[:, None] * m.weight, None if m.bias is None else gamma * m.bias
-
-
-def _timm_parts(block: nn.Module) -> BlockParts:
-    from timm.layers import Attention, LayerScale, Mlp
-    from timm.models.vision_transformer import Block
-
-    if type(block) is not Block:
-        raise _refuse(f"timm {type(block).__name__} blocks")
-    attn, mlp = block.attn, block.mlp
-    if type(attn) is not Attention:
-        raise _refuse(f"timm {type(attn).__name__} attention")
-    if getattr(attn, "gate", None) is not None:
-        raise _refuse("timm attention with an output gate")
-    if type(mlp) is not Mlp:
-        raise _refuse(f"timm {type(mlp).__name__} MLPs")
-
-    def gamma(ls: nn.Module) -> Tensor | None:
-        if isinstance(ls, LayerScale):
-            return ls.gamma
-        if isinstance(ls, nn.Identity):
-            return None
-        raise _refuse(f"timm {type(ls).__name__} layer scale")
-
-    return BlockParts(
-        norm1=block.norm1,
-        qkv=_linear(attn.qkv),
-        heads=attn.num_heads,
-        scale=float(attn.scale),
-        q_norm=attn.q_norm,
-        k_norm=attn.k_norm,
-        out_norm=attn.norm,
-        proj=_linear(attn.proj, gamma(block.ls1)),
-        norm2=block.norm2,
-        fc1=_linear(mlp.fc1),
-        act=lambda x: mlp.norm(mlp.act(x)),
-        fc2=_linear(mlp.fc2, gamma(block.ls2)),
-    )
-
-
-def _hf_parts(block: nn.Module) -> BlockParts:
-    attn, mlp = getattr(block, "attention", None), getattr(block, "mlp", None)
-    expected = {
-        block: ("layernorm_before", "layernorm_after"),
-        attn: ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "num_attention_heads"),
-        mlp: ("fc1", "activation_fn", "fc2"),
-    }
-    if not all(hasattr(m, n) for m, names in expected.items() for n in names):
-        raise _refuse(f"Hugging Face {type(block).__name__} blocks of this transformers version")
-    q, k, v = (_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj"))
-    bias = None if q[1] is None else torch.cat([q[1], k[1], v[1]])
-    identity = nn.Identity()
-    return BlockParts(
-        norm1=block.layernorm_before,
-        qkv=(torch.cat([q[0], k[0], v[0]]), bias),
-        heads=attn.num_attention_heads,
-        scale=float(attn.scaling),
-        q_norm=identity,
-        k_norm=identity,
-        out_norm=identity,
-        proj=_linear(attn.o_proj),
-        norm2=block.layernorm_after,
-        fc1=_linear(mlp.fc1),
-        act=mlp.activation_fn,
-        fc2=_linear(mlp.fc2),
-    )
-
-
-def _torchvision_parts(block: nn.Module) -> BlockParts:
-    mha, mlp = block.self_attention, block.mlp
-    if len(mlp) != 5 or not isinstance(mlp[0], nn.Linear) or not isinstance(mlp[3], nn.Linear):
-        raise _refuse(f"torchvision {type(mlp).__name__} MLPs of this layout")
-    identity = nn.Identity()
-    return BlockParts(
-        norm1=block.ln_1,
-        qkv=(mha.in_proj_weight, mha.in_proj_bias),
-        heads=mha.num_heads,
-        scale=(mha.embed_dim // mha.num_heads) ** -0.5,
-        q_norm=identity,
-        k_norm=identity,
-        out_norm=identity,
-        proj=_linear(mha.out_proj),
-        norm2=block.ln_2,
-        fc1=_linear(mlp[0]),
-        act=mlp[1],
-        fc2=_linear(mlp[3]),
-    )
-
-
-def _anatomy(backbone: Backbone, block: nn.Module) -> BlockParts:
-    """The parts of one block, per family (belongs in the adapters; kept here until they expose it)."""
-    parts = {"timm": _timm_parts, "hf": _hf_parts, "torchvision": _torchvision_parts}.get(backbone.family)
-    if parts is None:
-        raise _refuse(f"{backbone.family} models")
-    return parts(block)
-
-
-def _head_parts(backbone: Backbone) -> HeadParts:
-    """The classifier of each family (belongs in the adapters, like :func:`_anatomy`)."""
-    m, identity = backbone.model, nn.Identity()
-    cls = backbone.class_token_index
-    if backbone.family == "timm":
-        if getattr(backbone, "distilled", False):
-            return HeadParts([(0, _linear(m.head)), (1, _linear(m.head_dist))], identity)
-        return HeadParts([(None if backbone.pooling == "avg" else cls, _linear(m.head))], m.fc_norm)
-    if backbone.family == "hf":
-        if backbone.distilled:
-            return HeadParts([(0, _linear(m.cls_classifier)), (1, _linear(m.distillation_classifier))], identity)
-        return HeadParts([(cls, _linear(m.classifier))], identity)
-    if backbone.family == "torchvision":
-        if len(m.heads) != 1:
-            raise _refuse("torchvision heads with a pre-logits layer")
-        return HeadParts([(cls, _linear(m.heads.head))], identity)
-    raise _refuse(f"{backbone.family} models")
 
 
 def _safe_divide(a: Tensor, b: Tensor, eps: float = 1e-9) -> Tensor:
@@ -395,7 +237,7 @@ class _PartsPass:
 
 
 def forward_parts(backbone: Backbone, images: Tensor) -> _PartsPass:
-    """The model's forward pass recomputed from :func:`_anatomy`, keeping every block's activations.
+    """The model's forward pass recomputed from ``Backbone.block_parts``, keeping every block's activations.
 
     The graph starts at the input of the first block (a leaf that requires grad; no parameter gradients),
     so ∂ logit / ∂ A_b comes from the same pass whose activations the LRP rules read: one forward for both.
@@ -406,7 +248,7 @@ def forward_parts(backbone: Backbone, images: Tensor) -> _PartsPass:
     x = x.detach().requires_grad_(True)
     blocks = []
     for block in backbone.blocks:
-        parts = _anatomy(backbone, block)
+        parts = backbone.block_parts(block)
         c = _activations(parts, x)
         blocks.append((parts, c))
         x = c.out
@@ -434,7 +276,7 @@ def transformer_attribution_mats(backbone: Backbone, run: _PartsPass, target: Te
     """
     num_prefix = backbone.num_prefix_tokens
     tokens, logits = run.tokens.detach(), run.logits.detach()
-    r, head_logits = _head_relevance(_head_parts(backbone), tokens, target, num_prefix)
+    r, head_logits = _head_relevance(backbone.head_parts(), tokens, target, num_prefix)
     _check_reproduced(head_logits, logits, "the classifier")
     mats = []
     for i in reversed(range(len(run.blocks))):
@@ -471,6 +313,12 @@ class Chefer(Explainer):
         self.checked = False
 
     def explain(self, images: Tensor, target) -> Tensor:
+        try:
+            return self._explain(images, target)
+        except UnsupportedParts as e:
+            raise _refuse(e.what) from None
+
+    def _explain(self, images: Tensor, target) -> Tensor:
         bb = self.backbone
         if not self.checked:
             _check_against_model(bb, images[:1])

@@ -1,0 +1,67 @@
+"""A ViT's blocks and classifier as linear maps and callables: what the relevance (LRP) rules of Chefer,
+Gur, Wolf (CVPR 2021) read. Each adapter describes its own layout (``Backbone.block_parts``,
+``Backbone.head_parts``); a layout it cannot describe raises :class:`UnsupportedParts` naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..errors import VitlensError
+
+Affine = tuple[Tensor, Tensor | None]  # (weight [out, in], bias [out] or None)
+
+
+class UnsupportedParts(VitlensError):
+    """A block or classifier layout the adapter cannot describe; ``what`` names it."""
+
+    def __init__(self, what: str):
+        super().__init__(f"no relevance rules for {what}")
+        self.what = what
+
+
+@dataclass
+class BlockParts:
+    """One pre-norm transformer block, in the order of its forward pass.
+
+    ``x → norm1 → qkv → (q_norm, k_norm) → softmax(q kᵀ·scale) v → out_norm → proj → + x`` then
+    ``→ norm2 → fc1 → act → fc2 → +``. Norms and the activation pass relevance unchanged (the reference's
+    LayerNorm / GELU rule), so they are kept as callables; layer scale is folded into proj / fc2.
+    """
+
+    norm1: Callable[[Tensor], Tensor]
+    qkv: Affine  # q, k, v stacked along the output, heads contiguous inside each
+    heads: int
+    scale: float
+    q_norm: Callable[[Tensor], Tensor]
+    k_norm: Callable[[Tensor], Tensor]
+    out_norm: Callable[[Tensor], Tensor]
+    proj: Affine
+    norm2: Callable[[Tensor], Tensor]
+    fc1: Affine
+    act: Callable[[Tensor], Tensor]
+    fc2: Affine
+
+
+@dataclass
+class HeadParts:
+    """The classifier: linear heads, each reading one token (index) or the patch mean (``None``).
+
+    The logits are the mean of the heads' outputs (two heads for distilled models); ``pre`` is the norm
+    between pooling and the linear layer (timm's ``fc_norm``).
+    """
+
+    heads: list[tuple[int | None, Affine]]
+    pre: Callable[[Tensor], Tensor]
+
+
+def linear_parts(m: nn.Module, gamma: Tensor | None = None) -> Affine:
+    """A Linear's (weight, bias), with an optional per-output scale (layer scale) folded in."""
+    if not isinstance(m, nn.Linear):
+        raise UnsupportedParts(f"a {type(m).__name__} where a Linear layer was expected")
+    if gamma is None:
+        return m.weight, m.bias
+    return gamma[:, None] * m.weight, None if m.bias is None else gamma * m.bias
