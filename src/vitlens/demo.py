@@ -59,10 +59,10 @@ TRAINING: dict[str, tuple[tuple[str, ...], int]] = {
     "fashion-vit-pm": (
         (
             "vitlens train pm --model checkpoints/fashion-vit --data fashion-canvas:train "
-            "--out checkpoints/fashion-vit-pm --max-steps 3000 --lr 2e-4 --warmup-steps 100 --lambda 10 "
+            "--out checkpoints/fashion-vit-pm --max-steps 4500 --lr 2e-4 --warmup-steps 100 --lambda 10 "
             "--mask-fraction 0.01 --composites 24 --pos-weight 10 --batch-size 88",
         ),
-        45,
+        60,
     ),
     "fashion-vit-diffmask": (
         (
