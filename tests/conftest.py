@@ -11,6 +11,7 @@ import torch
 
 from vitlens.backbones import Preprocessing, adapt
 from vitlens.checkpoint import save_checkpoint
+from vitlens.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "checkpoints"
@@ -70,3 +71,13 @@ def committed(name: str) -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"committed checkpoint {name} not present")
     return path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """The CLI in-process: (exit status, stdout, stderr); argparse's own errors exit through SystemExit."""
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

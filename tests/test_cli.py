@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from vitlens.cli import main
+from conftest import run_cli as run
 
 
 @pytest.fixture
@@ -23,16 +23,6 @@ def image_files(tmp_path):
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
     return paths
-
-
-def run(args, capsys):
-    """Run the CLI in-process; argparse's own errors exit through SystemExit."""
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_explain_writes_maps_and_overlays(tiny_checkpoint, image_files, tmp_path, capsys):

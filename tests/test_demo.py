@@ -11,20 +11,12 @@ from pathlib import Path
 import pytest
 
 from conftest import CHECKPOINTS, committed
+from conftest import run_cli as run
 from vitlens import demo
-from vitlens.cli import build_parser, main
+from vitlens.cli import build_parser
 from vitlens.errors import VitlensError
 from vitlens.explainers import EXPLAINERS
 from vitlens.metrics import METRICS
-
-
-def run(args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_tables_name_real_methods_metrics_and_commands():

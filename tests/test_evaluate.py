@@ -13,22 +13,13 @@ import pytest
 import torch
 
 from conftest import REPO, committed
+from conftest import run_cli as run
 from vitlens import load_model
-from vitlens.cli import main
 from vitlens.data import open_dataset
 from vitlens.metrics import METRICS, evaluate, format_table
 
 SUMMARY_KEYS = {"model", "data", "n", "accuracy", "results", "seconds", "used", "skipped"}
 APPLICABLE = sorted(set(METRICS) - {"grid-pointing-game"})
-
-
-def run(args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from vitlens import VitlensError
 from vitlens.checkpoint import STATE, WEIGHTS, load_checkpoint, read_config, save_checkpoint
-from vitlens.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +165,6 @@ CASES = [
     Case("info-model", ["info", "nope:x"], "unknown model 'nope:x'"),
     Case("command", ["nope"], "invalid choice: 'nope'"),
 ]  # fmt: skip
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """The CLI in-process; argparse's own errors exit through SystemExit."""
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line(code: int, err: str, message: str) -> None:
