@@ -68,6 +68,26 @@ def test_capture_restores_fused_path_and_hooks(timm_variant, images):
     torch.testing.assert_close(before, after)
 
 
+def test_unfused_attention_same_values_and_gradients(images):
+    bb = adapt(tiny_timm())
+    assert all(blk.attn.fused_attn for blk in bb.blocks)
+
+    def logits_and_grads():
+        bb.zero_grad()
+        logits = bb(images)
+        logits.sum().backward()
+        return logits.detach(), [p.grad.clone() for p in bb.parameters()]
+
+    fused_logits, fused_grads = logits_and_grads()
+    with bb.unfused_attention():
+        assert not any(blk.attn.fused_attn for blk in bb.blocks)
+        logits, grads = logits_and_grads()
+    assert all(blk.attn.fused_attn for blk in bb.blocks)
+    torch.testing.assert_close(logits, fused_logits, atol=1e-5, rtol=1e-5)
+    for g, f in zip(grads, fused_grads, strict=True):
+        torch.testing.assert_close(g, f, atol=1e-5, rtol=1e-4)
+
+
 def test_capture_restored_on_error(images):
     bb = adapt(tiny_timm())
     fused = bb.blocks[0].attn.fused_attn

@@ -34,6 +34,29 @@ def test_short_training_run_learns(tmp_path):
     assert accuracy(reloaded, open_dataset("counting:test:grid=2,n=400")) == summary["test_accuracy"]
 
 
+def test_bf16_autocast_learns_with_float32_weights(tmp_path):
+    spec = parse_data_spec(COUNTING)
+    data = open_dataset(spec)
+    seen = []
+
+    class Watched(ClassifierTask):
+        def loss(self, module, batch, step):
+            seen.append((module(batch["image"][:1]).dtype, [blk.attn.fused_attn for blk in self.backbone.blocks]))
+            return super().loss(module, batch, step)
+
+    torch.manual_seed(0)
+    task = Watched(build_classifier(None, spec, data))
+    cfg = TrainConfig(max_steps=120, batch_size=32, lr=2e-3, warmup_steps=20, log_every=20, autocast="bf16")
+    test = open_dataset("counting:test:grid=2,n=400")
+    train(task, data, tmp_path / "run", cfg, evaluate=lambda bb, d: {"test_accuracy": accuracy(bb, test)})
+    assert seen[0] == (torch.bfloat16, [False] * len(task.backbone.blocks))  # bf16 matmuls, explicit attention
+    assert all(blk.attn.fused_attn for blk in task.backbone.blocks)  # restored after the step
+    assert all(p.dtype == torch.float32 for p in task.backbone.parameters())
+    config = read_config(tmp_path / "run")["training"]
+    assert config["config"]["autocast"] == "bf16"
+    assert config["test_accuracy"] > 0.6  # chance is 1/5; the float32 run above learns the same task
+
+
 def test_checkpoint_round_trip(tiny_checkpoint, images):
     bb = load_checkpoint(tiny_checkpoint)
     assert bb.classes == list("abcde") and bb.preprocessing.input_size == (32, 32)

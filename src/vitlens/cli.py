@@ -74,6 +74,7 @@ def _train_options(p: argparse.ArgumentParser, lr: float = 1e-3) -> None:
     p.add_argument("--workers", type=_non_negative_int, default=0, help="data loader worker processes")
     p.add_argument("--checkpoint-every", type=_number(strict=False), default=30.0, help="seconds between checkpoints")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--autocast", choices=["bf16"], help="mixed precision (float32 weights); fast on CPUs with AMX")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
 
@@ -83,7 +84,7 @@ def _train_config(a: argparse.Namespace):
     return TrainConfig(
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
         epochs=a.epochs, max_steps=a.max_steps, seed=a.seed, checkpoint_every_s=a.checkpoint_every,
-        num_workers=a.workers, device=a.device,
+        num_workers=a.workers, device=a.device, autocast=a.autocast,
     )  # fmt: skip
 
 

@@ -180,6 +180,14 @@ class Backbone(nn.Module):
         raise UnsupportedParts(f"{self.family} models")
 
     @contextlib.contextmanager
+    def unfused_attention(self) -> Iterator[None]:
+        """Compute attention as explicit softmax(QKᵀ)V instead of a fused kernel; restore on exit.
+
+        Families without a fused path keep their attention as it is.
+        """
+        yield
+
+    @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:
         """Switch every block to explicit attention and collect its probabilities; restore on exit."""
         raise NotImplementedError

@@ -146,23 +146,34 @@ class TimmViT(Backbone):
             return HeadParts([(0, linear_parts(m.head)), (1, linear_parts(m.head_dist))], nn.Identity())
         return HeadParts([(None if self.pooling == "avg" else self.class_token_index, linear_parts(m.head))], m.fc_norm)
 
+    def _attention_modules(self) -> list[nn.Module]:
+        modules = [getattr(block, "attn", None) for block in self.blocks]
+        for attn in modules:
+            if attn is None or not hasattr(attn, "attn_drop") or not hasattr(attn, "fused_attn"):
+                raise VitlensError(
+                    f"cannot unfuse the attention of {type(attn).__name__} blocks in {type(self.model).__name__}"
+                )
+        return modules
+
+    @contextlib.contextmanager
+    def unfused_attention(self) -> Iterator[None]:
+        saved = [(attn, attn.fused_attn) for attn in self._attention_modules()]
+        try:
+            for attn, _ in saved:
+                attn.fused_attn = False
+            yield
+        finally:
+            for attn, fused in saved:
+                attn.fused_attn = fused
+
     @contextlib.contextmanager
     def capture_attention(self) -> Iterator[list[Tensor]]:
         found: list[Tensor] = []
-        saved, handles = [], []
-        try:
-            for block in self.blocks:
-                attn = getattr(block, "attn", None)
-                if attn is None or not hasattr(attn, "attn_drop") or not hasattr(attn, "fused_attn"):
-                    raise VitlensError(
-                        f"cannot capture attention of {type(attn).__name__} blocks in {type(self.model).__name__}"
-                    )
-                saved.append((attn, attn.fused_attn))
-                attn.fused_attn = False
-                handles.append(attn.attn_drop.register_forward_hook(lambda _m, _i, out: found.append(out)))
-            yield found
-        finally:
-            for h in handles:
-                h.remove()
-            for attn, fused in saved:
-                attn.fused_attn = fused
+        with self.unfused_attention():
+            handles = [a.attn_drop.register_forward_hook(lambda _m, _i, out: found.append(out))
+                       for a in self._attention_modules()]  # fmt: skip
+            try:
+                yield found
+            finally:
+                for h in handles:
+                    h.remove()
