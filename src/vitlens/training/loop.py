@@ -122,6 +122,21 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def autocasting(cfg: TrainConfig, device: torch.device, backbone) -> contextlib.AbstractContextManager:
+    """The forward pass's precision: float32, or bf16 autocast for ``cfg.autocast == "bf16"``.
+
+    On the CPU, bf16 also switches attention to explicit matrix products: PyTorch's bf16 flash-attention
+    backward there is ~5× slower than the bf16 matmuls (which use AMX where the CPU has it).
+    """
+    if cfg.autocast is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    if device.type == "cpu":
+        stack.enter_context(backbone.unfused_attention())
+    return stack
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a run resumes from."""
     if not path.exists():
@@ -205,15 +220,6 @@ def train(
                    "optimizer": optimizer.state_dict(), "task": task.state_dict()},
         )  # fmt: skip
 
-    def autocasting() -> contextlib.AbstractContextManager:
-        if cfg.autocast is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(d.device.type, dtype=torch.bfloat16))
-        if d.device.type == "cpu":  # the CPU flash-attention backward in bf16 is ~5× slower than bf16 matmuls
-            stack.enter_context(backbone.unfused_attention())
-        return stack
-
     module.train()
     t0, last_ckpt, seen = time.time(), time.time(), 0
     bar = tqdm(total=total, initial=start, desc=f"train {task.kind}", disable=not d.main, file=sys.stderr,
@@ -226,7 +232,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg.warmup_steps, total)
         batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocasting():
+        with autocasting(cfg, d.device, backbone):
             loss, metrics = task.loss(module, batch, step)
         optimizer.zero_grad(set_to_none=True)
         if trainable:
