@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,19 +123,19 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def autocasting(cfg: TrainConfig, device: torch.device, backbone) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def autocasting(cfg: TrainConfig, device: torch.device, backbone) -> Iterator[None]:
     """The forward pass's precision: float32, or bf16 autocast for ``cfg.autocast == "bf16"``.
 
     On the CPU, bf16 also switches attention to explicit matrix products: PyTorch's bf16 flash-attention
     backward there is ~5× slower than the bf16 matmuls (which use AMX where the CPU has it).
     """
     if cfg.autocast is None:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    if device.type == "cpu":
-        stack.enter_context(backbone.unfused_attention())
-    return stack
+        yield
+        return
+    explicit = backbone.unfused_attention() if device.type == "cpu" else contextlib.nullcontext()
+    with torch.autocast(device.type, dtype=torch.bfloat16), explicit:
+        yield
 
 
 def _truncate_log(path: Path, step: int) -> None:
