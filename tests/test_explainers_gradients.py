@@ -104,6 +104,7 @@ def test_gaussian_blur_matches_torchvision(images):
     for sigma in (0.8, 2.5):
         r = int(np.ceil(3 * sigma))
         torch.testing.assert_close(gaussian_blur(images, sigma), TF.gaussian_blur(images, 2 * r + 1, sigma))
+    torch.testing.assert_close(gaussian_blur(images, 5.0, radius=5), TF.gaussian_blur(images, 11, 5.0))  # RISE's
     assert gaussian_blur(images, 0) is images
 
 

@@ -36,12 +36,13 @@ def pixels_to_grid(attr: Tensor, grid: tuple[int, int]) -> Tensor:
     return F.adaptive_avg_pool2d(attr[:, None], grid)[:, 0] * (h * w / (gh * gw))
 
 
-def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` (radius ``ceil(3σ)``, reflected borders); σ ≤ 0 → unchanged."""
+def gaussian_blur(images: Tensor, sigma: float, radius: int | None = None) -> Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` (radius ``ceil(3σ)`` unless given, reflected borders);
+    σ ≤ 0 → unchanged."""
     if sigma <= 0:
         return images
     h, w = images.shape[-2:]
-    r = min(math.ceil(3 * sigma), h - 1, w - 1)
+    r = min(math.ceil(3 * sigma) if radius is None else radius, h - 1, w - 1)
     x = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
     k = torch.exp(-(x**2) / (2 * sigma**2))
     k = k / k.sum()

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..backbones import upsample
 from ..errors import VitlensError
+from ..explainers.gradients import gaussian_blur
 from .base import Batch, Metric, check_choice, register
 
 FILLS = ("mean", "blur", "zero", "noise")
@@ -40,9 +41,7 @@ def fill_images(images: Tensor, fill: str, index: Tensor) -> Tensor:
     if fill == "zero":
         return torch.zeros_like(images)
     if fill == "blur":
-        from torchvision.transforms.functional import gaussian_blur
-
-        return gaussian_blur(images, kernel_size=[11, 11], sigma=[5.0, 5.0])
+        return gaussian_blur(images, sigma=5.0, radius=5)  # RISE's evaluation blur: an 11×11 kernel, σ = 5
     noise = [torch.rand(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index.tolist()]
     return torch.stack(noise).to(images)
 
