@@ -41,7 +41,11 @@ def test_bf16_autocast_learns_with_float32_weights(tmp_path):
 
     class Watched(ClassifierTask):
         def loss(self, module, batch, step):
-            seen.append((module(batch["image"][:1]).dtype, [blk.attn.fused_attn for blk in self.backbone.blocks]))
+            out = []
+            hook = self.backbone.blocks[-1].register_forward_hook(lambda m, i, o: out.append(o.dtype))
+            logits = module(batch["image"][:1])
+            hook.remove()
+            seen.append((logits.dtype, out[0], [blk.attn.fused_attn for blk in self.backbone.blocks]))
             return super().loss(module, batch, step)
 
     torch.manual_seed(0)
@@ -49,7 +53,9 @@ def test_bf16_autocast_learns_with_float32_weights(tmp_path):
     cfg = TrainConfig(max_steps=120, batch_size=32, lr=2e-3, warmup_steps=20, log_every=20, autocast="bf16")
     test = open_dataset("counting:test:grid=2,n=400")
     train(task, data, tmp_path / "run", cfg, evaluate=lambda bb, d: {"test_accuracy": accuracy(bb, test)})
-    assert seen[0] == (torch.bfloat16, [False] * len(task.backbone.blocks))  # bf16 matmuls, explicit attention
+    # bf16 matrix products, explicit attention, and a float32 residual stream (the position embedding's
+    # float32 addition promotes it, and each block adds its bf16 branches to it, as under CUDA autocast)
+    assert seen[0] == (torch.bfloat16, torch.float32, [False] * len(task.backbone.blocks))
     assert all(blk.attn.fused_attn for blk in task.backbone.blocks)  # restored after the step
     assert all(p.dtype == torch.float32 for p in task.backbone.parameters())
     config = read_config(tmp_path / "run")["training"]
