@@ -28,9 +28,7 @@ def test_tables_name_real_methods_metrics_and_commands():
     for name, (commands, minutes) in demo.TRAINING.items():
         assert minutes > 0
         for command in commands:
-            args = shlex.split(command)
-            assert args[0] == "vitlens"
-            parser.parse_args(args[1:])  # a valid command line (argparse exits otherwise)
+            parser.parse_args(demo.split_launcher(command)[1])  # a valid command line (argparse exits otherwise)
         last = shlex.split(commands[-1])
         assert last[last.index("--out") + 1] == f"checkpoints/{name}"
     order = demo.needed(["fashion-vit-pm", "fashion-bcos-vit"])
@@ -38,20 +36,29 @@ def test_tables_name_real_methods_metrics_and_commands():
 
 
 def normalised(command: str) -> list[str]:
-    """A command without the values of ``--init`` and ``--out`` (where each stage was kept is not part of
-    how it was trained: the table chains its stages, the recorded runs were copied into checkpoints/)."""
-    args = shlex.split(command)
+    """A command's ``vitlens`` arguments without the values of ``--init`` and ``--out`` (where each stage was
+    kept is not part of how it was trained: the table chains its stages, the recorded runs were copied into
+    checkpoints/). A run records its arguments and its number of processes, not its launcher."""
+    args = demo.split_launcher(command)[1]
     for flag in ("--init", "--out"):
         if flag in args:
             del args[args.index(flag) : args.index(flag) + 2]
     return args
 
 
-def recorded_commands(training: dict) -> list[str]:
-    """The commands recorded in a checkpoint's ``training`` section, first stage first (``init`` chains)."""
+def processes(command: str) -> int:
+    """How many training processes a documented command starts (``torchrun --nproc_per_node N``)."""
+    launcher = " ".join(demo.split_launcher(command)[0])
+    found = re.search(r"--nproc[_-]per[_-]node[ =](\d+)", launcher)
+    return int(found.group(1)) if found else 1
+
+
+def recorded_commands(training: dict) -> list[tuple[str, int]]:
+    """The (command, processes) recorded in a checkpoint's ``training`` section, first stage first (``init``
+    chains)."""
     commands = []
     while training:
-        commands.insert(0, training.get("command"))
+        commands.insert(0, (training.get("command"), training.get("world_size", 1)))
         training = (training.get("init") or {}).get("training") if isinstance(training.get("init"), dict) else None
     return commands
 
@@ -61,9 +68,10 @@ def test_training_table_is_the_recorded_commands(name):
     """The committed checkpoint was made by the table's commands (``config.json`` records every stage)."""
     config = json.loads((committed(name) / "config.json").read_text())
     recorded = recorded_commands(config.get("training") or {})
-    if not recorded or None in recorded:
+    if not recorded or any(c is None for c, _ in recorded):
         pytest.skip(f"{name} does not record its commands")
-    assert [normalised(c) for c in demo.TRAINING[name][0]] == [normalised(c) for c in recorded], (
+    table = [(normalised(c), processes(c)) for c in demo.TRAINING[name][0]]
+    assert table == [(normalised(c), n) for c, n in recorded], (
         f"demo.TRAINING[{name!r}] differs from {name}/config.json: update the table (checkpoints/README.md quotes it)"
     )
 
@@ -88,18 +96,30 @@ def test_missing_checkpoints_are_one_line_each(tmp_path, monkeypatch, capsys):
         demo.run_demo(tmp_path / "out", progress=False)
 
 
-def test_train_runs_the_table_then_reports(tmp_path, monkeypatch):
-    """``--train`` runs the documented commands (here a 2-step stand-in table), writing under the output
-    folder, then evaluates the new checkpoints."""
+def test_split_launcher():
+    assert demo.split_launcher("vitlens train pm --out x") == ([], ["train", "pm", "--out", "x"])
+    assert demo.split_launcher("torchrun --standalone --nproc_per_node 2 -m vitlens train classifier") == (
+        ["torchrun", "--standalone", "--nproc_per_node", "2"], ["train", "classifier"])  # fmt: skip
+    assert processes("torchrun --nproc-per-node=4 -m vitlens train classifier") == 4
+    for bad in ("python train.py", "torchrun -m other train", "torchrun --standalone -m"):
+        with pytest.raises(ValueError, match="not a vitlens"):
+            demo.split_launcher(bad)
+
+
+@pytest.mark.parametrize("launcher", ["vitlens", "torchrun --standalone --nproc_per_node 2 -m vitlens"])
+def test_train_runs_the_table_then_reports(tmp_path, monkeypatch, launcher):
+    """``--train`` runs the documented commands (here a 2-step stand-in table, in this process or as two
+    processes under torchrun), writing under the output folder, then evaluates the new checkpoints."""
     monkeypatch.setattr(demo, "TRAINING", {"tiny": ((
-        "vitlens train classifier --arch counting-vit --data counting:train:n=64 --eval-data counting:test:n=16 "
+        f"{launcher} train classifier --arch counting-vit --data counting:train:n=64 --eval-data counting:test:n=16 "
         "--out checkpoints/tiny --max-steps 2 --batch-size 8 --warmup-steps 1",), 1)})  # fmt: skip
     monkeypatch.setattr(demo, "RUNS", (("tiny", ("rollout",)),))
     monkeypatch.setattr(demo, "METRIC_GROUPS", (("localisation", "counting:test", ("pointing-game",), 4),))
     lines = []
     summary = demo.run_demo(tmp_path / "out", train=True, gallery=2, log=lines.append, progress=False)
     assert "about 1 min" in lines[0]  # says up front how long it takes
-    assert (tmp_path / "out" / "checkpoints" / "tiny" / "config.json").is_file()
+    config = json.loads((tmp_path / "out" / "checkpoints" / "tiny" / "config.json").read_text())
+    assert config["training"]["world_size"] == processes(demo.TRAINING["tiny"][0][0])
     results = json.loads(Path(summary["results"][0]).read_text())
     assert results["model"] == str(tmp_path / "out" / "checkpoints" / "tiny") and results["n"] == 4
     assert Path(summary["report"]).is_file() and Path(summary["gallery"]).is_file()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,31 +47,25 @@ BATCH_SIZE = 64
 TRAINING: dict[str, tuple[tuple[str, ...], int]] = {
     "fashion-vit": (
         (
-            "vitlens train classifier --data fashion-canvas:train --out runs/fashion-vit-stage1 --epochs 5 "
-            "--lr 2e-3 --warmup-steps 200 --batch-size 64",
-            "vitlens train classifier --data fashion-canvas:train --init runs/fashion-vit-stage1 "
-            "--out runs/fashion-vit-stage2 --epochs 3 --lr 5e-4 --warmup-steps 100 --batch-size 64",
-            "vitlens train classifier --data fashion-canvas:train --init runs/fashion-vit-stage2 "
-            "--out runs/fashion-vit-stage3 --epochs 7 --lr 1e-3 --warmup-steps 300 --batch-size 64",
-            "vitlens train classifier --data fashion-canvas:train --init runs/fashion-vit-stage3 "
-            "--out checkpoints/fashion-vit --epochs 4 --lr 7e-4 --warmup-steps 200 --batch-size 64",
+            "torchrun --standalone --nproc_per_node 2 -m vitlens train classifier --data fashion-canvas:train "
+            "--out checkpoints/fashion-vit --epochs 12 --lr 2e-3 --warmup-steps 200 --batch-size 32 --autocast bf16",
         ),
-        140,
+        50,
     ),
     "fashion-vit-pm": (
         (
             "vitlens train pm --model checkpoints/fashion-vit --data fashion-canvas:train "
             "--out checkpoints/fashion-vit-pm --max-steps 4500 --lr 2e-4 --warmup-steps 100 --lambda 10 "
-            "--mask-fraction 0.01 --composites 24 --pos-weight 10 --batch-size 88",
+            "--mask-fraction 0.01 --composites 24 --pos-weight 10 --batch-size 88 --autocast bf16",
         ),
-        60,
+        30,
     ),
     "fashion-vit-diffmask": (
         (
             "vitlens train diffmask --model checkpoints/fashion-vit --data fashion-canvas:train "
             "--out checkpoints/fashion-vit-diffmask --max-steps 600 --batch-size 32 --lr 3e-4 --warmup-steps 50",
         ),
-        11,
+        4,
     ),
     "fashion-bcos-vit": (
         (
@@ -112,11 +108,22 @@ def needed(names: list[str]) -> list[str]:
     return order
 
 
+def split_launcher(command: str) -> tuple[list[str], list[str]]:
+    """A documented command as (launcher, ``vitlens`` arguments): ``vitlens ARGS`` → ``([], ARGS)``,
+    ``torchrun OPTS -m vitlens ARGS`` (several processes, SPEC §7) → ``(["torchrun", *OPTS], ARGS)``."""
+    args = shlex.split(command)
+    if args[:1] == ["vitlens"]:
+        return [], args[1:]
+    if args[:1] == ["torchrun"] and "-m" in args and args[args.index("-m") + 1 :][:1] == ["vitlens"]:
+        m = args.index("-m")
+        return args[:m], args[m + 2 :]
+    raise ValueError(f"not a vitlens or torchrun … -m vitlens command: {command}")
+
+
 def training_argv(command: str, root: Path) -> list[str]:
-    """A documented command as ``vitlens`` arguments writing under ``root`` (``checkpoints/…`` → ``root/
+    """A documented command's ``vitlens`` arguments writing under ``root`` (``checkpoints/…`` → ``root/
     checkpoints/…``, ``runs/…`` → ``root/runs/…``), so the committed checkpoints stay as they are."""
-    args = shlex.split(command)[1:]
-    return [str(root / a) if a.startswith(("checkpoints/", "runs/")) else a for a in args]
+    return [str(root / a) if a.startswith(("checkpoints/", "runs/")) else a for a in split_launcher(command)[1]]
 
 
 def train_checkpoints(root: Path, log: Callable[[str], None]) -> Path:
@@ -128,10 +135,16 @@ def train_checkpoints(root: Path, log: Callable[[str], None]) -> Path:
     log(f"--train: re-creating {', '.join(names)} from scratch: about {minutes} min on a 2-core CPU")
     for name in names:
         for command in TRAINING[name][0]:
-            argv = training_argv(command, root)
-            log("vitlens " + shlex.join(argv))
-            if main(argv) != 0:
-                raise VitlensError(f"training {name} failed: vitlens {shlex.join(argv)}")
+            launcher, argv = split_launcher(command)[0], training_argv(command, root)
+            line = shlex.join([*launcher, "-m", "vitlens", *argv] if launcher else ["vitlens", *argv])
+            log(line)
+            if launcher:  # torchrun as a module of this interpreter, so it runs this installation
+                code = subprocess.call([sys.executable, "-m", "torch.distributed.run", *launcher[1:], "-m", "vitlens",
+                                        *argv])  # fmt: skip
+            else:
+                code = main(argv)
+            if code != 0:
+                raise VitlensError(f"training {name} failed: {line}")
     return root / "checkpoints"
 
 

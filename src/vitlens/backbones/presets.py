@@ -2,7 +2,8 @@
 
 ``fashion-vit`` follows the study in NOTES.md: a convolutional stem (as in ViT-C, Xiao et al. 2021)
 instead of patchify removes the long chance-level plateau on the 64×64 fashion canvases, while its
-8×8 token grid keeps one token per 8×8 cell for localisation.
+8×8 token grid keeps one token per 8×8 cell for localisation. Two 3×3 convs per stem stage instead of one
+raised test accuracy from about 84.5% to 87.0% at equal training time (checkpoints/README.md).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from torch import nn
 from .base import Preprocessing
 
 
-def conv_stem(channels: tuple[int, ...] = (32, 64, 128), in_chans: int = 3) -> nn.Sequential:
-    """Stride-2 3×3 conv → BatchNorm → ReLU per stage; the total stride is 2**len(channels)."""
+def conv_stem(channels: tuple[int, ...] = (32, 64, 128), in_chans: int = 3, convs_per_stage: int = 2) -> nn.Sequential:
+    """Per stage a stride-2 3×3 conv → BatchNorm → ReLU, then ``convs_per_stage - 1`` stride-1 ones; the
+    total stride is 2**len(channels)."""
     layers, c_in = [], in_chans
     for c in channels:
-        layers.append(ConvNormAct(c_in, c, kernel_size=3, stride=2, padding=1, bias=False))
-        c_in = c
+        for i in range(convs_per_stage):
+            layers.append(ConvNormAct(c_in, c, kernel_size=3, stride=1 if i else 2, padding=1, bias=False))
+            c_in = c
     return nn.Sequential(*layers)
 
 
@@ -39,7 +42,7 @@ PRESETS: dict[str, tuple[Callable[..., nn.Module], Preprocessing, str]] = {
     "fashion-vit": (
         partial(_vit, img_size=64, stem=(32, 64, 128), patch_size=8, embed_dim=128, depth=4, num_heads=4),
         Preprocessing((64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear"),
-        "64 px, conv stem 3→32→64→128 (stride 8) + 1×1, 8×8 tokens, dim 128, depth 4, 4 heads",
+        "64 px, conv stem 3→32→64→128 (2 convs per stage, stride 8) + 1×1, 8×8 tokens, dim 128, depth 4, 4 heads",
     ),
     "fashion-vit-patch": (
         partial(_vit, img_size=64, stem=None, patch_size=8, embed_dim=128, depth=4, num_heads=4),
