@@ -236,3 +236,20 @@ def test_grid_for_leaves_batchnorm_statistics_alone():
     before = {k: v.clone() for k, v in bb.state_dict().items()}
     assert bb.grid_for((64, 64)) == (8, 8) and bb.training
     assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
+
+
+def test_fashion_presets_stems():
+    """``fashion-vit`` has two 3×3 convs per stem stage (the second keeps the resolution), the first design
+    (``fashion-vit-1conv``) one; both give the 8×8 token grid and differ only in the stem's parameters."""
+    from vitlens.backbones.presets import build_preset, conv_stem
+
+    two, prep = build_preset("fashion-vit", num_classes=10)
+    one, _ = build_preset("fashion-vit-1conv", num_classes=10)
+    convs = [[m for m in mod.patch_embed.backbone.modules() if isinstance(m, torch.nn.Conv2d)] for mod in (two, one)]
+    assert [c.stride for c in convs[0]] == [(2, 2), (1, 1)] * 3 and [c.stride for c in convs[1]] == [(2, 2)] * 3
+    for model in (two, one):
+        assert adapt(model, prep).grid_for((64, 64)) == (8, 8)
+    extra = {k for k in two.state_dict() if k not in one.state_dict()}
+    assert extra and all(k.startswith("patch_embed.backbone.") for k in extra)
+    with pytest.raises(ValueError, match="at least 1"):
+        conv_stem(convs_per_stage=0)

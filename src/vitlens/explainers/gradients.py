@@ -41,6 +41,8 @@ def gaussian_blur(images: Tensor, sigma: float, radius: int | None = None) -> Te
     σ ≤ 0 → unchanged."""
     if sigma <= 0:
         return images
+    if radius is not None and radius < 1:
+        raise ValueError(f"gaussian_blur: radius must be at least 1, got {radius}")
     h, w = images.shape[-2:]
     r = min(math.ceil(3 * sigma) if radius is None else radius, h - 1, w - 1)
     x = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
