@@ -20,8 +20,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from conftest import make_timm
 from test_backbones_hf_tv import make as make_hf_tv
 from vitlens import VitlensError, explain
-from vitlens.backbones import Backbone, adapt
-from vitlens.explainers.gradients import gaussian_blur, pixels_to_grid
+from vitlens.backbones import Backbone, adapt, gaussian_blur
+from vitlens.explainers.gradients import pixels_to_grid
 
 PATCH = 8
 BACKBONES = ["timm:vit", "timm:deit-distilled", "timm:registers", "timm:avg-pool-no-cls"]
@@ -106,6 +106,8 @@ def test_gaussian_blur_matches_torchvision(images):
         torch.testing.assert_close(gaussian_blur(images, sigma), TF.gaussian_blur(images, 2 * r + 1, sigma))
     torch.testing.assert_close(gaussian_blur(images, 5.0, radius=5), TF.gaussian_blur(images, 11, 5.0))  # RISE's
     assert gaussian_blur(images, 0) is images
+    with pytest.raises(ValueError, match="radius must be at least 1"):
+        gaussian_blur(images, 1.0, radius=0)
 
 
 @pytest.mark.parametrize("baseline", ["black", "blur", "tensor"])

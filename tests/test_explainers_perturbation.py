@@ -13,9 +13,8 @@ from captum.attr import Occlusion
 from conftest import committed, make_timm
 from test_explainers_gradients import BACKBONES, backbone, check_contract
 from vitlens import VitlensError, explain, load_model
-from vitlens.backbones import adapt, upsample
+from vitlens.backbones import adapt, gaussian_blur, upsample
 from vitlens.data import collate, open_dataset
-from vitlens.explainers.gradients import gaussian_blur
 
 METHODS = {"rise": {"n_masks": 12, "internal_batch_size": 7}, "occlusion": {"internal_batch_size": 7}}
 

@@ -18,7 +18,17 @@ from torch import nn
 
 from ..errors import VitlensError
 from ..options import parse_options
-from .base import Backbone, Preprocessing, Trace, boxes_to_mask, explicit_attention, patch_coverage, to_grid, upsample
+from .base import (
+    Backbone,
+    Preprocessing,
+    Trace,
+    boxes_to_mask,
+    explicit_attention,
+    gaussian_blur,
+    patch_coverage,
+    to_grid,
+    upsample,
+)
 from .bcos_vit import BcosViT, build_bcos, is_bcos_vit, load_bcos
 from .hf_vit import HFViT, is_hf_vit
 from .presets import PRESETS, build_preset
@@ -33,6 +43,7 @@ __all__ = [
     "boxes_to_mask",
     "build_module",
     "explicit_attention",
+    "gaussian_blur",
     "load_model",
     "parse_model_uri",
     "patch_coverage",

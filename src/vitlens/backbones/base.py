@@ -9,6 +9,7 @@ mean/std normalisation of the model's preprocessing is applied inside, so pixel-
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -85,6 +86,24 @@ def to_grid(values: Tensor, grid: tuple[int, int]) -> Tensor:
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """Patch-grid maps ``[B, gh, gw]`` → pixel maps ``[B, H, W]`` (bilinear, the one shared helper)."""
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def gaussian_blur(images: Tensor, sigma: float, radius: int | None = None) -> Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` (radius ``ceil(3σ)`` unless given, reflected borders);
+    σ ≤ 0 → unchanged. The one blur of the package: baselines, fills and perturbation metrics."""
+    if sigma <= 0:
+        return images
+    if radius is not None and radius < 1:
+        raise ValueError(f"gaussian_blur: radius must be at least 1, got {radius}")
+    h, w = images.shape[-2:]
+    r = min(math.ceil(3 * sigma) if radius is None else radius, h - 1, w - 1)
+    x = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = images.shape[1]
+    out = F.pad(images, (r, r, r, r), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def patch_coverage(masks: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbones import Backbone
+from ..backbones import Backbone, gaussian_blur
 from ..errors import VitlensError
 from .base import Explainer, register, resolve_target
 
@@ -34,24 +34,6 @@ def pixels_to_grid(attr: Tensor, grid: tuple[int, int]) -> Tensor:
     if h % gh == 0 and w % gw == 0:
         return attr.reshape(b, gh, h // gh, gw, w // gw).sum((2, 4))
     return F.adaptive_avg_pool2d(attr[:, None], grid)[:, 0] * (h * w / (gh * gw))
-
-
-def gaussian_blur(images: Tensor, sigma: float, radius: int | None = None) -> Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` (radius ``ceil(3σ)`` unless given, reflected borders);
-    σ ≤ 0 → unchanged."""
-    if sigma <= 0:
-        return images
-    if radius is not None and radius < 1:
-        raise ValueError(f"gaussian_blur: radius must be at least 1, got {radius}")
-    h, w = images.shape[-2:]
-    r = min(math.ceil(3 * sigma) if radius is None else radius, h - 1, w - 1)
-    x = torch.arange(-r, r + 1, device=images.device, dtype=images.dtype)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    k = k / k.sum()
-    c = images.shape[1]
-    out = F.pad(images, (r, r, r, r), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def predicted_or_given(backbone: Backbone, images: Tensor, target) -> Tensor:

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbones import Backbone
+from ..backbones import Backbone, gaussian_blur
 from ..errors import VitlensError
 from .base import Explainer, register, resolve_target
-from .gradients import check_seed, gaussian_blur, positive_int, predicted_or_given
+from .gradients import check_seed, positive_int, predicted_or_given
 
 FILLS = ("mean", "image-mean", "black", "blur")
 

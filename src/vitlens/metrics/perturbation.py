@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbones import upsample
+from ..backbones import gaussian_blur, upsample
 from ..errors import VitlensError
-from ..explainers.gradients import gaussian_blur
 from .base import Batch, Metric, check_choice, register
 
 FILLS = ("mean", "blur", "zero", "noise")
