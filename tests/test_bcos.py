@@ -34,7 +34,7 @@ from vitlens.checkpoint import load_checkpoint, read_config, save_checkpoint
 from vitlens.cli import main
 from vitlens.data import collate, open_dataset
 from vitlens.explainers import get_explainer
-from vitlens.explainers.bcos import explain_bcos
+from vitlens.explainers.bcos import colour_picture
 from vitlens.training.bcos import adaptive_clip_grad_, bcos_loss
 
 bcos = pytest.importorskip("bcos")
@@ -119,11 +119,12 @@ def test_same_contributions_as_official_explain(variant):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             want = ref.explain(x6, idx=target, smooth=3)
-        got = explain_bcos(model, image, target=target, smooth=3)
-        assert got.target.item() == want["explained_class_idx"]
-        torch.testing.assert_close(got.weights, want["dynamic_linear_weights"], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(got.contributions, want["contribution_map"].detach(), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(got.colour[0].numpy(), want["explanation"], rtol=1e-5, atol=1e-6)
+        explanation = explain(model, image, "bcos", target=target, smooth=3)
+        got = explanation.extras
+        assert explanation.targets.item() == want["explained_class_idx"]
+        torch.testing.assert_close(got["weights"], want["dynamic_linear_weights"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got["contributions"], want["contribution_map"].detach(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got["colour"][0].numpy(), want["explanation"], rtol=1e-5, atol=1e-6)
     assert not any(m.explaining for m in model.modules() if isinstance(m, Detachable))
 
 
@@ -213,8 +214,8 @@ def test_contributions_plus_constant_terms_reproduce_every_logit(variant):
             contributions = (x * gx).sum(1)
             rebuilt = contributions.sum((1, 2)) + (pe * gpe).sum((1, 2)) + model.logit_bias
             torch.testing.assert_close(rebuilt, logits[:, c].detach(), rtol=1e-10, atol=1e-10)
-            got = explain_bcos(bb, images, target=c)
-            torch.testing.assert_close(got.contributions, contributions.detach(), rtol=1e-10, atol=1e-12)
+            got = explain(bb, images, "bcos", target=c)
+            torch.testing.assert_close(got.extras["contributions"], contributions.detach(), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(got.maps.double().sum((1, 2)), contributions.detach().sum((1, 2)))
     assert (pe * gpe).abs().sum() > 1e-3  # the constant path is real, not zero
 
@@ -303,25 +304,26 @@ def test_bcos_explainer_contract(images):
     flags = {n: p.requires_grad for n, p in bb.named_parameters()}
     state = {k: v.clone() for k, v in bb.state_dict().items()}
     bb.train()
-    maps = explain(bb, images, method="bcos")
+    maps = explain(bb, images, method="bcos").maps
     assert maps.shape == (3, 4, 4) and maps.dtype == torch.float32
     with torch.no_grad():
         pred = bb(images).argmax(1)
-    torch.testing.assert_close(maps, explain(bb, images, method="bcos", target=pred))
-    single = explain(bb, images[1:2], method="bcos", target=pred[1:2])
+    torch.testing.assert_close(maps, explain(bb, images, method="bcos", target=pred).maps)
+    single = explain(bb, images[1:2], method="bcos", target=pred[1:2]).maps
     torch.testing.assert_close(single[0], maps[1], rtol=1e-5, atol=1e-6)
     assert bb.training and {n: p.requires_grad for n, p in bb.named_parameters()} == flags
     assert all(torch.equal(v, state[k]) for k, v in bb.state_dict().items())
     assert not any(m.explaining for m in bb.modules() if isinstance(m, Detachable))
     assert all(not m._forward_hooks for m in bb.modules())
-    both, logits = get_explainer("bcos", bb).explain_and_predict(images)
-    torch.testing.assert_close(both, maps)
+    both = get_explainer("bcos", bb)(images)
+    torch.testing.assert_close(both.maps, maps)
     with torch.no_grad():
-        torch.testing.assert_close(logits, bb(images), rtol=1e-5, atol=1e-6)
-    full = explain_bcos(bb, images, target=2)
-    assert full.weights.shape == (3, 6, 32, 32) and full.colour.shape == (3, 32, 32, 4)
-    assert full.colour.min() >= 0 and full.colour.max() <= 1 and (full.target == 2).all()
-    assert full.pictures()[0].mode == "RGBA"
+        torch.testing.assert_close(both.logits, bb(images), rtol=1e-5, atol=1e-6)
+    full = explain(bb, images, method="bcos", target=2)
+    weights, colour = full.extras["weights"], full.extras["colour"]
+    assert weights.shape == (3, 6, 32, 32) and colour.shape == (3, 32, 32, 4)
+    assert colour.min() >= 0 and colour.max() <= 1 and (full.targets == 2).all()
+    assert colour_picture(colour[0]).mode == "RGBA"
     with pytest.raises(VitlensError, match="B-cos"):
         explain(tiny_timm(img_size=32), images, method="bcos")
 
@@ -329,7 +331,7 @@ def test_bcos_explainer_contract(images):
 @pytest.mark.parametrize("method", ["rollout", "gae", "gradcam", "inputxgrad", "ig", "smoothgrad", "occlusion", "rise"])
 def test_baseline_explainers_run_on_the_bcos_vit(method, images):
     options = {"rise": {"n_masks": 64}, "ig": {"steps": 4}, "smoothgrad": {"n_samples": 4}}.get(method, {})
-    maps = explain(adapt(ours("stem")), images, method=method, **options)
+    maps = explain(adapt(ours("stem")), images, method=method, **options).maps
     assert maps.shape == (3, 4, 4) and torch.isfinite(maps).all()
 
 
@@ -398,6 +400,6 @@ def test_committed_bcos_maps_localise_better_than_rollout():
     for i, item_boxes in enumerate(batch["boxes"]):
         for x0, y0, x1, y1 in item_boxes.long().tolist():
             boxes[i, y0 : y1 + 1, x0 : x1 + 1] = True
-    bcos_energy = _energy_in_box(explain(bb, batch["image"], method="bcos"), boxes).mean()
-    rollout_energy = _energy_in_box(explain(bb, batch["image"], method="rollout"), boxes).mean()
+    bcos_energy = _energy_in_box(explain(bb, batch["image"], method="bcos").maps, boxes).mean()
+    rollout_energy = _energy_in_box(explain(bb, batch["image"], method="rollout").maps, boxes).mean()
     assert bcos_energy > rollout_energy

@@ -192,7 +192,7 @@ def test_diffmask_checkpoint_round_trip(diffmask_ckpt, images):
     from vitlens import explain
 
     bb = load_checkpoint(diffmask_ckpt, kind="diffmask")
-    assert explain(bb, images, "diffmask").shape == (3, 4, 4)
+    assert explain(bb, images, "diffmask").maps.shape == (3, 4, 4)
 
 
 def test_diffmask_gates_checked(diffmask_ckpt):

@@ -61,9 +61,9 @@ def test_training_keeps_the_classifier_frozen_and_the_prediction_within_the_marg
     task = DiffMaskTask(gated, kl_margin=0.1, gates=load_gates(gated))
     assert task.masked_kl(train_images).mean() <= 0.1
     images = train_images[:4]
-    maps = explain(gated, images, "diffmask")
+    maps = explain(gated, images, "diffmask").maps
     assert maps.shape == (4, 3, 3) and maps.min() >= 0 and maps.max() <= 1
-    torch.testing.assert_close(explain(gated, images, "diffmask", target=0), maps)  # explains the distribution
+    torch.testing.assert_close(explain(gated, images, "diffmask", target=0).maps, maps)  # explains the distribution
 
 
 def test_diffmask_needs_a_diffmask_checkpoint(images):
@@ -93,7 +93,7 @@ def _mass_on_target_cells(model, spec: str, methods) -> dict[str, float]:
     cover = torch.nn.functional.adaptive_avg_pool2d(masks[:, None].float(), grid)[:, 0]
     result = {}
     for m in methods:
-        maps = explain(model, images, m).clamp_min(0)
+        maps = explain(model, images, m).maps.clamp_min(0)
         result[m] = ((maps * cover).sum((1, 2)) / maps.sum((1, 2)).clamp_min(1e-12)).mean().item()
     return result
 

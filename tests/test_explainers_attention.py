@@ -23,7 +23,7 @@ def abnar_zuidema_rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
 
 def test_rollout_matches_paper_equations(images):
     bb = adapt(make_timm("vit"))
-    maps = explain(bb, images, "rollout")
+    maps = explain(bb, images, "rollout").maps
     with torch.no_grad():
         attentions = bb.run(images, attention=True).attentions
     expected = abnar_zuidema_rollout(attentions)[:, 0, 1:].reshape(3, 4, 4)
@@ -35,18 +35,18 @@ def test_rollout_distilled_and_avg_pool_use_the_readout(images):
     with torch.no_grad():
         rollout = abnar_zuidema_rollout(bb.run(images, attention=True).attentions)
     expected = (0.5 * (rollout[:, 0] + rollout[:, 1]))[:, 2:].reshape(3, 4, 4)
-    torch.testing.assert_close(explain(bb, images, "rollout"), expected)
+    torch.testing.assert_close(explain(bb, images, "rollout").maps, expected)
     avg = adapt(make_timm("avg-pool-no-cls"))
     with torch.no_grad():
         rollout = abnar_zuidema_rollout(avg.run(images, attention=True).attentions)
-    torch.testing.assert_close(explain(avg, images, "rollout"), rollout.mean(1).reshape(3, 4, 4))
+    torch.testing.assert_close(explain(avg, images, "rollout").maps, rollout.mean(1).reshape(3, 4, 4))
 
 
 def test_attention_is_last_block_class_row(images):
     bb = adapt(make_timm("registers"))
     with torch.no_grad():
         last = bb.run(images, attention=True).attentions[-1]
-    torch.testing.assert_close(explain(bb, images, "attention"), last.mean(1)[:, 0, 5:].reshape(3, 4, 4))
+    torch.testing.assert_close(explain(bb, images, "attention").maps, last.mean(1)[:, 0, 5:].reshape(3, 4, 4))
     with pytest.raises(VitlensError, match="class token"):
         explain(adapt(make_timm("avg-pool-no-cls")), images, "attention")
 
@@ -56,10 +56,10 @@ def test_contract_batch_single_and_model_unchanged(method, images):
     bb = adapt(make_timm("vit"))
     before = {k: v.clone() for k, v in bb.state_dict().items()}
     bb.train()
-    maps = explain(bb, images, method)
+    maps = explain(bb, images, method).maps
     assert maps.shape == (3, 4, 4) and maps.dtype == torch.float32 and torch.isfinite(maps).all()
     assert maps.std() > 0
-    single = torch.cat([explain(bb, images[i : i + 1], method) for i in range(3)])
+    single = torch.cat([explain(bb, images[i : i + 1], method).maps for i in range(3)])
     torch.testing.assert_close(single, maps, atol=1e-6, rtol=1e-5)
     assert bb.training and all(m.training for m in bb.modules())
     assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
@@ -76,4 +76,5 @@ def test_unknown_method_and_bad_inputs(images):
     with pytest.raises(VitlensError, match="NaN"):
         explain(bb, images * float("nan"), "rollout")
     with pytest.raises(VitlensError, match=r"\[B, 3, H, W\]"):
-        explain(bb, images[0], "rollout")
+        explain(bb, images[0, 0], "rollout")
+    torch.testing.assert_close(explain(bb, images[0], "rollout").maps, explain(bb, images[:1], "rollout").maps)

@@ -108,7 +108,7 @@ def test_gae_matches_paper_equations(variant, images):
         expected = 0.5 * (relevance[:, 0, 2:] + relevance[:, 1, 2:])
     else:
         expected = relevance.mean(1)
-    maps = explain(bb, images, "gae", target=target.tolist())
+    maps = explain(bb, images, "gae", target=target.tolist()).maps
     assert far_from_uniform(expected)
     torch.testing.assert_close(maps, expected.reshape(3, 4, 4).detach(), atol=1e-5, rtol=1e-4)
 
@@ -338,13 +338,13 @@ def test_chefer_matches_reference_implementation(images):
     bb = backbone("vit")
     model = bb.model
     targets = [0, 4, 2]
-    maps = explain(bb, images, "chefer", target=targets)
+    maps = explain(bb, images, "chefer", target=targets).maps
     with torch.no_grad():
         x0 = model.norm_pre(model._pos_embed(model.patch_embed(bb.normalize(images))))
     expected = torch.cat([reference_transformer_attribution(model, x0[i : i + 1], targets[i]) for i in range(3)])
     assert far_from_uniform(expected)
     torch.testing.assert_close(maps, expected.reshape(3, 4, 4), atol=1e-6, rtol=1e-4)
-    assert not torch.allclose(maps, explain(bb, images, "gae", target=targets), atol=1e-3)  # not GAE renamed
+    assert not torch.allclose(maps, explain(bb, images, "gae", target=targets).maps, atol=1e-3)  # not GAE renamed
 
 
 def test_lrp_rules_are_conservative():
@@ -368,7 +368,7 @@ def test_relevance_is_conserved_through_every_block(kind, images):
     bb = backbone(kind)
     with torch.no_grad():
         trace = bb.run(images)
-        target = trace.logits.argmax(1)
+        target = torch.nn.functional.one_hot(trace.logits.argmax(1), bb.num_classes).float()
         r, _ = _head_relevance(bb.head_parts(), trace.tokens, target, trace.num_prefix_tokens)
         torch.testing.assert_close(r.sum((1, 2)), torch.ones(3))
         for i in reversed(range(len(bb.blocks))):
@@ -385,7 +385,7 @@ def test_chefer_layer_scale_and_qk_norm_are_supported_and_other_blocks_refused(i
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
         num_classes=5, init_values=0.5, qk_norm=True,
     )))  # fmt: skip
-    maps = explain(bb, images, "chefer")
+    maps = explain(bb, images, "chefer").maps
     assert maps.shape == (3, 4, 4) and torch.isfinite(maps).all() and maps.std() > 0
     from timm.models.vision_transformer import ResPostBlock
 
@@ -395,7 +395,7 @@ def test_chefer_layer_scale_and_qk_norm_are_supported_and_other_blocks_refused(i
     ).eval())  # fmt: skip
     with pytest.raises(VitlensError, match="chefer.*ResPostBlock"):
         explain(post, images, "chefer")
-    explain(post, images, "gae")  # GAE needs only the attention maps
+    assert explain(post, images, "gae").maps.shape == (3, 4, 4)  # GAE needs only the attention maps
 
 
 # --- flow: Edmonds–Karp on the attention graph ----------------------------------------------------
@@ -451,7 +451,7 @@ def flow_by_hand(attentions: list[Tensor], readout: Tensor) -> Tensor:
 def test_flow_matches_edmonds_karp(variant, images):
     bb = backbone(variant)
     images = images[:2]
-    maps = explain(bb, images, "flow")
+    maps = explain(bb, images, "flow").maps
     with torch.no_grad():
         attentions = bb.run(images, attention=True).attentions
     p = bb.num_prefix_tokens
@@ -486,10 +486,10 @@ def test_contract(method, kind, images):
     before = {k: v.clone() for k, v in bb.state_dict().items()}
     grad_flags = [p.requires_grad for p in bb.parameters()]
     attention = attention_state(bb)
-    maps = explain(bb, images, method)
+    maps = explain(bb, images, method).maps
     assert maps.shape == (3, 4, 4) and maps.dtype == torch.float32 and torch.isfinite(maps).all()
     assert (maps.flatten(1).std(1) > 1e-6).all()  # no image gets a constant map
-    single = torch.cat([explain(bb, images[i : i + 1], method) for i in range(3)])
+    single = torch.cat([explain(bb, images[i : i + 1], method).maps for i in range(3)])
     torch.testing.assert_close(single, maps, atol=1e-5, rtol=1e-4)
     assert all(m.training for m in bb.modules())
     assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
@@ -504,13 +504,13 @@ def test_targets(method, images):
     bb = backbone("vit")
     with torch.no_grad():
         predicted = bb(images).argmax(1)
-    default = explain(bb, images, method)
-    torch.testing.assert_close(default, explain(bb, images, method, target=predicted.tolist()))
+    default = explain(bb, images, method).maps
+    torch.testing.assert_close(default, explain(bb, images, method, target=predicted.tolist()).maps)
     other = [(int(c) + 1) % 5 for c in predicted]
-    per_image = explain(bb, images, method, target=other)
+    per_image = explain(bb, images, method, target=other).maps
     assert not torch.allclose(per_image, default, atol=1e-4)  # class-dependent
     for i in range(3):
-        torch.testing.assert_close(per_image[i], explain(bb, images, method, target=other[i])[i])
+        torch.testing.assert_close(per_image[i], explain(bb, images, method, target=other[i]).maps[i])
     with pytest.raises(VitlensError, match="out of range"):
         explain(bb, images, method, target=5)
     with pytest.raises(VitlensError, match="targets"):
@@ -519,11 +519,11 @@ def test_targets(method, images):
 
 def test_flow_ignores_the_target(images):
     bb = backbone("vit")
-    torch.testing.assert_close(explain(bb, images, "flow", target=1), explain(bb, images, "flow"))
+    torch.testing.assert_close(explain(bb, images, "flow", target=1).maps, explain(bb, images, "flow").maps)
 
 
 def test_gae_works_under_no_grad(images):
     bb = backbone("vit")
     with torch.no_grad():
-        maps = explain(bb, images, "gae")
-    torch.testing.assert_close(maps, explain(bb, images, "gae"))
+        maps = explain(bb, images, "gae").maps
+    torch.testing.assert_close(maps, explain(bb, images, "gae").maps)

@@ -76,7 +76,7 @@ def check_contract(name: str, method: str, options: dict, images: torch.Tensor) 
     bb.train()
     next(bb.parameters()).requires_grad_(False)  # a mixed set of flags must come back as it was
     before = snapshot(bb)
-    maps = explain(bb, images, method, **options)
+    maps = explain(bb, images, method, **options).maps
     assert maps.shape == (len(images), 4, 4) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all()
     assert (maps.flatten(1).std(1) > 0).all()
@@ -122,7 +122,7 @@ def test_ig_matches_captum(baseline, images):
         base, options = gaussian_blur(images, 3.0), {"baseline": "blur", "blur_sigma": 3.0}
     else:
         base, options = torch.zeros_like(images), {"baseline": "black"}
-    ours = explain(bb, images, "ig", target=target, steps=6, internal_batch_size=4, **options)
+    ours = explain(bb, images, "ig", target=target, steps=6, internal_batch_size=4, **options).maps
     theirs = IntegratedGradients(lambda x: bb(x)).attribute(
         images,
         baselines=base.expand_as(images),
@@ -138,7 +138,7 @@ def test_ig_completeness_and_default_blur(images):
     """Sundararajan et al.'s completeness axiom: the map sums to logit(x) − logit(baseline)."""
     bb = adapt(make_timm("vit"))
     for baseline, base in [("black", torch.zeros_like(images)), ("blur", gaussian_blur(images, PATCH))]:
-        maps = explain(bb, images, "ig", target=2, steps=24, baseline=baseline)
+        maps = explain(bb, images, "ig", target=2, steps=24, baseline=baseline).maps
         with torch.no_grad():
             gap = bb(images)[:, 2] - bb(base)[:, 2]
         torch.testing.assert_close(maps.sum((1, 2)), gap, atol=1e-4, rtol=1e-3)
@@ -149,7 +149,7 @@ def test_inputxgrad_matches_captum(images):
     with torch.no_grad():
         predicted = bb(images).argmax(1)
     theirs = InputXGradient(lambda x: bb(x)).attribute(images.clone().requires_grad_(True), target=predicted)
-    torch.testing.assert_close(explain(bb, images, "inputxgrad"), pool(theirs), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(explain(bb, images, "inputxgrad").maps, pool(theirs), atol=1e-6, rtol=1e-5)
 
 
 def test_smoothgrad_matches_captum_with_the_same_noise(images, monkeypatch):
@@ -163,7 +163,7 @@ def test_smoothgrad_matches_captum_with_the_same_noise(images, monkeypatch):
     eps = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     sigma = level * (images.amax((1, 2, 3)) - images.amin((1, 2, 3)))
     noise = (sigma.view(-1, 1, 1, 1, 1) * eps).reshape(-1, 3, 32, 32)
-    ours = explain(bb, images, "smoothgrad", target=4, n_samples=n, sigma=level, seed=seed, internal_batch_size=4)
+    ours = explain(bb, images, "smoothgrad", target=4, n_samples=n, sigma=level, seed=seed, internal_batch_size=4).maps
 
     drawn = []
 
@@ -194,7 +194,7 @@ def test_gradcam_matches_pytorch_grad_cam(variant, layer, images):
     """
     bb = adapt(make_timm(variant))
     p, target = bb.num_prefix_tokens, [1, 0, 4]
-    ours = explain(bb, images, "gradcam", target=target, layer=layer)
+    ours = explain(bb, images, "gradcam", target=target, layer=layer).maps
 
     def reshape(t: torch.Tensor) -> torch.Tensor:
         return t[:, p:].reshape(t.shape[0], 4, 4, t.shape[2]).permute(0, 3, 1, 2)
@@ -233,9 +233,9 @@ def test_gradcam_builds_no_graph_below_its_layer(images):
 
 def test_gradcam_default_layer_is_last_attention_norm(images):
     bb = adapt(make_timm("vit"))
-    torch.testing.assert_close(explain(bb, images, "gradcam"), explain(bb, images, "gradcam", layer=1))
+    torch.testing.assert_close(explain(bb, images, "gradcam").maps, explain(bb, images, "gradcam", layer=1).maps)
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(explain(bb, images, "gradcam"), explain(bb, images, "gradcam", layer=0))
+        torch.testing.assert_close(explain(bb, images, "gradcam").maps, explain(bb, images, "gradcam", layer=0).maps)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -248,28 +248,28 @@ def test_every_method_on_every_backbone(method, name, images):
 def test_single_image_equals_batch_and_targets(method, images):
     bb = adapt(make_timm("registers"))
     options = METHODS[method]
-    maps = explain(bb, images, method, **options)
-    single = torch.cat([explain(bb, images[i : i + 1], method, **options) for i in range(3)])
+    maps = explain(bb, images, method, **options).maps
+    single = torch.cat([explain(bb, images[i : i + 1], method, **options).maps for i in range(3)])
     torch.testing.assert_close(single, maps, atol=1e-6, rtol=1e-4)
 
     with torch.no_grad():
         predicted = bb(images).argmax(1)
-    torch.testing.assert_close(explain(bb, images, method, target=predicted.tolist(), **options), maps)
-    per_image = explain(bb, images, method, target=[4, 0, 2], **options)
+    torch.testing.assert_close(explain(bb, images, method, target=predicted.tolist(), **options).maps, maps)
+    per_image = explain(bb, images, method, target=[4, 0, 2], **options).maps
     for i, t in enumerate([4, 0, 2]):
-        torch.testing.assert_close(per_image[i], explain(bb, images[i : i + 1], method, target=t, **options)[0])
-    assert not torch.allclose(explain(bb, images, method, target=3, **options), maps)
+        torch.testing.assert_close(per_image[i], explain(bb, images[i : i + 1], method, target=t, **options).maps[0])
+    assert not torch.allclose(explain(bb, images, method, target=3, **options).maps, maps)
 
 
 def test_smoothgrad_seed(images):
     bb = adapt(make_timm("vit"))
-    a = explain(bb, images, "smoothgrad", n_samples=3, seed=1)
-    torch.testing.assert_close(explain(bb, images, "smoothgrad", n_samples=3, seed=1), a, atol=0, rtol=0)
-    assert not torch.allclose(explain(bb, images, "smoothgrad", n_samples=3, seed=2), a)
+    a = explain(bb, images, "smoothgrad", n_samples=3, seed=1).maps
+    torch.testing.assert_close(explain(bb, images, "smoothgrad", n_samples=3, seed=1).maps, a, atol=0, rtol=0)
+    assert not torch.allclose(explain(bb, images, "smoothgrad", n_samples=3, seed=2).maps, a)
     # sigma=0: every noisy copy is the image itself → |plain gradient|
     x = images.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(bb(x)[:, 1].sum(), x)
-    torch.testing.assert_close(explain(bb, images, "smoothgrad", target=1, sigma=0.0), pool(g.abs()))
+    torch.testing.assert_close(explain(bb, images, "smoothgrad", target=1, sigma=0.0).maps, pool(g.abs()))
 
 
 @pytest.mark.parametrize(

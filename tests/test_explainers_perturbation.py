@@ -54,7 +54,9 @@ def rise_reference(bb, images, targets, n, p, seed, fill, smooth=False) -> torch
 def test_rise_matches_per_mask_transcription(smooth, images):
     bb = adapt(make_timm("registers"))
     targets = [2, 0, 4]
-    ours = explain(bb, images, "rise", target=targets, n_masks=10, p=0.3, seed=3, smooth=smooth, internal_batch_size=7)
+    ours = explain(
+        bb, images, "rise", target=targets, n_masks=10, p=0.3, seed=3, smooth=smooth, internal_batch_size=7
+    ).maps
     fill = bb.mean.expand_as(images)
     expected = rise_reference(bb, images, targets, n=10, p=0.3, seed=3, fill=fill, smooth=smooth)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
@@ -63,7 +65,7 @@ def test_rise_matches_per_mask_transcription(smooth, images):
 def test_rise_with_all_patches_kept_is_the_probability(images):
     """p = 1 keeps every patch: the map is P(target | image) everywhere."""
     bb = adapt(make_timm("vit"))
-    maps = explain(bb, images, "rise", target=1, n_masks=3, p=1.0)
+    maps = explain(bb, images, "rise", target=1, n_masks=3, p=1.0).maps
     expected = torch.tensor([probability(bb, x, 1) for x in images])
     torch.testing.assert_close(maps, expected.view(3, 1, 1).expand(3, 4, 4))
 
@@ -75,7 +77,7 @@ def test_occlusion_matches_captum(variant, window, fill, images):
     """captum's Occlusion on the softmax with patch-sized windows, a stride of one patch, the same fill."""
     bb = adapt(make_timm(variant))
     targets = [0, 4, 2]
-    ours = explain(bb, images, "occlusion", target=targets, window=window, fill=fill, internal_batch_size=5)
+    ours = explain(bb, images, "occlusion", target=targets, window=window, fill=fill, internal_batch_size=5).maps
     baseline = bb.mean if fill == "mean" else torch.zeros(1) if fill == "black" else torch.tensor(fill)
     theirs = Occlusion(lambda x: bb(x).softmax(-1)).attribute(
         images,
@@ -98,7 +100,8 @@ def test_fills(images):
             (0.25, torch.full((1, 3, 32, 32), 0.25)),
         ]:
             torch.testing.assert_close(
-                explain(bb, images, method, fill=fill, **options), explain(bb, images, method, fill=tensor, **options)
+                explain(bb, images, method, fill=fill, **options).maps,
+                explain(bb, images, method, fill=tensor, **options).maps,
             )
 
 
@@ -112,22 +115,22 @@ def test_every_method_on_every_backbone(method, name, images):
 def test_single_image_equals_batch_and_targets(method, images):
     bb = backbone("timm:deit-distilled")
     options = METHODS[method]
-    maps = explain(bb, images, method, **options)
-    single = torch.cat([explain(bb, images[i : i + 1], method, **options) for i in range(3)])
+    maps = explain(bb, images, method, **options).maps
+    single = torch.cat([explain(bb, images[i : i + 1], method, **options).maps for i in range(3)])
     torch.testing.assert_close(single, maps, atol=1e-6, rtol=1e-4)
     with torch.no_grad():
         predicted = bb(images).argmax(1)
-    torch.testing.assert_close(explain(bb, images, method, target=predicted.tolist(), **options), maps)
-    per_image = explain(bb, images, method, target=[4, 0, 2], **options)
+    torch.testing.assert_close(explain(bb, images, method, target=predicted.tolist(), **options).maps, maps)
+    per_image = explain(bb, images, method, target=[4, 0, 2], **options).maps
     for i, t in enumerate([4, 0, 2]):
-        torch.testing.assert_close(per_image[i], explain(bb, images[i : i + 1], method, target=t, **options)[0])
+        torch.testing.assert_close(per_image[i], explain(bb, images[i : i + 1], method, target=t, **options).maps[0])
 
 
 def test_rise_seed(images):
     bb = adapt(make_timm("vit"))
-    a = explain(bb, images, "rise", n_masks=8, seed=1)
-    torch.testing.assert_close(explain(bb, images, "rise", n_masks=8, seed=1), a, atol=0, rtol=0)
-    assert not torch.allclose(explain(bb, images, "rise", n_masks=8, seed=2), a)
+    a = explain(bb, images, "rise", n_masks=8, seed=1).maps
+    torch.testing.assert_close(explain(bb, images, "rise", n_masks=8, seed=1).maps, a, atol=0, rtol=0)
+    assert not torch.allclose(explain(bb, images, "rise", n_masks=8, seed=2).maps, a)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +192,7 @@ def test_maps_concentrate_on_the_object(name, data):
     area = region.float().mean((1, 2)).mean().item()
     energies = {}
     for method, options in SANITY.items():
-        maps = explain(bb, images, method, **options)
+        maps = explain(bb, images, method, **options).maps
         assert maps.shape == (len(images), *bb.grid_for((h, w))) and torch.isfinite(maps).all()
         mass = upsample(maps, (h, w)).clamp_min(0)
         energies[method] = ((mass * region).sum((1, 2)) / mass.sum((1, 2)).clamp_min(1e-12)).mean().item()

@@ -47,8 +47,8 @@ def no_tf32():
 def test_maps_on_gpu_equal_the_cpu_maps(method, no_tf32):
     cpu, gpu, images = _pair(method)
     target = torch.tensor([0, 1, 2, 3])
-    on_cpu = get_explainer(method, cpu)(images, target)
-    on_gpu = get_explainer(method, gpu)(images.to(CUDA), target.to(CUDA))
+    on_cpu = get_explainer(method, cpu)(images, target).maps
+    on_gpu = get_explainer(method, gpu)(images.to(CUDA), target.to(CUDA)).maps
     assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
     scale = on_cpu.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     torch.testing.assert_close((on_gpu.cpu() / scale), on_cpu / scale, rtol=1e-3, atol=1e-3)
@@ -62,9 +62,9 @@ def test_maps_under_bf16_autocast_follow_fp32(method):
     ds = open_dataset("fashion-canvas:test:n=8")
     images = torch.stack([ds[i]["image"] for i in range(8)]).to(CUDA)
     target = torch.tensor([ds[i]["label"] for i in range(8)], device=CUDA)
-    fp32 = get_explainer(method, bb)(images, target)
+    fp32 = get_explainer(method, bb)(images, target).maps
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        bf16 = get_explainer(method, bb)(images, target)
+        bf16 = get_explainer(method, bb)(images, target).maps
     assert bf16.shape == fp32.shape and torch.isfinite(bf16).all()
     a, b = fp32.flatten(1).float(), bf16.flatten(1).float()
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
@@ -79,12 +79,13 @@ def test_bcos_contributions_on_gpu_equal_the_cpu_ones(no_tf32):
     gpu.load_state_dict(cpu.state_dict())
     torch.manual_seed(0)
     images = torch.rand(2, 3, *cpu.preprocessing.input_size)
-    on_cpu = get_explainer("bcos", cpu).explain_full(images)
-    on_gpu = get_explainer("bcos", gpu).explain_full(images.to(CUDA))
-    assert on_gpu.contributions.device.type == "cuda"
+    on_cpu = get_explainer("bcos", cpu)(images)
+    on_gpu = get_explainer("bcos", gpu)(images.to(CUDA))
+    ours, theirs = on_cpu.extras["contributions"], on_gpu.extras["contributions"]
+    assert theirs.device.type == "cuda"
     torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, rtol=1e-4, atol=1e-4)
-    scale = on_cpu.contributions.abs().amax()
-    torch.testing.assert_close(on_gpu.contributions.cpu() / scale, on_cpu.contributions / scale, rtol=1e-3, atol=1e-4)
+    scale = ours.abs().amax()
+    torch.testing.assert_close(theirs.cpu() / scale, ours / scale, rtol=1e-3, atol=1e-4)
 
 
 def test_bench_on_gpu_reports_allocator_peaks():
@@ -106,5 +107,5 @@ def test_training_on_gpu_learns_and_loads_on_cpu(tmp_path):
     pm_cfg = TrainConfig(max_steps=20, batch_size=16, lr=2e-4, warmup_steps=5, log_every=10, device="cuda")
     train_pm(tmp_path / "run", "counting:train:grid=2,n=400", tmp_path / "pm", pm_cfg, mask_fraction=0.1)
     pm = load_model(tmp_path / "pm")
-    maps = get_explainer("pm", pm)(torch.rand(2, 3, *pm.preprocessing.input_size), torch.tensor([0, 1]))
+    maps = get_explainer("pm", pm)(torch.rand(2, 3, *pm.preprocessing.input_size), torch.tensor([0, 1])).maps
     assert torch.isfinite(maps).all() and ((maps >= 0) & (maps <= 1)).all()

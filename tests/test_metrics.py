@@ -17,7 +17,7 @@ from conftest import committed, tiny_timm
 from vitlens.backbones import adapt, load_model, upsample
 from vitlens.data import collate, open_dataset
 from vitlens.errors import VitlensError
-from vitlens.explainers import get_explainer
+from vitlens.explainers import Explanation, get_explainer
 from vitlens.metrics import METRICS, Batch, boxes_from_map, get_metric
 from vitlens.metrics.localisation import average_precision, normalize_maps, threshold_sweep, thresholds_for
 from vitlens.metrics.perturbation import fill_images
@@ -439,10 +439,10 @@ def test_grid_pointing_game_by_hand():
         maps = torch.zeros(len(images), 2, 2)
         for i, t in enumerate(targets.tolist()):
             maps[i][pos[t]] = 1.0
-        return maps
+        return Explanation(maps, "cells")
 
     def uniform_explainer(images, targets):
-        return torch.ones(len(images), 2, 2)
+        return Explanation(torch.ones(len(images), 2, 2), "uniform")
 
     def run(explainer):
         batch = Batch(torch.zeros(1, 3, h, h), labels[:, 0], labels[:, 0], torch.arange(1), model=model,
@@ -476,7 +476,7 @@ def test_sanity_cascade_leaves_the_model_unchanged(images):
     state = copy.deepcopy(backbone.state_dict())
     grads = [p.requires_grad for p in backbone.parameters()]
     explainer = get_explainer("attention", backbone)
-    maps = explainer(images)
+    maps = explainer(images).maps
     batch = Batch(images, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.arange(3),
                   model=backbone, explainer=explainer)  # fmt: skip
     m = get_metric("sanity")

@@ -32,6 +32,7 @@ from vitlens.explainers.chefer import (
 )
 from vitlens.explainers.perturbation import grid_to_pixels, keep_patches
 from vitlens.explainers.pm import patch_probabilities
+from vitlens.explainers.targets import Target
 from vitlens.training import TrainConfig
 from vitlens.training.diffmask import DiffMaskTask
 
@@ -70,9 +71,10 @@ def chefer_by_recomputation(bb, images: Tensor) -> Tensor:
     """The plain way: gradients from the model's own forward (hooked attention), then every block recomputed
     from its input in the trace and the LRP rules written out with four products per linear layer."""
     with torch.enable_grad():
-        trace, target, grads = attention_gradients(bb, images, None)
+        trace, grads = attention_gradients(bb, images, Target())
     with torch.no_grad():
-        r, _ = _head_relevance(bb.head_parts(), trace.tokens, target, trace.num_prefix_tokens)
+        start = torch.nn.functional.one_hot(trace.logits.argmax(1), bb.num_classes).float()
+        r, _ = _head_relevance(bb.head_parts(), trace.tokens, start, trace.num_prefix_tokens)
         mats = []
         for i in reversed(range(len(bb.blocks))):
             parts = bb.block_parts(bb.blocks[i])
@@ -119,7 +121,7 @@ LRP_MODELS = {
 def test_chefer_single_pass_equals_recomputation(kind, images):
     bb = adapt(sharpen(LRP_MODELS[kind]()))
     expected = chefer_by_recomputation(bb, images)
-    ours = explain(bb, images, "chefer")
+    ours = explain(bb, images, "chefer").maps
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-4)
 
     def centred(maps: Tensor) -> Tensor:  # average-pooled models give maps close to uniform: compare the rest
@@ -163,7 +165,7 @@ def test_pm_map_is_the_targets_slice_of_the_volume(variant, images):
         volume = patch_probabilities(bb, bb.run(images))
     for target in (None, [4, 0, 2]):
         t = volume.new_tensor(target or [], dtype=torch.long) if target else bb(images).argmax(1)
-        torch.testing.assert_close(explain(bb, images, "pm", target=target), volume[torch.arange(3), t])
+        torch.testing.assert_close(explain(bb, images, "pm", target=target).maps, volume[torch.arange(3), t])
 
 
 # --- batched inner loops: forward calls counted -------------------------------------------------------
@@ -172,10 +174,10 @@ def test_pm_map_is_the_targets_slice_of_the_volume(variant, images):
 @pytest.mark.parametrize(
     "method, options, batches",
     [
-        ("ig", {"steps": 8, "internal_batch_size": 24}, [24]),  # 8 steps × 3 images in one pass
-        ("ig", {"steps": 8, "internal_batch_size": 16}, [16, 8]),
-        ("smoothgrad", {"n_samples": 6, "internal_batch_size": 64}, [18]),
-        ("rise", {"n_masks": 40, "internal_batch_size": 60}, [60, 60]),
+        ("ig", {"steps": 8, "internal_batch_size": 24}, [24, 3]),  # 8 steps × 3 images in one pass, then the logits
+        ("ig", {"steps": 8, "internal_batch_size": 16}, [16, 8, 3]),
+        ("smoothgrad", {"n_samples": 6, "internal_batch_size": 64}, [18, 3]),
+        ("rise", {"n_masks": 40, "internal_batch_size": 60}, [60, 60, 3]),
         ("occlusion", {"window": 2, "internal_batch_size": 27}, [3, 27]),  # unoccluded, then 9 windows × 3
     ],
 )
@@ -252,9 +254,9 @@ def test_bench_record_has_the_documented_shape():
 def test_untrained_gates_give_a_working_diffmask_view(images):
     bb = adapt(make_timm("vit"))
     view = with_untrained_gates(bb, seed=3)
-    maps = explain(view, images, "diffmask")
+    maps = explain(view, images, "diffmask").maps
     assert maps.shape == (3, 4, 4) and torch.isfinite(maps).all()
-    torch.testing.assert_close(explain(with_untrained_gates(bb, seed=3), images, "diffmask"), maps)
+    torch.testing.assert_close(explain(with_untrained_gates(bb, seed=3), images, "diffmask").maps, maps)
     assert all(p.requires_grad for p in bb.parameters())
 
 

@@ -214,7 +214,8 @@ def test_explain_folder_keeps_going_and_reports_at_the_end(env, tmp_path, capsys
                                                                                          "rgba.png"]  # fmt: skip
     lines = err.strip().splitlines()
     assert len(lines) == 2 and "bad.jpg" in lines[0] and "1 of 5 images could not be read" in lines[1]
-    assert len(list(out.glob("*.npy"))) == 4 and not list(out.glob(".*"))
+    assert len(list(out.rglob("*.npy"))) == 4 and not list(out.rglob(".*"))
+    assert (out / "sub" / "rgba.rollout.npy").is_file()  # the input tree, mirrored
 
 
 def test_evaluate_folder_reports_bad_files(env, tmp_path, capsys):

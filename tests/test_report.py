@@ -70,7 +70,7 @@ def test_gallery_maps_are_the_evaluated_maps(results):
     ds = open_dataset("counting:test")
     images = torch.stack([ds[i]["image"] for i in g["index"]])
     model = load_model(committed("counting-vit"))
-    maps = explain(model, images, "rollout", target=torch.tensor(g["label"]))
+    maps = explain(model, images, "rollout", target=torch.tensor(g["label"])).maps
     torch.testing.assert_close(torch.tensor(g["maps"]["rollout"]), maps, rtol=1e-5, atol=1e-6)
 
 

@@ -8,6 +8,17 @@ __version__ = "0.1.0"
 
 from .backbones import Backbone, load_model  # noqa: E402
 from .errors import VitlensError  # noqa: E402
-from .explainers import explain  # noqa: E402
+from .explainers import EmbeddingSimilarity, Explanation, TopK, explain  # noqa: E402
+from .viz import show  # noqa: E402
 
-__all__ = ["Backbone", "VitlensError", "__version__", "explain", "load_model"]
+__all__ = [
+    "Backbone",
+    "EmbeddingSimilarity",
+    "Explanation",
+    "TopK",
+    "VitlensError",
+    "__version__",
+    "explain",
+    "load_model",
+    "show",
+]

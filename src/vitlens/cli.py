@@ -125,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("images", nargs="+", help="image files or folders of them")
     ex.add_argument("--model", required=True, help="timm:NAME, hf:NAME, torchvision:NAME or a checkpoint directory")
     ex.add_argument("--method", default="rollout", help="explanation method (see `vitlens methods`)")
-    ex.add_argument("--target", type=int, help="class to explain (default: the predicted class)")
-    ex.add_argument("--out", default="vitlens-out", help="output directory for maps (.npy) and overlays (.png)")
+    target = ex.add_mutually_exclusive_group()
+    target.add_argument("--target", help="class to explain, an index or a name (default: the predicted class)")
+    target.add_argument("--top-k", type=_positive_int, metavar="K", help="explain each image's K top classes")
+    ex.add_argument("--out", default="vitlens-out",
+                    help="output folder: maps (.npy) and overlays (.png) mirror the inputs' folder tree")  # fmt: skip
+    ex.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cpu)")
     ex.add_argument("--batch-size", type=_positive_int, default=16)
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     ex.add_argument("--json", action="store_true", help="print one JSON list with a record per image (streamed)")
@@ -190,14 +194,16 @@ def cmd_explain(a: argparse.Namespace) -> int:
     failed: list[str] = []  # only the bad files are kept: memory stays flat over any number of images
     done = 0
     options = parse_options(a.option, what="--option")
-    run = explain_files(a.images, a.model, a.method, target=a.target, out=a.out, batch_size=a.batch_size,
-                        options=options)  # fmt: skip
+    target = int(a.target) if a.target is not None and a.target.lstrip("-").isdigit() else a.target
+    run = explain_files(a.images, a.model, a.method, target=target, top_k=a.top_k, out=a.out,
+                        batch_size=a.batch_size, options=options, device=a.device)  # fmt: skip
     try:
         for r in run:  # records are printed as they come (the --json list too)
             if a.json:
                 print(("[\n" if done == 0 else ",\n") + json.dumps(r), end="", flush=True)
             elif "error" not in r:
-                print(f"{r['image']}: {r['predicted_class']} ({r['probability']:.2f}) -> {r['overlay']}")
+                shown = r["overlay"] if "overlay" in r else ", ".join(r["overlays"])
+                print(f"{r['image']}: {r['predicted_class']} ({r['probability']:.2f}) -> {shown}")
             done += 1
             if "error" in r:
                 failed.append(r["error"])
@@ -216,12 +222,15 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 def cmd_methods(a: argparse.Namespace) -> int:
     from .explainers import EXPLAINERS
+    from .explainers.base import option_docs
 
-    rows = [(name, cls.cost, cls.paper) for name, cls in sorted(EXPLAINERS.items())]
-    width = max(len(r[0]) for r in rows)
-    cw = max(len(r[1]) for r in rows)
-    for name, cost, paper in rows:
-        print(f"{name:<{width}}  {cost:<{cw}}  {paper}")
+    for name, cls in sorted(EXPLAINERS.items()):
+        print(f"{name}: {cls.meaning}")
+        print(f"    paper: {cls.paper}")
+        print(f"    cost: {cls.cost}; display scale: {cls.scale}")
+        docs, types = option_docs(cls), cls.option_types()
+        for option, default in cls.options().items():
+            print(f"    option {option}: {types[option]} = {default!r}  {docs.get(option, '')}".rstrip())
     return 0
 
 

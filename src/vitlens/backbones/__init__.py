@@ -11,9 +11,11 @@ Model URIs::
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
 from ..errors import VitlensError
@@ -42,12 +44,14 @@ __all__ = [
     "adapt",
     "boxes_to_mask",
     "build_module",
+    "check_device",
     "explicit_attention",
     "gaussian_blur",
     "load_model",
     "parse_model_uri",
     "patch_coverage",
     "to_grid",
+    "unwrap",
     "upsample",
 ]
 
@@ -60,8 +64,51 @@ ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
 SCHEMES = ("timm", "hf", "torchvision", "bcos")
 
 
+def unwrap(model: nn.Module) -> tuple[nn.Module, Preprocessing | None]:
+    """The ViT inside the wrappers people put around it, and the preprocessing a wrapper declares.
+
+    ``torch.compile`` (``._orig_mod``), ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``nn.Sequential(Normalize(mean, std), vit)`` (torchvision's ``Normalize``: its mean and std become the
+    model's preprocessing) are unwrapped; the explanation runs on the same modules and weights.
+    """
+    preprocessing = None
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, nn.Sequential) and len(model) >= 2:
+            *front, last = list(model)
+            preprocessing = _normalize_front(front, last)
+            model = last
+        else:
+            return model, preprocessing
+
+
+def _normalize_front(front: list[nn.Module], vit: nn.Module) -> Preprocessing:
+    """The preprocessing of ``Sequential(Normalize(mean, std), vit)``; anything else in front is refused."""
+    from torchvision.transforms import Normalize
+
+    if len(front) != 1 or not isinstance(front[0], Normalize):
+        names = ", ".join(type(m).__name__ for m in front)
+        raise VitlensError(
+            f"nn.Sequential({names}, {type(vit).__name__}): only a torchvision Normalize may stand in front of the "
+            "ViT (pass the ViT itself and give images in [0, 1])"
+        )
+    norm = front[0]
+    inner = adapt(vit)
+    mean, std = (tuple(float(v) for v in torch.as_tensor(x).reshape(-1).tolist()) for x in (norm.mean, norm.std))
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return Preprocessing(inner.preprocessing.input_size, mean, std, inner.preprocessing.interpolation)
+
+
 def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=None) -> Backbone:
-    """Wrap a plain timm / transformers / torchvision ViT in its adapter."""
+    """Wrap a plain timm / transformers / torchvision ViT in its adapter (wrappers unwrapped, see :func:`unwrap`)."""
+    if isinstance(model, Backbone):
+        return model
+    model, declared = unwrap(model)
+    preprocessing = preprocessing or declared
     if isinstance(model, Backbone):
         return model
     for matches, adapter in ADAPTERS:
@@ -171,6 +218,51 @@ def _load_uri(uri: str, options: dict) -> Backbone:
     return backbone
 
 
+HUB_HOST = "huggingface.co"
+OFFLINE_HELP = (
+    "without a network, load weights from disk: hf:/path/to/saved/model, bcos:NAME?weights=PATH, a vitlens "
+    "checkpoint directory, or models already in the Hugging Face / torch hub cache (HF_HUB_OFFLINE=1)"
+)
+
+
+def hub_reachable(host: str = HUB_HOST) -> bool:
+    """Whether the model hub's host name resolves (a lookup, no connection): fails at once without a network."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def offline_hub() -> Iterator[None]:
+    """Hugging Face Hub calls answered from the local cache only (no retries against an unreachable hub)."""
+    try:
+        import huggingface_hub.constants as hub
+    except ImportError:  # pragma: no cover - timm and transformers depend on it
+        yield
+        return
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+
+
+def _load_uri_offline_aware(uri: str, options: dict) -> Backbone:
+    """:func:`_load_uri`, answered from local files within seconds when the hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE") or hub_reachable():
+        return _load_uri(uri, options)
+    with offline_hub():
+        try:
+            return _load_uri(uri, options)
+        except VitlensError as e:
+            raise VitlensError(f"{e} — no network: {OFFLINE_HELP}") from e
+
+
 def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **options) -> Backbone:
     """Any supported model, URI or vitlens checkpoint directory → a :class:`Backbone`.
 
@@ -188,7 +280,7 @@ def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **o
         if is_checkpoint_dir(text):
             backbone = load_checkpoint(text)
         elif text.partition(":")[0] in SCHEMES:
-            backbone = _load_uri(text, options)
+            backbone = _load_uri_offline_aware(text, options)
         else:
             if os.path.exists(text):
                 what = f"{text!r} is a file, not a model"
@@ -203,4 +295,20 @@ def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **o
         backbone.eval()
     else:
         raise VitlensError(f"cannot load a model from a {type(model).__name__}")
-    return backbone.to(device) if device is not None else backbone
+    return backbone.to(check_device(device)) if device is not None else backbone
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`, or a one-line error for an unknown or missing one."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise VitlensError(f"unknown device {device!r} (expected cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VitlensError(f"device {device}: no CUDA device is available (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VitlensError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise VitlensError(f"device {device}: MPS is not available (use cpu)")
+    return dev

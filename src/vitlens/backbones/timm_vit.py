@@ -72,18 +72,43 @@ class TimmViT(Backbone):
     def blocks(self) -> Sequence[nn.Module]:
         return self.model.blocks
 
+    @contextlib.contextmanager
+    def _any_size(self, needed: bool) -> Iterator[None]:
+        """timm's ``dynamic_img_size`` switched on for the call (position embeddings interpolated), as if the
+        model had been created with it; restored afterwards."""
+        m, pe = self.model, self.model.patch_embed
+        names = {"strict_img_size": False, "flatten": False, "output_fmt": "NHWC"}
+        if not needed or m.dynamic_img_size or not all(hasattr(pe, k) for k in names):
+            yield
+            return
+        from timm.layers import Format
+
+        saved = {k: getattr(pe, k) for k in names}
+        try:
+            m.dynamic_img_size = True
+            pe.strict_img_size, pe.flatten, pe.output_fmt = False, False, Format.NHWC
+            yield
+        finally:
+            m.dynamic_img_size = False
+            for k, v in saved.items():
+                setattr(pe, k, v)
+
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        e = self.model.patch_embed(x)
+        pe = self.model.patch_embed
+        built = tuple(pe.img_size) if getattr(pe, "img_size", None) is not None else None
+        with self._any_size(built is not None and tuple(x.shape[-2:]) != built):
+            e = pe(x)
         if e.ndim == 4:  # NHWC (dynamic_img_size)
             grid = (e.shape[1], e.shape[2])
             return e.flatten(1, 2), grid
-        return e, tuple(self.model.patch_embed.grid_size)
+        return e, tuple(pe.grid_size)
 
     def add_prefix_and_position(self, embeddings: Tensor, grid: tuple[int, int]) -> Tensor:
         m = self.model
-        if m.dynamic_img_size:
-            embeddings = embeddings.reshape(embeddings.shape[0], *grid, embeddings.shape[-1])
-        x = m._pos_embed(embeddings)
+        with self._any_size(tuple(grid) != tuple(m.patch_embed.grid_size)):
+            if m.dynamic_img_size:
+                embeddings = embeddings.reshape(embeddings.shape[0], *grid, embeddings.shape[-1])
+            x = m._pos_embed(embeddings)
         x = m.patch_drop(x)
         return m.norm_pre(x)
 

@@ -2,13 +2,11 @@
 
 In explanation mode a B-cos network is exactly linear in its encoded input, ``logit_c = W(x)_c · x + const``
 (the constant: the position-embedding path and the logit bias), and ``W(x)_c`` is the input gradient. The
-contribution map ``Σ_channels x ⊙ W(x)_c``, summed over each patch, is the map on the patch grid (SPEC §3.2).
-:func:`explain_bcos` also returns the weights, the pixel contributions and the colour explanation.
+contribution map ``Σ_channels x ⊙ W(x)_c``, summed over each patch, is the map on the patch grid. The
+explanation's ``extras`` also hold the pixel contributions and the colour explanation.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,7 +17,8 @@ from torch import Tensor
 from ..backbones.bcos_vit import BcosViT
 from ..bcos import explanation_mode
 from ..errors import VitlensError
-from .base import Explainer, frozen_eval, register, resolve_target
+from .base import Explainer, register
+from .targets import Target
 
 
 def colour_explanation(inputs: Tensor, weights: Tensor, smooth: int = 15, alpha_percentile: float = 99.5) -> Tensor:
@@ -50,23 +49,6 @@ def colour_picture(rgba: Tensor, size: int = 256) -> Image.Image:
     return Image.fromarray((pixels[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8), "RGBA")
 
 
-@dataclass
-class BcosExplanation:
-    """Everything one B-cos explanation pass yields, for a batch."""
-
-    logits: Tensor  # [B, C] (computed in explanation mode: the same values as a plain forward)
-    target: Tensor  # [B] the explained classes
-    inputs: Tensor  # [B, 6, H, W] the encoded images [r, g, b, 1-r, 1-g, 1-b]
-    weights: Tensor  # [B, 6, H, W] the dynamic linear weights W(x)_target
-    contributions: Tensor  # [B, H, W] Σ_channels inputs ⊙ weights
-    maps: Tensor  # [B, gh, gw] contributions summed over each patch
-    colour: Tensor  # [B, H, W, 4] RGBA colour explanation
-
-    def pictures(self, size: int = 256) -> list[Image.Image]:
-        """The colour explanations as RGBA pictures."""
-        return [colour_picture(c, size) for c in self.colour]
-
-
 def default_smooth(size: tuple[int, int]) -> int:
     """The reference smoothing kernel (15 px at 224 px), scaled to the input size, odd."""
     return max(1, round(15 * min(size) / 224)) | 1
@@ -74,32 +56,41 @@ def default_smooth(size: tuple[int, int]) -> int:
 
 @register
 class Bcos(Explainer):
+    """The B-cos contribution map: ``Σ_channels x ⊙ W(x)_target`` of the dynamic linear map, per patch.
+
+    The explanation's ``extras`` hold ``"weights"`` ``[B, 6, H, W]`` (the dynamic linear weights of the
+    encoded input), ``"contributions"`` ``[B, H, W]`` (per pixel) and ``"colour"`` ``[B, H, W, 4]`` (the RGBA
+    colour explanation). A score function as the target is explained through
+    the same linear map (its gradient in explanation mode).
+
+    Args:
+        smooth: side of the alpha smoothing window in pixels (default: 15 px scaled to the input size).
+        alpha_percentile: the percentile of the alpha values that maps to full opacity.
+    """
+
     name = "bcos"
     paper = "Böhle, Fritz, Schiele, B-cos Alignment for Inherently Interpretable CNNs and ViTs, TPAMI 2024"
     cost = "1 forward + 1 backward (explanation mode)"
+    scale = "positive"
+    meaning = "each patch's exact contribution to the logit through the model's dynamic linear map"
 
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
+    def __init__(self, model, *, smooth: int | None = None, alpha_percentile: float = 99.5):
+        super().__init__(model)
         if not isinstance(self.backbone, BcosViT):
             raise VitlensError(
                 f"method 'bcos' needs a B-cos ViT (bcos:NAME or a `vitlens train bcos` checkpoint), "
                 f"not a {self.backbone.family} model"
             )
+        self.smooth, self.alpha_percentile = smooth, alpha_percentile
 
-    @classmethod
-    def options(cls) -> dict:
-        # None: 15 px scaled to the input size (the reference value at 224 px)
-        return {"smooth": None, "alpha_percentile": 99.5}
-
-    def _linear(self, images: Tensor, target) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(encoded inputs, W(x)_target, logits, target): one forward and one backward in explanation mode."""
+    def _linear(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor, Tensor]:
+        """(encoded inputs, W(x)_target, logits): one forward and one backward in explanation mode."""
         model = self.backbone.model
         with torch.enable_grad(), explanation_mode(model):
             x = model.encode(self.backbone.normalize(images)).detach().requires_grad_(True)
             logits = model.forward_encoded(x)
-            t = resolve_target(target, logits)
-            (weights,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
-        return x.detach(), weights, logits.detach(), t
+            (weights,) = torch.autograd.grad(target.fixed(logits).score(logits).sum(), x)
+        return x.detach(), weights, logits.detach()
 
     def _pool(self, contributions: Tensor) -> Tensor:
         """Pixel contributions ``[B, H, W]`` → their sum over each patch ``[B, gh, gw]``."""
@@ -107,36 +98,10 @@ class Bcos(Explainer):
         gh, gw = self.backbone.grid_for((h, w))
         return F.adaptive_avg_pool2d(contributions[:, None], (gh, gw))[:, 0] * (h * w / (gh * gw))
 
-    def explain(self, images: Tensor, target) -> Tensor:
-        x, weights, _, _ = self._linear(images, target)
-        return self._pool((x * weights).sum(1))
-
-    def explain_and_predict(self, images: Tensor, target=None) -> tuple[Tensor, Tensor]:
-        """(maps, logits) from the one explanation pass (the logits need no extra forward)."""
-        images = self._check(images)
-        with frozen_eval(self.backbone):
-            x, weights, logits, _ = self._linear(images, target)
-        return self._pool((x * weights).sum(1)).float(), logits
-
-    def explain_full(self, images: Tensor, target=None) -> BcosExplanation:
-        """The full explanation: weights, pixel contributions, patch map and colour explanation."""
-        images = self._check(images)
-        with frozen_eval(self.backbone):
-            x, weights, logits, t = self._linear(images, target)
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor, dict]:
+        x, weights, logits = self._linear(images, target)
         contributions = (x * weights).sum(1)
-        smooth = self.settings["smooth"] or default_smooth(tuple(images.shape[-2:]))
-        return BcosExplanation(
-            logits=logits, target=t, inputs=x, weights=weights, contributions=contributions,
-            maps=self._pool(contributions).float(),
-            colour=colour_explanation(x, weights, int(smooth), float(self.settings["alpha_percentile"])),
-        )  # fmt: skip
-
-    def explain_with_pictures(self, images: Tensor, target=None) -> tuple[Tensor, Tensor, dict]:
-        """(maps, logits, {file suffix: pictures}) for ``vitlens explain``: the colour explanation."""
-        full = self.explain_full(images, target)
-        return full.maps, full.logits, {"bcos-colour": full.pictures()}
-
-
-def explain_bcos(model, images: Tensor, target=None, **options) -> BcosExplanation:
-    """Dynamic linear weights, pixel contributions, patch map and colour explanation of a B-cos ViT."""
-    return Bcos(model, **options).explain_full(images, target)
+        smooth = self.smooth or default_smooth(tuple(images.shape[-2:]))
+        colour = colour_explanation(x, weights, int(smooth), float(self.alpha_percentile))
+        extras = {"weights": weights, "contributions": contributions, "colour": colour}
+        return self._pool(contributions), logits, extras

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from ..backbones import Backbone, Trace, to_grid
 from ..backbones.parts import Affine, BlockParts, HeadParts, UnsupportedParts
 from ..errors import VitlensError
-from .base import Explainer, register, resolve_target
+from .attention import block_index
+from .base import Explainer, register
+from .targets import Target
 
 
 def rollout_with_identity(mats: Sequence[Tensor], start: Tensor) -> Tensor:
@@ -41,18 +43,17 @@ def rollout_with_identity(mats: Sequence[Tensor], start: Tensor) -> Tensor:
     return row
 
 
-def attention_gradients(backbone: Backbone, images: Tensor, target) -> tuple[Trace, Tensor, tuple[Tensor, ...]]:
-    """One forward with explicit attention and one backward: ∂ logit_target / ∂ A_b for every block.
+def attention_gradients(backbone: Backbone, images: Tensor, target: Target) -> tuple[Trace, tuple[Tensor, ...]]:
+    """One forward with explicit attention and one backward: ∂ score / ∂ A_b for every block.
 
     The graph starts at the input of the first block (``grad_from=0``) and no parameter gradients
-    are computed. Returns the trace, the resolved targets [B] and the gradients [B, heads, T, T].
+    are computed. Returns the trace and the gradients [B, heads, T, T].
     """
     with torch.enable_grad():
         trace = backbone.run(images, attention=True, grad_from=0)
-        target = resolve_target(target, trace.logits.detach())
-        score = trace.logits.gather(1, target[:, None]).sum()
+        score = target.fixed(trace.logits).score(trace.logits).sum()
         grads = torch.autograd.grad(score, trace.attentions)
-    return trace, target, grads
+    return trace, grads
 
 
 def _readout_map(backbone: Backbone, trace: Trace, mats: Sequence[Tensor]) -> Tensor:
@@ -69,12 +70,13 @@ class GAE(Explainer):
     name = "gae"
     paper = "Chefer, Gur, Wolf, Generic Attention-model Explainability, ICCV 2021"
     cost = "1 forward + 1 backward (explicit attention)"
+    meaning = "attention weighted by its gradient for the target, positive part, rolled out over the blocks"
 
-    def explain(self, images: Tensor, target) -> Tensor:
-        trace, _, grads = attention_gradients(self.backbone, images, target)
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
+        trace, grads = attention_gradients(self.backbone, images, target)
         with torch.no_grad():
             mats = [(g * a).clamp(min=0).mean(1) for g, a in zip(grads, trace.attentions, strict=True)]
-            return _readout_map(self.backbone, trace, mats)
+            return _readout_map(self.backbone, trace, mats), trace.logits
 
 
 # --- transformer attribution (LRP) ----------------------------------------------------------------
@@ -197,8 +199,9 @@ def _lrp_block(p: BlockParts, c: _Activations, r_out: Tensor, to_input: bool) ->
     return r_a, r_x + _zplus(c.h1, p.qkv[0], r_qkv, _unbiased(c.qkv, p.qkv))
 
 
-def _head_relevance(head: HeadParts, tokens: Tensor, target: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
-    """Relevance of the final tokens [B, T, D] from a one-hot relevance on the target logit (total 1).
+def _head_relevance(head: HeadParts, tokens: Tensor, start: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """Relevance of the final tokens [B, T, D] from the relevance ``start`` [B, C] on the logits: one-hot on
+    the target class (total 1), or the score function's gradient with respect to the logits.
 
     Also returns the logits recomputed from the parts (to check them against the model's).
     One head: the α1β0 rule through it (the class token, or the patch mean with the z-rule through the
@@ -208,8 +211,8 @@ def _head_relevance(head: HeadParts, tokens: Tensor, target: Tensor, num_prefix:
     pooled = [tokens[:, i] if i is not None else tokens[:, num_prefix:].mean(1) for i, _ in head.heads]
     feats = [head.pre(z) for z in pooled]
     logits = [F.linear(f, *affine) for f, (_, affine) in zip(feats, head.heads, strict=True)]
-    onehot = F.one_hot(target, logits[0].shape[-1]).to(tokens.dtype)
-    shares = _add_rule(logits, onehot) if len(logits) > 1 else [onehot]
+    start = start.to(tokens.dtype)
+    shares = _add_rule(logits, start) if len(logits) > 1 else [start]
     r = torch.zeros_like(tokens)
     for (i, (w, _)), z, f, share in zip(head.heads, pooled, feats, shares, strict=True):
         r_feat = _zplus(f, w, share)  # the norm before the head passes relevance unchanged
@@ -268,15 +271,16 @@ def _check_against_model(backbone: Backbone, image: Tensor) -> None:
     _check_reproduced(ours.logits, ref.logits, "the logits")
 
 
-def transformer_attribution_mats(backbone: Backbone, run: _PartsPass, target: Tensor, grads: Sequence[Tensor]):
-    """Ā_b = E_h[(∇A_b ⊙ R_A_b)⁺] for every block [B, T, T], R_A_b by LRP from the target logit down.
+def transformer_attribution_mats(backbone: Backbone, run: _PartsPass, start: Tensor, grads: Sequence[Tensor]):
+    """Ā_b = E_h[(∇A_b ⊙ R_A_b)⁺] for every block [B, T, T], R_A_b by LRP from the relevance ``start`` on
+    the logits [B, C] down.
 
     Blocks are taken from the top and dropped from ``run`` once used, so memory shrinks as the pass goes
     down. The first block's q/k/v are not propagated (nothing below its attention map is read).
     """
     num_prefix = backbone.num_prefix_tokens
     tokens, logits = run.tokens.detach(), run.logits.detach()
-    r, head_logits = _head_relevance(backbone.head_parts(), tokens, target, num_prefix)
+    r, head_logits = _head_relevance(backbone.head_parts(), tokens, start, num_prefix)
     _check_reproduced(head_logits, logits, "the classifier")
     mats = []
     for i in reversed(range(len(run.blocks))):
@@ -301,38 +305,44 @@ class Chefer(Explainer):
 
     One forward pass, recomputed from the blocks' parts (:func:`forward_parts`), gives both the attention
     gradients and the activations the LRP rules read; the first call of an explainer checks that
-    recomputation against the model's own forward on one image.
+    recomputation against the model's own forward on one image. A score function as the target starts
+    the relevance from its gradient with respect to the logits (one-hot for a class).
+
+    Args:
+        start_layer: the first block rolled out (0: all blocks; Chefer et al.'s evaluation uses 1).
     """
 
     name = "chefer"
     paper = "Chefer, Gur, Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021"
     cost = "1 forward + 1 backward + 1 LRP pass (explicit attention)"
+    meaning = "LRP relevance of the attention weighted by its gradient for the target, rolled out (positive)"
 
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
+    def __init__(self, model, *, start_layer: int = 0):
+        super().__init__(model)
+        self.start_layer = block_index(self.name, "start_layer", start_layer, len(self.backbone.blocks))
         self.checked = False
 
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         try:
             return self._explain(images, target)
         except UnsupportedParts as e:
             raise _refuse(e.what) from None
 
-    def _explain(self, images: Tensor, target) -> Tensor:
+    def _explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         bb = self.backbone
         if not self.checked:
             _check_against_model(bb, images[:1])
             self.checked = True
         with torch.enable_grad():
             run = forward_parts(bb, images)
-            target = resolve_target(target, run.logits.detach())
-            score = run.logits.gather(1, target[:, None]).sum()
-            grads = torch.autograd.grad(score, [c.a for _, c in run.blocks])
+            score = target.fixed(run.logits).score(run.logits).sum()
+            relevance, *grads = torch.autograd.grad(score, [run.logits, *[c.a for _, c in run.blocks]])
         with torch.no_grad():
-            mats = transformer_attribution_mats(bb, run, target, grads)
+            mats = transformer_attribution_mats(bb, run, relevance, grads)[self.start_layer :]
             t = mats[0].shape[-1]
             start = bb.readout(t).to(mats[0].dtype).expand(mats[0].shape[0], t)
-            return to_grid(rollout_with_identity(mats, start)[:, bb.num_prefix_tokens :], run.grid)
+            row = rollout_with_identity(mats, start)[:, bb.num_prefix_tokens :]
+            return to_grid(row, run.grid), run.logits.detach()
 
 
 # --- attention flow -------------------------------------------------------------------------------
@@ -376,28 +386,33 @@ class Flow(Explainer):
     The loop over images and tokens is the one exception to vitlens' no-per-image-loops rule: max-flow
     does not batch. ``max_tokens`` refuses larger models.
     The map does not depend on the target class.
+
+    Args:
+        max_tokens: refuse models with more tokens than this (the cost grows with T³).
     """
 
     name = "flow"
     paper = "Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020 (attention flow)"
     cost = "1 forward + T max-flows per image on CPU (slow: ~30 s per image at 197 tokens, 12 blocks)"
+    meaning = "the maximum attention flow from each patch to the readout token (class-agnostic)"
+    class_specific = False
 
-    @classmethod
-    def options(cls) -> dict:
-        return {"max_tokens": 256}
+    def __init__(self, model, *, max_tokens: int = 256):
+        super().__init__(model)
+        self.max_tokens = max_tokens
 
     @torch.no_grad()
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         trace = self.backbone.run(images, attention=True)
         t = trace.attentions[0].shape[-1]
-        if t > self.settings["max_tokens"]:
+        if t > self.max_tokens:
             raise VitlensError(
                 f"method 'flow' solves one max-flow per token per image: {t} tokens exceed max_tokens="
-                f"{self.settings['max_tokens']} (raise it if you accept the cost, or use 'rollout')"
+                f"{self.max_tokens} (raise it if you accept the cost, or use 'rollout')"
             )
         eye = torch.eye(t, device=images.device)
         mats = torch.stack([0.5 * a.mean(1) + 0.5 * eye for a in trace.attentions], 1).double().cpu().numpy()
         readout = self.backbone.readout(t).double().cpu().numpy()
         flows = np.stack([_input_flows(m, readout) for m in mats])
         flows = torch.as_tensor(flows, dtype=images.dtype, device=images.device)
-        return trace.to_grid(flows[:, trace.num_prefix_tokens :])
+        return trace.to_grid(flows[:, trace.num_prefix_tokens :]), trace.logits

@@ -133,12 +133,16 @@ class DiffMask(Explainer):
     name = "diffmask"
     paper = "Nalmpantis et al., VISION DIFFMASK, CVPR-W 2023 (De Cao et al. 2020)"
     cost = "1 forward + the gate probes (needs a `vitlens train diffmask` checkpoint)"
+    scale = "probability"
+    meaning = "the probability that the patch must stay for the prediction to hold (class-agnostic)"
+    class_specific = False
 
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
+    def __init__(self, model):
+        super().__init__(model)
         self.gates = load_gates(self.backbone)
 
     @torch.no_grad()
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target) -> tuple[Tensor, Tensor]:
         with frozen_eval(self.gates):
-            return self.gates.attribution(self.backbone.run(images))
+            trace = self.backbone.run(images)
+            return self.gates.attribution(trace), trace.logits

@@ -20,7 +20,9 @@ from torch import Tensor
 
 from ..backbones import Backbone, gaussian_blur
 from ..errors import VitlensError
-from .base import Explainer, register, resolve_target
+from .attention import block_index
+from .base import Explainer, register
+from .targets import Target
 
 
 def pixels_to_grid(attr: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -36,23 +38,25 @@ def pixels_to_grid(attr: Tensor, grid: tuple[int, int]) -> Tensor:
     return F.adaptive_avg_pool2d(attr[:, None], grid)[:, 0] * (h * w / (gh * gw))
 
 
-def predicted_or_given(backbone: Backbone, images: Tensor, target) -> Tensor:
-    """Targets ``[B]``; only ``target=None`` costs a forward pass (the predicted class)."""
-    if target is None:
-        with torch.no_grad():
-            return backbone(images).argmax(1)
-    return resolve_target(target, images.new_empty(len(images), backbone.num_classes))
+def predicted_or_given(backbone: Backbone, images: Tensor, target: Target) -> tuple[Target, Tensor | None]:
+    """The target with the predicted class filled in, and the clean logits when that took a forward pass
+    (only the predicted class costs one)."""
+    if target.is_function or target.classes is not None:
+        return target, None
+    with torch.no_grad():
+        logits = backbone(images)
+    return target.fixed(logits), logits
 
 
 def weighted_input_gradients(
     backbone: Backbone,
     images: Tensor,
-    target: Tensor,
+    target: Target,
     make: Callable[[Tensor, Tensor], Tensor],
     weights: Tensor,
     chunk: int,
 ) -> Tensor:
-    """``Σ_s weights[s] · ∂ logit_target / ∂x`` at the inputs ``make(s, i)``, for every image ``i``.
+    """``Σ_s weights[s] · ∂ score / ∂x`` at the inputs ``make(s, i)``, for every image ``i``.
 
     The ``len(weights) × B`` inputs (sample-major, as captum expands them) run in chunks of ``chunk``
     images: no Python loop over samples or images, only over chunks. Returns ``[B, 3, H, W]``.
@@ -62,8 +66,7 @@ def weighted_input_gradients(
     for idx in torch.arange(len(weights) * b, device=images.device).split(chunk):
         s, i = idx.div(b, rounding_mode="floor"), idx % b
         x = make(s, i).detach().requires_grad_(True)
-        logits = backbone(x)
-        (g,) = torch.autograd.grad(logits.gather(1, target[i, None]).sum(), x)
+        (g,) = torch.autograd.grad(target.subset(i).score(backbone(x)).sum(), x)
         total.index_add_(0, i, g * weights[s].view(-1, 1, 1, 1))
     return total
 
@@ -93,58 +96,56 @@ class GradCAM(Explainer):
     patch token — pytorch-grad-cam's ``GradCAM`` with a ``reshape_transform`` that drops the class,
     distillation and register tokens, without its min-max normalisation and resizing.
 
-    ``layer`` (default ``-1``) is a block index (negative counts from the end); the layer read is that
-    block's pre-attention LayerNorm (``backbone.attention_norm``), the target layer of pytorch-grad-cam's
-    ViT tutorial (``model.blocks[-1].norm1``). Not the last block's output: a class-token head reads only
-    the class token after the (per-token) final norm, so the gradient on the patch tokens there is
-    exactly zero. The forward pass is cut at the chosen block (``run(grad_from=...)``), so the backward
+    The layer read is block ``layer``'s pre-attention LayerNorm (``backbone.attention_norm``), the target
+    layer of pytorch-grad-cam's ViT tutorial (``model.blocks[-1].norm1``). Not the last block's output: a
+    class-token head reads only the class token after the (per-token) final norm, so the gradient on the
+    patch tokens there is exactly zero. The forward pass is cut at the chosen block (``run(grad_from=...)``), so the backward
     pass only goes through the blocks above it.
+
+    Args:
+        layer: the block whose pre-attention LayerNorm is read (negative counts from the end).
     """
 
     name = "gradcam"
     paper = "Selvaraju et al., Grad-CAM, ICCV 2017 (ViT tokens as in pytorch-grad-cam)"
     cost = "1 forward + 1 backward from the chosen block up"
+    meaning = "patches whose features, weighted by the target's mean gradient, raise the target (ReLU)"
 
-    @classmethod
-    def options(cls) -> dict:
-        return {"layer": -1}
+    def __init__(self, model, *, layer: int = -1):
+        super().__init__(model)
+        self.layer = layer
+        self.block = block_index(self.name, "layer", int(layer) if isinstance(layer, np.integer) else layer,
+                                 len(self.backbone.blocks))  # fmt: skip
 
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
-        n, layer = len(self.backbone.blocks), self.settings["layer"]
-        if isinstance(layer, bool) or not isinstance(layer, int | np.integer) or not -n <= layer < n:
-            raise VitlensError(f"gradcam: layer must be a block index in {-n}..{n - 1}, got {layer!r}")
-        self.block = int(layer) % n
-
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         bb = self.backbone
         with torch.enable_grad(), bb.capture_outputs({"a": bb.attention_norm(self.block)}) as found:
             trace = bb.run(images, grad_from=self.block)
         acts = found["a"]
-        t = resolve_target(target, trace.logits.detach())
-        (grads,) = torch.autograd.grad(trace.logits.gather(1, t[:, None]).sum(), acts)
+        (grads,) = torch.autograd.grad(target.fixed(trace.logits).score(trace.logits).sum(), acts)
         p = trace.num_prefix_tokens
         weights = grads[:, p:].mean(1, keepdim=True)
         cam = (acts[:, p:].detach() * weights).sum(-1).clamp_min(0)
-        return trace.to_grid(cam)
+        return trace.to_grid(cam), trace.logits
 
 
 @register
 class InputXGradient(Explainer):
-    """``x ⊙ ∂ logit_target / ∂x`` for the image ``x`` in [0, 1], summed over channels (signed) and patches."""
+    """``x ⊙ ∂ score / ∂x`` for the image ``x`` in [0, 1], summed over channels (signed) and patches."""
 
     name = "inputxgrad"
     paper = "Shrikumar et al. 2016; Ancona et al., ICLR 2018 (Input x Gradient)"
     cost = "1 forward + 1 backward"
+    scale = "signed"
+    meaning = "first-order contribution of each patch's pixels to the target score (signed)"
 
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         bb = self.backbone
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
             logits = bb(x)
-            t = resolve_target(target, logits.detach())
-            (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
-        return pixels_to_grid((x.detach() * g).sum(1), bb.grid_for(tuple(images.shape[-2:])))
+            (g,) = torch.autograd.grad(target.fixed(logits).score(logits).sum(), x)
+        return pixels_to_grid((x.detach() * g).sum(1), bb.grid_for(tuple(images.shape[-2:]))), logits
 
 
 @register
@@ -157,30 +158,40 @@ class IntegratedGradients(Explainer):
     ``baseline``: ``"black"`` (zeros in [0, 1]), ``"blur"`` (the image blurred with a Gaussian of
     ``blur_sigma`` pixels; default one patch width) or a tensor broadcastable to the images.
     The ``steps × B`` interpolated images run in chunks of ``internal_batch_size``.
+
+    Args:
+        steps: quadrature points of the path integral.
+        baseline: ``"black"``, ``"blur"`` or a tensor broadcastable to the images (in [0, 1]).
+        blur_sigma: σ in pixels of the ``"blur"`` baseline (default: one patch width).
+        internal_batch_size: interpolated images per forward/backward pass.
     """
 
     name = "ig"
     paper = "Sundararajan et al., Axiomatic Attribution for Deep Networks, ICML 2017"
-    cost = "steps (32) forward + backward (+1 forward when target=None)"
+    cost = "steps (32) forward + backward, + 1 forward for the logits"
+    scale = "signed"
+    meaning = "each patch's share of the target score's change from the baseline image (signed, sums to it)"
 
-    @classmethod
-    def options(cls) -> dict:
-        return {"steps": 32, "baseline": "black", "blur_sigma": None, "internal_batch_size": 64}
+    def __init__(
+        self,
+        model,
+        *,
+        steps: int = 32,
+        baseline: str | Tensor = "black",
+        blur_sigma: float | None = None,
+        internal_batch_size: int = 64,
+    ):
+        super().__init__(model)
+        self.steps = positive_int(self.name, "steps", steps)
+        self.internal_batch_size = positive_int(self.name, "internal_batch_size", internal_batch_size)
+        if not torch.is_tensor(baseline) and baseline not in ("black", "blur"):
+            raise VitlensError(f"ig: baseline must be 'black', 'blur' or a tensor, got {baseline!r}")
+        self.baseline = baseline
+        self.blur_sigma = None if blur_sigma is None else non_negative(self.name, "blur_sigma", blur_sigma)
 
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
-        s = self.settings
-        self.steps = positive_int(self.name, "steps", s["steps"])
-        self.chunk = positive_int(self.name, "internal_batch_size", s["internal_batch_size"])
-        base = s["baseline"]
-        if not torch.is_tensor(base) and base not in ("black", "blur"):
-            raise VitlensError(f"ig: baseline must be 'black', 'blur' or a tensor, got {base!r}")
-        if s["blur_sigma"] is not None:
-            non_negative(self.name, "blur_sigma", s["blur_sigma"])
-
-    def baseline(self, images: Tensor) -> Tensor:
+    def baseline_images(self, images: Tensor) -> Tensor:
         """The baseline image for every input, ``[B, 3, H, W]``."""
-        base = self.settings["baseline"]
+        base = self.baseline
         if torch.is_tensor(base):
             try:
                 return base.to(images).expand_as(images)
@@ -190,13 +201,13 @@ class IntegratedGradients(Explainer):
                 ) from None
         if base == "black":
             return torch.zeros_like(images)
-        sigma = self.settings["blur_sigma"]
+        sigma = self.blur_sigma
         return gaussian_blur(images, float(self.backbone.patch_size[0] if sigma is None else sigma))
 
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor | None]:
         bb = self.backbone
-        t = predicted_or_given(bb, images, target)
-        base = self.baseline(images)
+        t, logits = predicted_or_given(bb, images, target)
+        base = self.baseline_images(images)
         delta = images - base
         nodes, weights = np.polynomial.legendre.leggauss(self.steps)
         alphas = torch.as_tensor(0.5 * (nodes + 1), dtype=images.dtype, device=images.device)
@@ -206,8 +217,8 @@ class IntegratedGradients(Explainer):
             return base[i] + alphas[s].view(-1, 1, 1, 1) * delta[i]
 
         with torch.enable_grad():
-            grads = weighted_input_gradients(bb, images, t, make, weights, self.chunk)
-        return pixels_to_grid((delta * grads).sum(1), bb.grid_for(tuple(images.shape[-2:])))
+            grads = weighted_input_gradients(bb, images, t, make, weights, self.internal_batch_size)
+        return pixels_to_grid((delta * grads).sum(1), bb.grid_for(tuple(images.shape[-2:]))), logits
 
 
 @register
@@ -219,31 +230,36 @@ class SmoothGrad(Explainer):
     shared by every image of the batch, so a map depends only on its image and the seed (same on CPU and
     GPU). Noisy copies are not clipped to [0, 1] (as in captum's NoiseTunnel). The map is the absolute
     value of the mean gradient, summed over channels and patches: a magnitude, like the paper's maps.
+
+    Args:
+        n_samples: noisy copies per image.
+        sigma: noise level as a fraction of each image's value range.
+        seed: seed of the noise (the same noise for every image).
+        internal_batch_size: noisy images per forward/backward pass.
     """
 
     name = "smoothgrad"
     paper = "Smilkov et al., SmoothGrad: removing noise by adding noise, 2017"
-    cost = "n_samples (16) forward + backward (+1 forward when target=None)"
+    cost = "n_samples (16) forward + backward, + 1 forward for the logits"
+    meaning = "how sensitive the target score is to each patch's pixels, averaged over noisy copies"
 
-    @classmethod
-    def options(cls) -> dict:
-        return {"n_samples": 16, "sigma": 0.15, "seed": 0, "internal_batch_size": 64}
-
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
-        s = self.settings
-        self.n = positive_int(self.name, "n_samples", s["n_samples"])
-        self.chunk = positive_int(self.name, "internal_batch_size", s["internal_batch_size"])
-        self.sigma = non_negative(self.name, "sigma", s["sigma"])
-        check_seed(self.name, s["seed"])
+    def __init__(
+        self, model, *, n_samples: int = 16, sigma: float = 0.15, seed: int = 0, internal_batch_size: int = 64
+    ):
+        super().__init__(model)
+        self.n_samples = positive_int(self.name, "n_samples", n_samples)
+        self.internal_batch_size = positive_int(self.name, "internal_batch_size", internal_batch_size)
+        self.sigma = non_negative(self.name, "sigma", sigma)
+        check_seed(self.name, seed)
+        self.seed = int(seed)
 
     def noise(self, shape: tuple[int, ...]) -> Tensor:
         """The standard-normal draws ``ε`` ``[n_samples, *shape]`` (CPU, seeded)."""
-        return torch.randn((self.n, *shape), generator=torch.Generator().manual_seed(int(self.settings["seed"])))
+        return torch.randn((self.n_samples, *shape), generator=torch.Generator().manual_seed(self.seed))
 
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor | None]:
         bb = self.backbone
-        t = predicted_or_given(bb, images, target)
+        t, logits = predicted_or_given(bb, images, target)
         eps = self.noise(tuple(images.shape[1:])).to(images)
         flat = images.flatten(1)
         sigma = self.sigma * (flat.amax(1) - flat.amin(1))
@@ -251,7 +267,8 @@ class SmoothGrad(Explainer):
         def make(s: Tensor, i: Tensor) -> Tensor:
             return images[i] + sigma[i].view(-1, 1, 1, 1) * eps[s]
 
-        weights = torch.full((self.n,), 1.0 / self.n, dtype=images.dtype, device=images.device)
+        n = self.n_samples
+        weights = torch.full((n,), 1.0 / n, dtype=images.dtype, device=images.device)
         with torch.enable_grad():
-            grads = weighted_input_gradients(bb, images, t, make, weights, self.chunk)
-        return pixels_to_grid(grads.abs().sum(1), bb.grid_for(tuple(images.shape[-2:])))
+            grads = weighted_input_gradients(bb, images, t, make, weights, self.internal_batch_size)
+        return pixels_to_grid(grads.abs().sum(1), bb.grid_for(tuple(images.shape[-2:]))), logits

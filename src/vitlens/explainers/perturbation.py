@@ -22,8 +22,9 @@ from torch import Tensor
 
 from ..backbones import Backbone, gaussian_blur
 from ..errors import VitlensError
-from .base import Explainer, register, resolve_target
+from .base import Explainer, register
 from .gradients import check_seed, positive_int, predicted_or_given
+from .targets import Target
 
 FILLS = ("mean", "image-mean", "black", "blur")
 
@@ -84,10 +85,6 @@ def keep_patches(images: Tensor, fill: Tensor, i: Tensor, keep: Tensor) -> Tenso
     return torch.where(mask, x.view(k, c, gh, ph, gw, pw), f).view(k, c, h, w)
 
 
-def target_probability(backbone: Backbone, x: Tensor, target: Tensor) -> Tensor:
-    return backbone(x).softmax(1).gather(1, target[:, None])[:, 0]
-
-
 @register
 class RISE(Explainer):
     """RISE: ``map = Σ_m P_target(x ⊙ M_m + fill ⊙ (1 − M_m)) · M_m / (n_masks · p)`` on the patch grid.
@@ -99,38 +96,55 @@ class RISE(Explainer):
     random shift of up to one cell; the map then weights each patch by its mean mask value. Masks come
     from ``torch.Generator().manual_seed(seed)`` on the CPU and are shared by every image of the batch,
     so a map depends only on its image and the seed. The ``n_masks × B`` masked images run in chunks
-    of ``internal_batch_size``.
+    of ``internal_batch_size``. With a score function as the target, its value replaces the probability.
+
+    Args:
+        n_masks: random masks per image.
+        p: probability that a patch is kept in a mask.
+        seed: seed of the masks (the same masks for every image).
+        smooth: Petsiuk et al.'s smooth, shifted masks instead of binary patch masks.
+        fill: what hidden pixels show: "mean", "image-mean", "black", "blur", a number or a tensor.
+        internal_batch_size: masked images per forward pass.
     """
 
     name = "rise"
     paper = "Petsiuk, Das, Saenko, RISE: Randomized Input Sampling for Explanation, BMVC 2018"
-    cost = "n_masks (1000) forward (+1 when target=None)"
+    cost = "n_masks (1000) forward, + 1 forward for the logits"
+    meaning = "the target's expected probability when each patch is visible (random masking)"
 
-    @classmethod
-    def options(cls) -> dict:
-        return {"n_masks": 1000, "p": 0.5, "seed": 0, "smooth": False, "fill": "mean", "internal_batch_size": 128}
-
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
-        s = self.settings
-        self.n = positive_int(self.name, "n_masks", s["n_masks"])
-        self.chunk = positive_int(self.name, "internal_batch_size", s["internal_batch_size"])
-        p = s["p"]
+    def __init__(
+        self,
+        model,
+        *,
+        n_masks: int = 1000,
+        p: float = 0.5,
+        seed: int = 0,
+        smooth: bool = False,
+        fill: str | float | Tensor = "mean",
+        internal_batch_size: int = 128,
+    ):
+        super().__init__(model)
+        self.n_masks = positive_int(self.name, "n_masks", n_masks)
+        self.internal_batch_size = positive_int(self.name, "internal_batch_size", internal_batch_size)
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
             raise VitlensError(f"rise: p (the keep probability) must be in (0, 1], got {p!r}")
-        check_seed(self.name, s["seed"])
-        if not isinstance(s["smooth"], bool):
-            raise VitlensError(f"rise: smooth must be True or False, got {s['smooth']!r}")
-        check_fill(self.name, s["fill"])
+        self.p = float(p)
+        check_seed(self.name, seed)
+        self.seed = int(seed)
+        if not isinstance(smooth, bool):
+            raise VitlensError(f"rise: smooth must be True or False, got {smooth!r}")
+        self.smooth = smooth
+        check_fill(self.name, fill)
+        self.fill = fill
 
     def masks(self, grid: tuple[int, int], size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
         """The binary grids ``[n_masks, gh, gw]`` and, for ``smooth``, the shifts ``[n_masks, 2]`` (CPU)."""
-        gen = torch.Generator().manual_seed(int(self.settings["seed"]))
-        cells = (torch.rand(self.n, *grid, generator=gen) < self.settings["p"]).float()
-        if not self.settings["smooth"]:
+        gen = torch.Generator().manual_seed(self.seed)
+        cells = (torch.rand(self.n_masks, *grid, generator=gen) < self.p).float()
+        if not self.smooth:
             return cells, None
         cell = [math.ceil(s / g) for s, g in zip(size, grid, strict=True)]
-        shifts = torch.stack([torch.randint(0, c, (self.n,), generator=gen) for c in cell], 1)
+        shifts = torch.stack([torch.randint(0, c, (self.n_masks,), generator=gen) for c in cell], 1)
         return cells, shifts
 
     def pixel_masks(self, cells: Tensor, shifts: Tensor, size: tuple[int, int]) -> Tensor:
@@ -144,17 +158,17 @@ class RISE(Explainer):
         return big[k[:, None, None], rows[:, :, None], cols[:, None, :]][:, None]
 
     @torch.no_grad()
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor | None]:
         bb = self.backbone
         b, size = len(images), tuple(images.shape[-2:])
         grid = bb.grid_for(size)
-        t = predicted_or_given(bb, images, target)
-        fill = fill_image(bb, images, self.settings["fill"])
+        t, logits = predicted_or_given(bb, images, target)
+        fill = fill_image(bb, images, self.fill)
         cells, shifts = self.masks(grid, size)
         cells = cells.to(images)
         shifts = shifts.to(images.device) if shifts is not None else None
         saliency = images.new_zeros(b, *grid)
-        for idx in torch.arange(self.n * b, device=images.device).split(self.chunk):
+        for idx in torch.arange(self.n_masks * b, device=images.device).split(self.internal_batch_size):
             m, i = idx.div(b, rounding_mode="floor"), idx % b
             if shifts is None:  # binary patch masks
                 x, weight = keep_patches(images, fill, i, cells[m]), cells[m]
@@ -162,8 +176,8 @@ class RISE(Explainer):
                 pix = self.pixel_masks(cells[m], shifts[m], size)
                 x = images[i] * pix + (fill if fill.shape[0] == 1 else fill[i]) * (1 - pix)
                 weight = F.adaptive_avg_pool2d(pix, grid)[:, 0]
-            saliency.index_add_(0, i, target_probability(bb, x, t[i]).view(-1, 1, 1) * weight)
-        return saliency / (self.n * self.settings["p"])
+            saliency.index_add_(0, i, t.subset(i).probability(bb(x)).view(-1, 1, 1) * weight)
+        return saliency / (self.n_masks * self.p), logits
 
 
 @register
@@ -173,22 +187,27 @@ class Occlusion(Explainer):
     A ``window × window``-patch square slides over the patch grid with a stride of one patch and is
     replaced by ``fill``; each patch gets the mean drop over the windows that cover it (captum's
     ``Occlusion`` with ``sliding_window_shapes = (3, window·p, window·p)`` and ``strides = (3, p, p)``).
-    The windows × B occluded images run in chunks of ``internal_batch_size``.
+    The windows × B occluded images run in chunks of ``internal_batch_size``. With a score function as
+    the target, the drop in its value replaces the drop in probability.
+
+    Args:
+        window: side of the occluded square, in patches.
+        fill: what hidden pixels show: "mean", "image-mean", "black", "blur", a number or a tensor.
+        internal_batch_size: occluded images per forward pass.
     """
 
     name = "occlusion"
     paper = "Zeiler & Fergus, Visualizing and Understanding Convolutional Networks, ECCV 2014 (patch-aligned)"
     cost = "1 + (gh - window + 1)(gw - window + 1) forward (window 1: 1 + patches)"
+    scale = "signed"
+    meaning = "how much the target's probability drops when the patch is hidden (signed)"
 
-    @classmethod
-    def options(cls) -> dict:
-        return {"window": 1, "fill": "mean", "internal_batch_size": 128}
-
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
-        self.window = positive_int(self.name, "window", self.settings["window"])
-        self.chunk = positive_int(self.name, "internal_batch_size", self.settings["internal_batch_size"])
-        check_fill(self.name, self.settings["fill"])
+    def __init__(self, model, *, window: int = 1, fill: str | float | Tensor = "mean", internal_batch_size: int = 128):
+        super().__init__(model)
+        self.window = positive_int(self.name, "window", window)
+        self.internal_batch_size = positive_int(self.name, "internal_batch_size", internal_batch_size)
+        check_fill(self.name, fill)
+        self.fill = fill
 
     def windows(self, grid: tuple[int, int], device: torch.device) -> Tensor:
         """One patch-grid mask per window position, ``[P, gh, gw]`` (row-major positions)."""
@@ -200,19 +219,18 @@ class Occlusion(Explainer):
         return F.conv_transpose2d(corners, torch.ones(1, 1, k, k, device=device))[:, 0]
 
     @torch.no_grad()
-    def explain(self, images: Tensor, target) -> Tensor:
+    def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         bb = self.backbone
         b, size = len(images), tuple(images.shape[-2:])
         grid = bb.grid_for(size)
         windows = self.windows(grid, images.device).to(images)
-        probs = bb(images).softmax(1)
-        t = resolve_target(target, probs)
-        base = probs.gather(1, t[:, None])[:, 0]
-        fill = fill_image(bb, images, self.settings["fill"])
+        logits = bb(images)
+        t = target.fixed(logits)
+        base = t.probability(logits)
+        fill = fill_image(bb, images, self.fill)
         drops = images.new_zeros(b, len(windows))
-        for idx in torch.arange(len(windows) * b, device=images.device).split(self.chunk):
+        for idx in torch.arange(len(windows) * b, device=images.device).split(self.internal_batch_size):
             w, i = idx.div(b, rounding_mode="floor"), idx % b
-            drops[i, w] = (base[i] - target_probability(bb, keep_patches(images, fill, i, 1 - windows[w]), t[i])).to(
-                drops
-            )
-        return torch.einsum("bp,phw->bhw", drops, windows) / windows.sum(0)
+            hidden = keep_patches(images, fill, i, 1 - windows[w])
+            drops[i, w] = (base[i] - t.subset(i).probability(bb(hidden))).to(drops)
+        return torch.einsum("bp,phw->bhw", drops, windows) / windows.sum(0), logits

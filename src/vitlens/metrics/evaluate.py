@@ -204,7 +204,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
         shared: dict = {}
         for m, explainer in explainers.items():
             start = time.perf_counter()
-            maps = explainer(images, targets.to(d.device))
+            maps = explainer(images, targets.to(d.device)).maps
             if clock:
                 explain_seconds[m] += time.perf_counter() - start
             batch = Batch(

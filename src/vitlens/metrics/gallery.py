@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..explainers.bcos import colour_picture
+
 
 def pick_indices(dataset, k: int, n: int) -> list[int]:
     """Up to ``k`` indices among the first ``n`` samples: the first sample of every class in turn, then the
@@ -56,13 +58,11 @@ def gallery_payload(backbone, explainers: dict, batch: dict, target: str) -> dic
     targets = labels if target == "label" else probs.argmax(1)
     maps, pictures = {}, {}
     for name, explainer in explainers.items():
-        with_pictures = getattr(explainer, "explain_with_pictures", None)  # B-cos: the colour explanation
-        if with_pictures is not None:
-            m, _, own = with_pictures(images, targets.to(device))
-            pictures[name] = {suffix: [png_base64(p) for p in pics] for suffix, pics in own.items()}
-        else:
-            m = explainer(images, targets.to(device))
-        maps[name] = m.detach().float().cpu().tolist()
+        explanation = explainer(images, targets.to(device))
+        if "colour" in explanation.extras:  # B-cos: the colour explanation
+            colour = [png_base64(colour_picture(c)) for c in explanation.extras["colour"]]
+            pictures[name] = {"bcos-colour": colour}
+        maps[name] = explanation.maps.cpu().tolist()
     pixels = (batch["image"].clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return {
         "index": batch["index"].tolist(),

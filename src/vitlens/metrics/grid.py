@@ -70,7 +70,7 @@ class GridPointingGame(Metric):
         scores = []
         for s in range(0, len(rows), len(batch.images)):  # at most one batch of explanations at a time
             r = rows[s : s + len(batch.images)]
-            m = batch.explainer(batch.images[r.to(batch.images.device)], targets[s : s + len(r)])
+            m = batch.explainer(batch.images[r.to(batch.images.device)], targets[s : s + len(r)]).maps
             cells = batch.extra["cells"].cpu()[r, cols[s : s + len(r)]]
             scores.append(self.share(upsample(m.detach().float(), batch.size).cpu(), cells))
         score = torch.cat(scores)

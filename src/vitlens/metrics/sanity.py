@@ -88,7 +88,7 @@ class Sanity(Metric):
         rhos = []
         for i, (_, modules) in enumerate(levels):
             randomize_(modules, int(self.settings["seed"]) * 1000 + i)
-            randomised = explainer(batch.images, batch.targets)
+            randomised = explainer(batch.images, batch.targets).maps
             rhos.append(spearman(maps.detach().flatten(1), randomised.detach().flatten(1)))
         rho = torch.stack(rhos, 1)
         self.add("spearman", rho.sum(0))

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..backbones import Backbone, adapt
@@ -32,14 +33,38 @@ __all__ = [
 DEFAULT_ARCH = {"fashion-canvas": "fashion-vit", "fashion-grid": "fashion-vit", "counting": "counting-vit"}
 
 
+def folder_input_size(dataset, sample: int = 32) -> int:
+    """The input side for folder data: the median shorter side of the first ``sample`` readable images,
+    rounded to a multiple of 8 (the ``fashion-vit`` stem's stride) and kept within 32..224 pixels."""
+    from PIL import Image
+
+    sides = []
+    for rel, _ in dataset.files[:sample]:
+        try:
+            with Image.open(dataset.root / rel) as im:
+                sides.append(min(im.size))
+        except OSError:
+            continue
+    side = int(np.median(sides)) if sides else 64
+    return int(min(224, max(32, round(side / 8) * 8)))
+
+
 def build_classifier(arch: str | None, spec: DataSpec, dataset) -> Backbone:
-    """A fresh model for ``dataset``: a vitlens preset or any timm architecture name (random weights)."""
+    """A fresh model for ``dataset``: a vitlens preset or any timm architecture name (random weights).
+
+    Without ``arch``: the data set's own preset, or for folder data the ``fashion-vit`` design (conv stem of
+    stride 8, dim 128, 4 blocks) at an input size sized to the images (:func:`folder_input_size`).
+    """
+    overrides = {}
+    if arch is None and spec.name == "folder":
+        arch, overrides = "fashion-vit", {"img_size": folder_input_size(dataset)}
+        print(f"vitlens: no --arch: training fashion-vit at {overrides['img_size']} px for this folder data "
+              "(its median image side)", file=sys.stderr)  # fmt: skip
     arch = arch or DEFAULT_ARCH.get(spec.name)
     if arch is None:
         raise VitlensError(f"--arch is required for {spec.name} data (presets: {', '.join(PRESETS)}, or a timm name)")
     classes = list(dataset.classes)
     if arch in PRESETS:
-        overrides = {}
         if spec.name == "counting":
             overrides = {"img_size": dataset.size, "patch_size": dataset.cell}
         module, prep = build_preset(arch, num_classes=len(classes), **overrides)

@@ -1,9 +1,11 @@
 """Explanation overlays: the image, the map in a perceptually uniform colour map, boxes and a caption.
 
-The one place where maps are drawn: ``vitlens explain``, the demo and the HTML report all use it, so
-every picture has the same style — the map upsampled with the shared bilinear upsampler, coloured with
-``inferno`` (perceptually uniform, readable in grey scale), opacity growing with the map value so that
-low-evidence regions show the image, ground-truth boxes green and predicted (WSOL) boxes cyan.
+The one place where maps are drawn: ``vitlens explain``, ``Explanation.overlay``, ``vitlens.show``, the demo
+and the HTML report all use it, so every picture has the same style — the map upsampled with the shared
+bilinear upsampler to the image's own resolution (aspect kept), coloured with ``inferno`` (perceptually
+uniform, readable in grey scale) or, for signed maps, a diverging map centred at 0 (red positive, blue
+negative), opacity growing with the map's magnitude so that low-evidence regions show the image,
+ground-truth boxes green and predicted (WSOL) boxes cyan. A constant map is labelled as such, not drawn.
 """
 
 from __future__ import annotations
@@ -18,20 +20,25 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..backbones import upsample
 from ..errors import VitlensError
+from ..explainers import EXPLAINERS
+from ..explainers.explanation import SCALES
 from ..io import atomic_write
 
 GT_COLOUR = (80, 230, 120)
 PRED_COLOUR = (60, 200, 255)
 BACKGROUND = (24, 24, 28)
-SCALES = ("minmax", "probability", "positive")
-# How a method's values map to colours: probabilities keep their absolute scale (0 → 1), signed linear
-# contributions show their positive part relative to the largest; everything else is min-max normalised.
-METHOD_SCALES = {"pm": "probability", "diffmask": "probability", "bcos": "positive"}
+DIVERGING = "RdBu_r"
 
 
 def scale_for(method: str) -> str:
-    """The display scale of ``method``'s maps (see :data:`METHOD_SCALES`)."""
-    return METHOD_SCALES.get(method, "minmax")
+    """The display scale of ``method``'s maps (the explainer's ``scale``; ``minmax`` for unknown names)."""
+    return EXPLAINERS[method].scale if method in EXPLAINERS else "minmax"
+
+
+def is_constant(m: torch.Tensor) -> bool:
+    """Whether a map is constant (no evidence anywhere), as :attr:`Explanation.degenerate` decides."""
+    lo, hi = float(m.min()), float(m.max())
+    return hi - lo <= 1e-6 * max(abs(hi), abs(lo), 1e-30)
 
 
 def font(size: int) -> ImageFont.ImageFont:
@@ -39,12 +46,15 @@ def font(size: int) -> ImageFont.ImageFont:
 
 
 def normalise_for_display(m: torch.Tensor, scale: str = "minmax") -> torch.Tensor:
-    """Map values → [0, 1] for colouring: min-max per map, clamped as is (probabilities), or the positive
-    part divided by the maximum (signed contributions)."""
+    """Map values → [0, 1] for colouring (``[-1, 1]`` for ``signed``): min-max per map, clamped as is
+    (probabilities), the positive part divided by the maximum, or divided by the largest magnitude."""
     if scale not in SCALES:
         raise VitlensError(f"unknown display scale {scale!r} (known: {', '.join(SCALES)})")
     if scale == "probability":
         return m.clamp(0, 1)
+    if scale == "signed":
+        top = m.abs().max()
+        return m / top if top > 0 else torch.zeros_like(m)
     if scale == "positive":
         hi = m.max()
         return (m / hi).clamp(0, 1) if hi > 0 else torch.zeros_like(m)
@@ -69,30 +79,62 @@ def overlay(
     title: str = "",
     boxes: Sequence[Sequence[float]] = (),
     pred_boxes: Sequence[Sequence[float]] = (),
-    size: int = 256,
-    cmap: str = "inferno",
+    size: int | None = None,
+    cmap: str | None = None,
     scale: str = "minmax",
 ) -> Image.Image:
-    """One picture: ``image`` [3, H, W] in [0, 1] under ``heat`` [gh, gw] (upsampled bilinearly).
+    """One picture: ``image`` [3, H, W] in [0, 1] (any resolution) under ``heat`` [gh, gw] (upsampled bilinearly).
 
     The map, brought to [0, 1] by ``scale`` (:func:`normalise_for_display`), is coloured with ``cmap``
-    at an opacity of ``0.85 · value`` over the slightly dimmed image. Ground-truth ``boxes`` are green,
-    predicted (WSOL) ``pred_boxes`` cyan (inclusive pixel corners of the image); ``title`` goes in a
-    caption bar underneath. The longer side of the picture is ``size`` pixels.
+    (default ``inferno``; a diverging map centred at 0 for ``signed``) at an opacity of ``0.85 · |value|``
+    over the slightly dimmed image. A constant map is not coloured: the picture says so. Ground-truth
+    ``boxes`` are green, predicted (WSOL) ``pred_boxes`` cyan (inclusive pixel corners of the image);
+    ``title`` goes in a caption bar underneath. The longer side of the picture is ``size`` pixels (default:
+    the image's own, at least 256 and at most 2048), the image's aspect kept.
     """
     h, w = image.shape[-2:]
+    size = size or min(max(h, w, 256), 2048)
     factor = size / max(h, w)
     out_h, out_w = round(h * factor), round(w * factor)
     img = torch.nn.functional.interpolate(image[None].float().cpu(), size=(out_h, out_w), mode="bilinear")[0]
+    constant = is_constant(heat)
     m = normalise_for_display(upsample(heat[None].float().cpu(), (out_h, out_w))[0], scale)
-    colours = torch.from_numpy(colormaps[cmap](m.numpy())[..., :3]).permute(2, 0, 1).float()
-    alpha = 0.85 * m
+    if scale == "signed":
+        colours = colour_lookup(cmap or DIVERGING, (m + 1) / 2)
+    else:
+        colours = colour_lookup(cmap or "inferno", m)
+    alpha = torch.zeros_like(m) if constant else 0.85 * m.abs()
     blended = (1 - alpha) * 0.8 * img.clamp(0, 1) + alpha * colours
     pic = Image.fromarray((blended.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     draw = ImageDraw.Draw(pic)
     draw_boxes(draw, boxes, GT_COLOUR, factor)
     draw_boxes(draw, pred_boxes, PRED_COLOUR, factor)
+    if constant:
+        note = "constant map: no evidence"
+        draw.text((out_w / 2, out_h / 2), note, fill=(255, 255, 255), font=font(max(10, out_w // 16)),
+                  anchor="mm", stroke_width=2, stroke_fill=(0, 0, 0))  # fmt: skip
     return captioned(pic, title) if title else pic
+
+
+def colour_lookup(cmap: str, values: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] ``[H, W]`` → RGB ``[3, H, W]`` through the colour map ``cmap``."""
+    return torch.from_numpy(colormaps[cmap](values.numpy())[..., :3]).permute(2, 0, 1).float()
+
+
+def explanation_overlays(explanation, images: torch.Tensor | None, *, size: int | None = None, title: bool = True):
+    """Every map of an :class:`~vitlens.Explanation` over its image: ``B`` pictures (``B × K``, image-major)."""
+    if images is None:
+        raise ValueError("overlay() needs the images: this explanation keeps none")
+    if len(images) != len(explanation):
+        raise VitlensError(f"got {len(images)} images for an explanation of {len(explanation)}")
+    pictures = []
+    for i in range(len(explanation)):
+        maps = explanation.maps[i] if explanation.multi_target else explanation.maps[i][None]
+        names = explanation.class_names[i] if explanation.multi_target else [explanation.class_names[i]]
+        for m, name in zip(maps, names, strict=True):
+            caption = f"{explanation.method} · {name}" if title else ""
+            pictures.append(overlay(images[i], m.cpu(), title=caption, size=size, scale=explanation.scale))
+    return pictures
 
 
 def plain(image: torch.Tensor, *, boxes: Sequence[Sequence[float]] = (), size: int = 256) -> Image.Image:

@@ -216,7 +216,7 @@ def gallery_rows(cols: list[Column]) -> list[GalleryRow]:
             size = tuple(row.image.shape[-2:])
             pred = wsol_box(heat, size, thr) if thr is not None else []
             row.cells[col.label] = overlay(
-                row.image, heat, boxes=row.boxes, pred_boxes=pred, size=CELL, cmap=CMAP, scale=scale_for(col.method)
+                row.image, heat, boxes=row.boxes, pred_boxes=pred, size=CELL, scale=scale_for(col.method)
             )
             colour = (g.get("pictures") or {}).get(col.method, {}).get("bcos-colour")
             if colour:
