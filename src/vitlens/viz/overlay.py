@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from ..backbones import upsample
 from ..errors import VitlensError
 from ..io import atomic_write
+from .colormaps import apply_colormap
 
 GT_COLOUR = (80, 230, 120)
 PRED_COLOUR = (60, 200, 255)
@@ -85,7 +85,7 @@ def overlay(
     out_h, out_w = round(h * factor), round(w * factor)
     img = torch.nn.functional.interpolate(image[None].float().cpu(), size=(out_h, out_w), mode="bilinear")[0]
     m = normalise_for_display(upsample(heat[None].float().cpu(), (out_h, out_w))[0], scale)
-    colours = torch.from_numpy(colormaps[cmap](m.numpy())[..., :3]).permute(2, 0, 1).float()
+    colours = torch.from_numpy(apply_colormap(m.numpy(), cmap)).permute(2, 0, 1).float()
     alpha = 0.85 * m
     blended = (1 - alpha) * 0.8 * img.clamp(0, 1) + alpha * colours
     pic = Image.fromarray((blended.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
