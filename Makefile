@@ -6,14 +6,15 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 BENCH_METHODS ?= pm,attention,rollout
 
-.PHONY: install data browser test test-all demo lint bench clean
+.PHONY: install data browser test test-all wheel-check demo lint bench clean
 
 install: $(STAMP) data browser
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares version ranges; constraints.txt pins the exact ones installed here.
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist when possible; vitlens falls back to
@@ -39,6 +40,11 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ''
+
+# Build the wheel, install it into a fresh venv outside the checkout that already has torch (pip must
+# install nothing else), and run demo, explain and evaluate on the shipped models from another folder.
+wheel-check: install
+	.ci/wheel-check $(VENV)
 
 demo: install
 	$(VENV)/bin/vitlens demo --out demo-out

@@ -8,7 +8,7 @@ whole patches and of pixels, Quantus ``RegionPerturbation`` (patch-sized regions
 
 Run (the recorded figures: 1,000 images; the CPU should be otherwise idle)::
 
-    python benchmarks/evaluate_cost.py --model checkpoints/fashion-vit --data fashion-canvas:test -n 1000 \\
+    python benchmarks/evaluate_cost.py --model vitlens:fashion-vit --data fashion-canvas:test -n 1000 \\
         --record benchmarks/evaluate_cost.json
 
 Quantus is optional (``pip install quantus``); without it part 2 says so and times vitlens alone.
@@ -104,7 +104,7 @@ def side_by_side(model: str, methods: list[str], data: str, n: int, batch_size: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="checkpoints/fashion-vit")
+    p.add_argument("--model", default="vitlens:fashion-vit")
     p.add_argument("--data", default="fashion-canvas:test")
     p.add_argument("-n", type=int, default=1000, help="test images")
     p.add_argument("--methods", default="rollout,attention")

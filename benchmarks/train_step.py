@@ -7,7 +7,7 @@ warm-up each, then ``--repeat`` rounds; medians of the per-round ratios), so a s
 all of them alike.
 The performance issue's target: a PM step costs at most 1.1× a classifier step.
 
-    python benchmarks/train_step.py --model checkpoints/fashion-vit --data fashion-canvas:train:n=512 --batch-size 64
+    python benchmarks/train_step.py --model vitlens:fashion-vit --data fashion-canvas:train:n=512 --batch-size 64
     python benchmarks/train_step.py --model 'timm:deit_small_patch16_224?pretrained=0&num_classes=10' \\
         --data fashion-canvas:train:n=256,size=224 --batch-size 16
     python benchmarks/train_step.py --autocast bf16 --cpu-time   # + the float32 classifier step, for the gain
@@ -128,7 +128,7 @@ def markdown(record: dict) -> str:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="checkpoints/fashion-vit")
+    ap.add_argument("--model", default="vitlens:fashion-vit")
     ap.add_argument("--data", default="fashion-canvas:train:n=512")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)

@@ -9,12 +9,13 @@ import pytest
 import timm
 import torch
 
+from vitlens import pretrained
 from vitlens.backbones import Preprocessing, adapt
 from vitlens.checkpoint import save_checkpoint
 from vitlens.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINTS = REPO / "checkpoints"
+PRETRAINED = pretrained.ROOT  # the models shipped inside the package (vitlens:NAME)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -66,11 +67,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", backbone)
 
 
-def committed(name: str) -> Path:
-    path = CHECKPOINTS / name
-    if not (path / "config.json").is_file():
-        pytest.skip(f"committed checkpoint {name} not present")
-    return path
+def committed(name: str) -> str:
+    """The shipped model ``name`` as its ``vitlens:NAME`` reference (skips if it is not installed)."""
+    if not (PRETRAINED / name / "config.json").is_file():
+        pytest.skip(f"shipped model {name} not present")
+    return f"vitlens:{name}"
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CHECKPOINTS, committed
+from conftest import PRETRAINED, committed
 from vitlens import VitlensError, load_model
 from vitlens.checkpoint import CONFIG, FORMAT_VERSION, STATE, WEIGHTS, load_checkpoint, read_config, save_checkpoint
 from vitlens.explainers.diffmask import DiffMaskGates
@@ -249,11 +249,11 @@ def test_save_cut_short_keeps_the_previous_checkpoint(ckpt, tmp_path, monkeypatc
 
 
 def test_committed_checkpoints_load_unchanged():
-    names = [p.name for p in CHECKPOINTS.iterdir() if (p / CONFIG).is_file()] if CHECKPOINTS.is_dir() else []
+    names = [p.name for p in PRETRAINED.iterdir() if (p / CONFIG).is_file()] if PRETRAINED.is_dir() else []
     if not names:
         committed("counting-vit")  # skips
     for name in names:
-        path = CHECKPOINTS / name
+        path = PRETRAINED / name
         before = {f.name: f.stat().st_mtime_ns for f in path.iterdir()}
         bb = load_checkpoint(path)
         assert bb.config["format_version"] == 1 and len(bb.classes) == bb.num_classes

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHECKPOINTS, committed
+from conftest import PRETRAINED, committed
 from conftest import run_cli as run
 from vitlens import demo
 from vitlens.cli import build_parser
@@ -38,7 +38,7 @@ def test_tables_name_real_methods_metrics_and_commands():
 def normalised(command: str) -> list[str]:
     """A command's ``vitlens`` arguments without the values of ``--init`` and ``--out`` (where each stage was
     kept is not part of how it was trained: the table chains its stages, the recorded runs were copied into
-    checkpoints/). A run records its arguments and its number of processes, not its launcher."""
+    the package). A run records its arguments and its number of processes, not its launcher."""
     args = demo.split_launcher(command)[1]
     for flag in ("--init", "--out"):
         if flag in args:
@@ -66,13 +66,14 @@ def recorded_commands(training: dict) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("name", sorted(demo.TRAINING))
 def test_training_table_is_the_recorded_commands(name):
     """The committed checkpoint was made by the table's commands (``config.json`` records every stage)."""
-    config = json.loads((committed(name) / "config.json").read_text())
+    committed(name)
+    config = json.loads((PRETRAINED / name / "config.json").read_text())
     recorded = recorded_commands(config.get("training") or {})
     if not recorded or any(c is None for c, _ in recorded):
         pytest.skip(f"{name} does not record its commands")
     table = [(normalised(c), processes(c)) for c in demo.TRAINING[name][0]]
     assert table == [(normalised(c), n) for c, n in recorded], (
-        f"demo.TRAINING[{name!r}] differs from {name}/config.json: update the table (checkpoints/README.md quotes it)"
+        f"demo.TRAINING[{name!r}] differs from {name}/config.json: update the table (docs/pretrained.md quotes it)"
     )
 
 
@@ -147,12 +148,12 @@ def test_demo_end_to_end_equals_evaluate(tmp_path, capsys):
     for section in ("run", "gallery", "meanings", "bcos", "metrics", "curves", "cost"):
         assert f'<section id="{section}">' in page
     for name, _ in demo.RUNS:
-        present = (CHECKPOINTS / name / "config.json").is_file()
+        present = (PRETRAINED / name / "config.json").is_file()
         assert (f"checkpoint {name} missing" in err) != present
     printed = table_values(page)
     name, methods = demo.RUNS[0]
     for group, data, metrics, _ in demo.METRIC_GROUPS:
-        code, stdout, _ = run(["evaluate", "--model", str(CHECKPOINTS / name), "--methods", ",".join(methods),
+        code, stdout, _ = run(["evaluate", "--model", f"vitlens:{name}", "--methods", ",".join(methods),
                                "--metrics", ",".join(metrics), "--data", data, "--limit", "12", "--batch-size", "64",
                                "--json"], capsys)  # fmt: skip
         assert code == 0

@@ -2,14 +2,29 @@
 
 PM (Kang, Heo, Choe 2025), B-cos ViTs (Böhle, Fritz, Schiele 2023) and Vision DiffMask
 (Nalmpantis et al. 2023), with the baselines and evaluation protocols of their papers.
+
+``import vitlens`` is light: torch and the model libraries are imported the first time one of the
+names below is used (PEP 562), so ``vitlens --help`` answers at once.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import VitlensError
 
 __version__ = "0.1.0"
 
-from .backbones import Backbone, load_model  # noqa: E402
-from .errors import VitlensError  # noqa: E402
-from .explainers import EmbeddingSimilarity, Explanation, TopK, explain  # noqa: E402
-from .viz import show  # noqa: E402
+# public name → the module that defines it (imported on first use)
+_LAZY = {
+    "Backbone": ".backbones",
+    "load_model": ".backbones",
+    "explain": ".explainers",
+    "Explanation": ".explainers",
+    "TopK": ".explainers",
+    "EmbeddingSimilarity": ".explainers",
+    "show": ".viz",
+}
 
 __all__ = [
     "Backbone",
@@ -22,3 +37,22 @@ __all__ = [
     "load_model",
     "show",
 ]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
+    from .backbones import Backbone, load_model
+    from .explainers import EmbeddingSimilarity, Explanation, TopK, explain
+    from .viz import show
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,7 +8,25 @@ import sys
 from .errors import VitlensError
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, or says it is required (unless the help already says)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.default is None or action.default is False or action.default == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit status 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -64,17 +82,19 @@ def _train_options(p: argparse.ArgumentParser, lr: float = 1e-3) -> None:
     p.add_argument("--data", required=True, help="data spec, e.g. fashion-canvas:train")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_number())
-    length.add_argument("--max-steps", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=_number(), default=lr)
-    p.add_argument("--weight-decay", type=_number(strict=False), default=0.05)
-    p.add_argument("--warmup-steps", type=_non_negative_int, default=100)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    length.add_argument("--epochs", type=_number(), help="passes over --data (default: 1 without --max-steps)")
+    length.add_argument("--max-steps", type=_positive_int, help="optimiser steps to run (default: set by --epochs)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per step (per process under torchrun)")
+    p.add_argument("--lr", type=_number(), default=lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=_number(strict=False), default=0.05, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=_non_negative_int, default=100,
+                   help="linear warm-up before the cosine decay; at most half the run")  # fmt: skip
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data order, masks and init")
     p.add_argument("--workers", type=_non_negative_int, default=0, help="data loader worker processes")
     p.add_argument("--checkpoint-every", type=_number(strict=False), default=30.0, help="seconds between checkpoints")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--autocast", choices=["bf16"], help="mixed precision (float32 weights); fast on CPUs with AMX")
+    p.add_argument("--autocast", choices=["bf16"],
+                   help="mixed precision (float32 weights); fast on CPUs with AMX (default: float32)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
 
 
@@ -88,21 +108,29 @@ def _train_config(a: argparse.Namespace):
     )  # fmt: skip
 
 
+MODEL_HELP = (
+    "vitlens:NAME (see `vitlens models`), timm:NAME, hf:NAME, torchvision:NAME, bcos:NAME or a checkpoint directory"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="vitlens", description="Explain the decisions of Vision Transformers.")
-    parser.add_argument("--version", action="version", version=f"vitlens {__import__('vitlens').__version__}")
+    parser.add_argument("--version", action="version", version=f"vitlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a classifier or a trainable explainer")
     tsub = train.add_subparsers(dest="task", required=True, parser_class=_Parser)
     clf = tsub.add_parser("classifier", help="train a ViT classifier")
     _train_options(clf)
-    clf.add_argument("--arch", help="architecture preset (fashion-vit, counting-vit, …) or timm model name")
+    clf.add_argument("--arch", help="architecture preset (fashion-vit, counting-vit, …) or timm model name "
+                     "(default: the preset of --data's dataset)")  # fmt: skip
     clf.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
-    clf.add_argument("--init", help="start from this model's weights (a second training stage)")
+    clf.add_argument("--init", help="start from this model's weights, a second training stage (default: random init)")
     pm = tsub.add_parser("pm", help="PM fine-tuning: patch-level mask prediction (Kang et al. 2025)")
     _train_options(pm)
-    pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI or checkpoint directory)")
+    pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI, vitlens:NAME or directory)")
     pm.add_argument(
         "--mask-fraction", type=_number(), default=0.01, help="share of training images whose masks are used"
     )
@@ -118,61 +146,66 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
     bc = tsub.add_parser("bcos", help="train a B-cos ViT (Böhle et al. 2024): BCE, Adam, AGC; --weight-decay ignored")
     _train_options(bc)
-    bc.add_argument("--arch", help="B-cos architecture (default bcos_vit_fashion; simple_vit_ti_patch16_224, …)")
+    bc.add_argument("--arch", help="B-cos architecture (default: bcos_vit_fashion; simple_vit_ti_patch16_224, …)")
     bc.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
 
     ex = sub.add_parser("explain", help="explain image files with one method")
     ex.add_argument("images", nargs="+", help="image files or folders of them")
-    ex.add_argument("--model", required=True, help="timm:NAME, hf:NAME, torchvision:NAME or a checkpoint directory")
+    ex.add_argument("--model", required=True, help=MODEL_HELP)
     ex.add_argument("--method", default="rollout", help="explanation method (see `vitlens methods`)")
     target = ex.add_mutually_exclusive_group()
     target.add_argument("--target", help="class to explain, an index or a name (default: the predicted class)")
-    target.add_argument("--top-k", type=_positive_int, metavar="K", help="explain each image's K top classes")
+    target.add_argument("--top-k", type=_positive_int, metavar="K",
+                        help="explain each image's K top classes (default: one map, for --target)")  # fmt: skip
     ex.add_argument("--out", default="vitlens-out",
                     help="output folder: maps (.npy) and overlays (.png) mirror the inputs' folder tree")  # fmt: skip
     ex.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cpu)")
-    ex.add_argument("--batch-size", type=_positive_int, default=16)
+    ex.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass")
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     ex.add_argument("--json", action="store_true", help="print one JSON list with a record per image (streamed)")
 
     sub.add_parser("methods", help="list the explanation methods")
+    models = sub.add_parser("models", help="list the models shipped with vitlens (load them as vitlens:NAME)")
+    models.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
 
     info = sub.add_parser("info", help="describe a model's layout as vitlens sees it")
-    info.add_argument("model")
+    info.add_argument("model", help=MODEL_HELP)
 
     dm = tsub.add_parser("diffmask", help="Vision DiffMask gates for a frozen classifier (Nalmpantis et al. 2023)")
     _train_options(dm, lr=3e-4)  # the gate probes read the raw residual stream: 1e-3 can collapse them
-    dm.add_argument("--model", required=True, help="the frozen classifier (URI or checkpoint directory)")
+    dm.add_argument("--model", required=True, help="the frozen classifier (URI, vitlens:NAME or directory)")
     dm.add_argument("--kl-margin", type=_number(), default=0.1, help="KL(p_orig || p_masked) allowed, in nats")
     dm.add_argument("--multiplier-lr", type=_number(), default=0.3, help="learning rate of the Lagrange multipliers")
     bn = sub.add_parser("bench", help="time methods against one plain forward pass")
-    bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0")
+    bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0", help=MODEL_HELP)
     bn.add_argument("--methods", default="pm,attention,rollout", help="comma-separated method names")
-    bn.add_argument("--batch-size", type=_positive_int, default=16)
-    bn.add_argument("--image-size", type=_positive_int)
-    bn.add_argument("--device", type=_device, default="cpu")
-    bn.add_argument("--repeat", type=_positive_int, default=5)
-    bn.add_argument("--autocast", choices=["bf16", "fp16"], help="time everything under torch.autocast")
-    bn.add_argument("--json", action="store_true")
+    bn.add_argument("--batch-size", type=_positive_int, default=16, help="images per timed batch")
+    bn.add_argument("--image-size", type=_positive_int, help="square input size (default: the model's own)")
+    bn.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    bn.add_argument("--repeat", type=_positive_int, default=5, help="timed rounds; the median is reported")
+    bn.add_argument("--autocast", choices=["bf16", "fp16"],
+                    help="time everything under torch.autocast (default: float32)")  # fmt: skip
+    bn.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
-    demo = sub.add_parser("demo", help="evaluate the committed fashion checkpoints: an HTML report")
+    demo = sub.add_parser("demo", help="evaluate the shipped fashion models (vitlens models): an HTML report")
     demo.add_argument("--out", default="demo-out", help="output directory (report.html, gallery.png, results/)")
-    demo.add_argument("-n", "--images", type=_positive_int, help="at most N images per metric group")
+    demo.add_argument("-n", "--images", type=_positive_int,
+                      help="at most N images per metric group (default: 400, 100 or 64 by group)")  # fmt: skip
     demo.add_argument("--gallery", type=_non_negative_int, default=8, help="images in the report's gallery")
     demo.add_argument("--train", action="store_true", help="first re-create every checkpoint from scratch (hours)")
 
     ev = sub.add_parser("evaluate", help="score explanation methods with the evaluation metrics (torchrun: sharded)")
-    ev.add_argument("--model", required=True, help="timm:NAME, hf:NAME, torchvision:NAME or a checkpoint directory")
+    ev.add_argument("--model", required=True, help=MODEL_HELP)
     ev.add_argument("--methods", required=True, help="comma-separated methods (see `vitlens methods`)")
     ev.add_argument("--metrics", default="all", help="comma-separated metrics (see `vitlens metrics`), or all")
     ev.add_argument("--data", required=True, help="data spec, e.g. fashion-canvas:test or fashion-grid:test:n=500")
-    ev.add_argument("--limit", type=_positive_int, help="evaluate the first N samples only")
-    ev.add_argument("--batch-size", type=_positive_int, default=32)
+    ev.add_argument("--limit", type=_positive_int, help="evaluate the first N samples only (default: all)")
+    ev.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
     ev.add_argument("--target", choices=["label", "predicted"], default="label", help="class the maps explain")
     ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
     ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file")
+    ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file (default: none)")
     ev.add_argument("--gallery", type=_non_negative_int, default=8, help="images (with every map) kept in --out")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
@@ -181,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="a self-contained HTML report from `vitlens evaluate --out` files")
     rp.add_argument("results", nargs="+", help="results files of `vitlens evaluate --out` (several merge)")
     rp.add_argument("--out", default="report.html", help="the HTML file to write")
-    rp.add_argument("--title", default="vitlens report")
+    rp.add_argument("--title", default="vitlens report", help="the report's heading")
     return parser
 
 
@@ -231,6 +264,26 @@ def cmd_methods(a: argparse.Namespace) -> int:
         docs, types = option_docs(cls), cls.option_types()
         for option, default in cls.options().items():
             print(f"    option {option}: {types[option]} = {default!r}  {docs.get(option, '')}".rstrip())
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    import json
+
+    from .pretrained import describe, names
+
+    rows = [describe(n) for n in names()]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("name", "kind", "base", "classes", "input", "figure", "size")
+    cells = [(r["name"], r["kind"], r["base"], str(r["classes"]), "×".join(map(str, r["input_size"])), r["figure"],
+              f"{r['size_mb']:.1f} MB") for r in rows]  # fmt: skip
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    for row, r in zip([header, *cells], [None, *rows], strict=True):
+        print("  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip())
+        if r is not None:
+            print(f"    {r['description']}")
     return 0
 
 
@@ -356,6 +409,7 @@ COMMANDS = {
     "train": cmd_train,
     "explain": cmd_explain,
     "methods": cmd_methods,
+    "models": cmd_models,
     "info": cmd_info,
     "demo": cmd_demo,
     "bench": cmd_bench,

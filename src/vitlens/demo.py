@@ -1,12 +1,13 @@
-"""``vitlens demo``: the embedded default — the committed fashion checkpoints on fashion-canvas test images,
+"""``vitlens demo``: the embedded default — the fashion models shipped with vitlens (``vitlens:fashion-vit-pm``, …)
+on fashion-canvas test images,
 scored with ``vitlens evaluate`` and written up as one self-contained HTML report (no network, no training).
 
 What runs is the two tables below: :data:`RUNS` (checkpoint → methods) and :data:`METRIC_GROUPS` (metrics
 → data and number of images). Every (run, group) is one call of the ``evaluate`` driver writing a results
 file, and the report is built from those files alone, exactly as ``vitlens report`` does: the numbers in
 the report are those of ``vitlens evaluate`` on the same images. ``--train`` first re-creates every
-checkpoint from scratch with the commands of :data:`TRAINING` (the ones ``checkpoints/README.md``
-documents), writing them under the output folder.
+checkpoint from scratch with the commands of :data:`TRAINING` (the ones ``docs/pretrained.md`` documents),
+writing them under the output folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from . import pretrained
 from .errors import VitlensError
 from .io import atomic_write, atomic_write_text
 
@@ -43,7 +45,7 @@ GALLERY = 8  # gallery images (from the first group's images)
 BATCH_SIZE = 64
 
 # How every checkpoint was made: its commands in order and about how many minutes they take on the
-# project's 2-core CPU. checkpoints/README.md quotes this table; `vitlens demo --train` runs it.
+# project's 2-core CPU. docs/pretrained.md quotes this table; `vitlens demo --train` runs it.
 TRAINING: dict[str, tuple[tuple[str, ...], int]] = {
     "fashion-vit": (
         (
@@ -78,9 +80,14 @@ TRAINING: dict[str, tuple[tuple[str, ...], int]] = {
 
 
 def checkpoints_dir() -> Path:
-    """``$VITLENS_CHECKPOINTS`` or the ``checkpoints/`` folder of the source checkout."""
+    """``$VITLENS_CHECKPOINTS`` or the folder of the models shipped with vitlens."""
     env = os.environ.get("VITLENS_CHECKPOINTS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "checkpoints"
+    return Path(env) if env else pretrained.ROOT
+
+
+def model_ref(root: Path, name: str) -> str | Path:
+    """How the demo names a model: ``vitlens:NAME`` for a shipped one, its directory otherwise."""
+    return f"{pretrained.SCHEME}:{name}" if root == pretrained.ROOT else root / name
 
 
 def missing_message(name: str, root: Path) -> str:
@@ -167,7 +174,7 @@ def run_demo(
 
     out = Path(out)
     root = train_checkpoints(out, log) if train else checkpoints_dir()
-    if root.is_absolute() and root.is_relative_to(Path.cwd()):
+    if root != pretrained.ROOT and root.is_absolute() and root.is_relative_to(Path.cwd()):
         root = root.relative_to(Path.cwd())  # the report names checkpoints/NAME, not the full path
     present = [(name, methods) for name, methods in RUNS if (root / name / "config.json").is_file()]
     missing = [name for name, _ in RUNS if not (root / name / "config.json").is_file()]
@@ -182,8 +189,8 @@ def run_demo(
         log(f"[{k}/{len(steps)}] {name}: {', '.join(methods)} — {group} metrics on {limit} {data} images")
         path = out / "results" / f"{name}.{group}.json"
         evaluate(
-            root / name, methods, metrics, data, limit=limit, batch_size=BATCH_SIZE, out=path, progress=progress,
-            gallery=gallery if group == METRIC_GROUPS[0][0] else 0,
+            model_ref(root, name), methods, metrics, data, limit=limit, batch_size=BATCH_SIZE, out=path,
+            progress=progress, gallery=gallery if group == METRIC_GROUPS[0][0] else 0,
         )  # fmt: skip
         files.append(path)
     page, sheet = build_report([load_results(p) for p in files], title="vitlens demo")

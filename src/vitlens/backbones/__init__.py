@@ -6,6 +6,7 @@ Model URIs::
     hf:NAME_OR_PATH                            transformers AutoModelForImageClassification
     torchvision:NAME[?pretrained=0&key=value]  torchvision.models.get_model(NAME, weights=...)
     bcos:NAME[?weights=PATH&pretrained=1&key=value]  vitlens' B-cos ViT; official B-cos-v2 weights load unchanged
+    vitlens:NAME                               a model shipped with vitlens (``vitlens models`` lists them)
     PATH                                       a vitlens checkpoint directory
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .._utils import require
 from ..errors import VitlensError
 from ..options import parse_options
 from .base import (
@@ -61,7 +63,10 @@ ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_torchvision_vit, TorchvisionViT),
     (is_bcos_vit, BcosViT),
 ]
-SCHEMES = ("timm", "hf", "torchvision", "bcos")
+SCHEMES = ("timm", "hf", "torchvision", "bcos", "vitlens")
+EXPECTED = (
+    "expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME, vitlens:NAME or a vitlens checkpoint directory"
+)
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, Preprocessing | None]:
@@ -125,10 +130,7 @@ def parse_model_uri(uri: str) -> tuple[str, str, dict]:
     """``"timm:vit_small_patch16_224?pretrained=0&num_classes=10"`` → ("timm", name, kwargs)."""
     scheme, sep, rest = uri.partition(":")
     if not sep or scheme not in SCHEMES:
-        raise VitlensError(
-            f"unknown model {uri!r}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME "
-            "or a vitlens checkpoint directory"
-        )
+        raise VitlensError(f"unknown model {uri!r}: {EXPECTED}")
     name, _, query = rest.partition("?")
     if not name.strip():
         raise VitlensError(f"model URI {uri!r} names no model")
@@ -159,8 +161,7 @@ def build_module(spec: dict) -> tuple[nn.Module, Preprocessing | None]:
     if source == "bcos":
         return build_bcos(name, **kwargs)
     if source == "hf":
-        import transformers
-
+        transformers = require("transformers", extra="hf", what="a Hugging Face checkpoint")
         config = transformers.AutoConfig.for_model(**spec["config"])
         return getattr(transformers, name)(config), None
     raise VitlensError(f"unknown model source {source!r} in checkpoint")
@@ -169,6 +170,13 @@ def build_module(spec: dict) -> tuple[nn.Module, Preprocessing | None]:
 def _load_uri(uri: str, options: dict) -> Backbone:
     scheme, name, kwargs = parse_model_uri(uri)
     kwargs.update(options)
+    if scheme == "vitlens":
+        from ..checkpoint import load_checkpoint
+        from ..pretrained import path
+
+        if kwargs:
+            raise VitlensError(f"{uri}: a vitlens model takes no options (got {', '.join(sorted(kwargs))})")
+        return load_checkpoint(path(name))
     try:
         if scheme == "bcos":
             backbone = load_bcos(name, **kwargs)
@@ -191,8 +199,7 @@ def _load_uri(uri: str, options: dict) -> Backbone:
             backbone = adapt(model)
             backbone.spec = {"source": "torchvision", "name": name, "kwargs": kwargs}
         else:
-            import transformers
-
+            transformers = require("transformers", extra="hf", what=uri)
             bars = transformers.utils.logging.is_progress_bar_enabled()
             transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for a local load
             try:
@@ -266,6 +273,9 @@ def _load_uri_offline_aware(uri: str, options: dict) -> Backbone:
 def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **options) -> Backbone:
     """Any supported model, URI or vitlens checkpoint directory → a :class:`Backbone`.
 
+    ``"vitlens:NAME"`` loads a model shipped with the package (``vitlens models`` lists them), e.g.
+    ``load_model("vitlens:fashion-vit-pm")``.
+
     Models loaded from a URI or checkpoint are put in eval mode; a module passed in keeps its mode.
     ``options`` are URI options given as keywords (``load_model("bcos:NAME", weights=PATH)``).
     """
@@ -288,10 +298,7 @@ def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **o
                 what = f"no such checkpoint directory {text!r}"
             else:
                 what = f"unknown model {text!r}"
-            raise VitlensError(
-                f"{what}: expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME or a vitlens checkpoint "
-                "directory"
-            )
+            raise VitlensError(f"{what}: {EXPECTED}")
         backbone.eval()
     else:
         raise VitlensError(f"cannot load a model from a {type(model).__name__}")

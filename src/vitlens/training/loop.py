@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +115,19 @@ class StepBatches(torch.utils.data.Sampler):
             yield idx.tolist()
 
 
+def fit_warmup(warmup: int, total: int) -> tuple[int, str | None]:
+    """The warm-up that fits a ``total``-step run: at most half of it (the rest decays).
+
+    Returns:
+        (warm-up steps to use, a one-line note when ``warmup`` was shortened, else ``None``).
+    """
+    fitted = min(warmup, total // 2)
+    if fitted == warmup:
+        return warmup, None
+    return fitted, (f"note: --warmup-steps {warmup} does not fit a {total}-step run; warming up over {fitted} steps "
+                    "(half the run) instead")  # fmt: skip
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up from 1% then cosine decay to 0."""
     if step < warmup:
@@ -182,6 +195,10 @@ def train(
         start, total = state["step"], state["total"]
     elif (out / STATE).exists():
         raise VitlensError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+    warmup, note = fit_warmup(cfg.warmup_steps, total)
+    if note and d.main:
+        print(note, file=sys.stderr, flush=True)
+    cfg = replace(cfg, warmup_steps=warmup)  # the record keeps the schedule that ran
 
     backbone = task.backbone.to(d.device)
     module = task.modules().to(d.device)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from ..backbones import upsample
@@ -23,6 +22,7 @@ from ..errors import VitlensError
 from ..explainers import EXPLAINERS
 from ..explainers.explanation import SCALES
 from ..io import atomic_write
+from .colormaps import apply_colormap
 
 GT_COLOUR = (80, 230, 120)
 PRED_COLOUR = (60, 200, 255)
@@ -118,7 +118,7 @@ def overlay(
 
 def colour_lookup(cmap: str, values: torch.Tensor) -> torch.Tensor:
     """Values in [0, 1] ``[H, W]`` → RGB ``[3, H, W]`` through the colour map ``cmap``."""
-    return torch.from_numpy(colormaps[cmap](values.numpy())[..., :3]).permute(2, 0, 1).float()
+    return torch.from_numpy(apply_colormap(values.numpy(), cmap)).permute(2, 0, 1).float()
 
 
 def explanation_overlays(explanation, images: torch.Tensor | None, *, size: int | None = None, title: bool = True):

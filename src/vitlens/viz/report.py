@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .._utils import require
 from ..backbones import upsample
 from ..errors import VitlensError
 from ..io import atomic_write_text
 from ..metrics import METRICS, boxes_from_map
 from ..metrics.localisation import normalize_maps
+from .colormaps import colormap
 from .overlay import BACKGROUND, GT_COLOUR, PRED_COLOUR, font, on_background, overlay, plain, scale_for
 
 CELL = 128  # pixels of a gallery picture's longer side (64 px inputs at twice their size)
@@ -264,8 +266,7 @@ def figure_uri(fig) -> str:
 def curves_figure(cols: list[Column]) -> str | None:
     """Mean perturbation curves (and, when scored, box accuracy over thresholds and the sanity check's
     rank correlation per randomised level) as one PNG data URI; ``None`` when there are none."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="viz", what="the report's curves")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -318,11 +319,7 @@ def fmt(v) -> str:
 
 
 def colour_bar() -> str:
-    from matplotlib import colormaps
-
-    stops = ", ".join(
-        "#{:02x}{:02x}{:02x}".format(*(round(255 * c) for c in colormaps[CMAP](t)[:3])) for t in np.linspace(0, 1, 9)
-    )
+    stops = ", ".join("#{:02x}{:02x}{:02x}".format(*c) for c in colormap(CMAP)[np.minimum(np.arange(9) * 32, 255)])
     return f'<span class="bar" style="background:linear-gradient(to right,{stops})"></span>'
 
 
