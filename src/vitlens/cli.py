@@ -75,7 +75,8 @@ def _train_options(p: argparse.ArgumentParser, lr: float = 1e-3) -> None:
     p.add_argument("--checkpoint-every", type=_number(strict=False), default=30.0, help="seconds between checkpoints")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--autocast", choices=["bf16"], help="mixed precision (float32 weights); fast on CPUs with AMX")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (with the same settings)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
 
 
 def _train_config(a: argparse.Namespace):
@@ -314,14 +315,19 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .io import check_output_dir
     from .training import train_classifier
 
+    from .training.loop import check_training_out
+
     check_output_dir(a.out, "--out", create=False)
+    if a.resume and a.overwrite:
+        raise VitlensError("--resume and --overwrite exclude each other")
+    check_training_out(a.out, resume=a.resume, overwrite=a.overwrite)  # before any work: refused in one line
 
     if a.task == "diffmask":
         from .training import train_diffmask
 
         summary = train_diffmask(
             a.model, a.data, a.out, _train_config(a), kl_margin=a.kl_margin, multiplier_lr=a.multiplier_lr,
-            resume=a.resume,
+            resume=a.resume, overwrite=a.overwrite,
         )  # fmt: skip
     if a.task == "pm":
         from .training import train_pm
@@ -329,15 +335,17 @@ def cmd_train(a: argparse.Namespace) -> int:
         summary = train_pm(
             a.model, a.data, a.out, _train_config(a), mask_fraction=a.mask_fraction, lam=a.lam,
             pos_weight=a.pos_weight, mask_batch=a.mask_batch, composites=a.composites, pseudo_rounds=a.pseudo_masks,
-            resume=a.resume, eval_data=a.eval_data,
+            resume=a.resume, eval_data=a.eval_data, overwrite=a.overwrite,
         )  # fmt: skip
     if a.task == "bcos":
         from .training.bcos import train_bcos
 
-        summary = train_bcos(a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data)
+        summary = train_bcos(a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data,
+                             overwrite=a.overwrite)  # fmt: skip
     if a.task == "classifier":
         summary = train_classifier(
-            a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data, init=a.init
+            a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data, init=a.init,
+            overwrite=a.overwrite,
         )
     print(json.dumps({"out": a.out, **summary}))
     return 0
