@@ -112,15 +112,27 @@ SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     "model.name": (True, lambda v: isinstance(v, str) and v != "", "a model name"),
     "model.kwargs": (False, lambda v: isinstance(v, dict), "an object"),
     "model.config": (False, lambda v: isinstance(v, dict), "an object"),
-    "classes": (True, lambda v: isinstance(v, list) and 0 < len(v) <= MAX_CLASSES and all(isinstance(c, str) for c in v),
-                f"1 to {MAX_CLASSES} class names"),
+    "classes": (
+        True,
+        lambda v: isinstance(v, list) and 0 < len(v) <= MAX_CLASSES and all(isinstance(c, str) for c in v),
+        f"1 to {MAX_CLASSES} class names",
+    ),
     "preprocessing": (True, lambda v: isinstance(v, dict), "an object"),
-    "preprocessing.input_size": (True, lambda v: isinstance(v, list) and len(v) == 2 and
-                                 all(_int(x) and x <= MAX_SIDE for x in v), f"[H, W], each 1..{MAX_SIDE}"),
-    "preprocessing.mean": (True, lambda v: _numbers(v) and len(v) <= 64 and max(map(abs, v)) <= 1e3,
-                           "a list of numbers in [-1000, 1000]"),
-    "preprocessing.std": (True, lambda v: _numbers(v) and len(v) <= 64 and 1e-4 <= min(v) and max(v) <= 1e3,
-                          "a list of numbers in [1e-4, 1000]"),
+    "preprocessing.input_size": (
+        True,
+        lambda v: isinstance(v, list) and len(v) == 2 and all(_int(x) and x <= MAX_SIDE for x in v),
+        f"[H, W], each 1..{MAX_SIDE}",
+    ),
+    "preprocessing.mean": (
+        True,
+        lambda v: _numbers(v) and len(v) <= 64 and max(map(abs, v)) <= 1e3,
+        "a list of numbers in [-1000, 1000]",
+    ),
+    "preprocessing.std": (
+        True,
+        lambda v: _numbers(v) and len(v) <= 64 and min(v) >= 1e-4 and max(v) <= 1e3,
+        "a list of numbers in [1e-4, 1000]",
+    ),
     "preprocessing.interpolation": (False, lambda v: isinstance(v, str), "a string"),
     "training": (False, lambda v: isinstance(v, dict), "an object"),
     "vitlens_version": (False, lambda v: isinstance(v, str), "a string"),
@@ -371,7 +383,7 @@ def load_training_state(path: str | os.PathLike) -> dict:
     file = _resolve(Path(path)) / STATE
     expected = config.get("training_state_sha256")
     if expected is None:
-        raise VitlensError(f"--resume: {path}/{CONFIG} records no 'training_state_sha256', so {STATE} cannot be trusted")
+        raise VitlensError(f"--resume: {path}/{CONFIG} records no 'training_state_sha256' ({STATE} cannot be checked)")
     if not file.is_file():
         raise VitlensError(f"--resume: no training checkpoint in {path} (missing {STATE})")
     if _sha256(file) != expected:

@@ -314,7 +314,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     from .io import check_output_dir
     from .training import train_classifier
-
     from .training.loop import check_training_out
 
     check_output_dir(a.out, "--out", create=False)
@@ -344,7 +343,13 @@ def cmd_train(a: argparse.Namespace) -> int:
                              overwrite=a.overwrite)  # fmt: skip
     if a.task == "classifier":
         summary = train_classifier(
-            a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data, init=a.init,
+            a.data,
+            a.out,
+            _train_config(a),
+            arch=a.arch,
+            resume=a.resume,
+            eval_data=a.eval_data,
+            init=a.init,
             overwrite=a.overwrite,
         )
     print(json.dumps({"out": a.out, **summary}))

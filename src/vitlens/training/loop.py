@@ -209,7 +209,7 @@ def check_training_out(out: str | Path, resume: bool = False, overwrite: bool = 
     """
     out = Path(out)
     if out.name in ("", ".", "..") or out.absolute() == Path.cwd():
-        raise VitlensError(f"--out {str(out)!r}: give the name of a new folder (a checkpoint replaces its folder whole)")
+        raise VitlensError(f"--out {str(out)!r}: name a new folder (a checkpoint replaces its folder whole)")
     if out.exists() and not out.is_dir():
         raise VitlensError(f"--out {out} exists and is not a directory")
     lock_out(out)
@@ -224,7 +224,8 @@ def check_training_out(out: str | Path, resume: bool = False, overwrite: bool = 
         raise VitlensError(f"{out} already holds a model: pass --overwrite to replace it, or another --out")
     others = [f.name for f in out.iterdir() if f.name not in (WEIGHTS, CONFIG, "metrics.jsonl")] if out.is_dir() else []
     if others:
-        raise VitlensError(f"--out {out} holds other files ({', '.join(sorted(others)[:3])}); give a new or empty folder")
+        names = ", ".join(sorted(others)[:3])
+        raise VitlensError(f"--out {out} holds other files ({names}); give a new or empty folder")
 
 
 def check_resumable(out: str | Path, data: str | None = None) -> None:

@@ -119,8 +119,9 @@ def _nums(v: object, finite: bool = False) -> bool:
 
 def _map(v: object) -> bool:
     """A 2-D, rectangular, non-empty list of finite numbers, at most :data:`MAX_MAP_CELLS` cells."""
-    return (isinstance(v, list) and 0 < len(v) and isinstance(v[0], list) and 0 < len(v[0])
-            and len(v) * len(v[0]) <= MAX_MAP_CELLS and all(_nums(r, True) and len(r) == len(v[0]) for r in v))  # fmt: skip
+    if not (isinstance(v, list) and v and isinstance(v[0], list) and v[0] and len(v) * len(v[0]) <= MAX_MAP_CELLS):
+        return False
+    return all(_nums(r, True) and len(r) == len(v[0]) for r in v)
 
 
 def picture_size(b64: object, where: str) -> tuple[int, int]:
@@ -166,8 +167,12 @@ def check_results(data: object, where: str) -> dict:
         need(all(v is None or _num(v) for v in values.values()), f"results.{method}", "numbers or null")
     need(isinstance(data.get("used", {}), dict) and all(map(_int, data.get("used", {}).values())), "used",
          "an object of image counts")  # fmt: skip
-    need(data.get("classes") is None or (isinstance(data["classes"], list) and
-                                         all(isinstance(c, str) for c in data["classes"])), "classes", "class names")
+    need(
+        data.get("classes") is None
+        or (isinstance(data["classes"], list) and all(isinstance(c, str) for c in data["classes"])),
+        "classes",
+        "class names",
+    )
     for key in ("settings", "versions"):
         need(data.get(key) is None or isinstance(data[key], dict), key, "an object")
     for key in ("device", "threads", "date"):
@@ -196,8 +201,13 @@ def check_results(data: object, where: str) -> dict:
                      and _nums(c.get("best_threshold")) and c["best_threshold"],
                      key, "'threshold', 'accuracy' and 'best_threshold' lists")  # fmt: skip
             elif metric == "sanity" and c:
-                need(isinstance(c.get("levels"), list) and _nums(c.get("spearman"))
-                     and len(c["levels"]) == len(c["spearman"]), key, "lists 'levels' and 'spearman' of equal length")
+                need(
+                    isinstance(c.get("levels"), list)
+                    and _nums(c.get("spearman"))
+                    and len(c["levels"]) == len(c["spearman"]),
+                    key,
+                    "lists 'levels' and 'spearman' of equal length",
+                )
     gallery = data.get("gallery")
     need(gallery is None or isinstance(gallery, dict), "gallery", "an object or null")
     if gallery:
