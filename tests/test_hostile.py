@@ -294,7 +294,7 @@ def test_report_escapes_every_value(results_file, tmp_path, capsys):
         d["model"] = XSS
         d["classes"] = [XSS] * len(d["classes"])
         d["device"] = XSS
-        d["results"] = {XSS: v for v in d["results"].values()}
+        d["results"] = {XSS: next(iter(d["results"].values()))}
 
     path = edited(results_file, tmp_path, strings_only)
     code, _, err = run_cli(["report", str(path), "--out", str(tmp_path / "r.html")], capsys)

@@ -152,7 +152,8 @@ KIND_SCHEMA: dict[str, dict[str, tuple[bool, Callable[[object], bool], str]]] = 
 
 
 def _old(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
+    path = Path(os.path.abspath(path))  # "." and "/" have no name of their own
+    return path.with_name(f".{path.name}.old") if path.name else path / ".vitlens.old"
 
 
 def recover(path: str | os.PathLike) -> None:

@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 
 from .errors import VitlensError
 
 
+def one_line(message: str) -> str:
+    """A message on one line: line breaks (e.g. inside a file name) are shown escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def finite_json(obj: object) -> str:
+    """``json.dumps`` that writes NaN and infinities as ``null`` (strict JSON, never ``NaN``)."""
+
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def _int_at_least(low: int, what: str):
@@ -195,8 +217,10 @@ def cmd_explain(a: argparse.Namespace) -> int:
                         options=options)  # fmt: skip
     try:
         for r in run:  # records are printed as they come (the --json list too)
+            if "error" not in r and not math.isfinite(r["probability"]):  # a model whose outputs overflow
+                r = {"image": r["image"], "error": f"{r['image']}: the model's output is not finite (NaN or Inf)"}
             if a.json:
-                print(("[\n" if done == 0 else ",\n") + json.dumps(r), end="", flush=True)
+                print(("[\n" if done == 0 else ",\n") + finite_json(r), end="", flush=True)
             elif "error" not in r:
                 print(f"{r['image']}: {r['predicted_class']} ({r['probability']:.2f}) -> {r['overlay']}")
             done += 1
@@ -208,7 +232,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     if a.json and not done:
         print("[]")
     for error in failed:  # the bad files, reported at the end
-        print(f"vitlens: error: {error}", file=sys.stderr)
+        print(f"vitlens: error: {one_line(error)}", file=sys.stderr)
     if failed and done > 1:
         print(f"vitlens: error: {len(failed)} of {done} images could not be read (listed above); "
               f"{done - len(failed)} explained into {a.out}", file=sys.stderr)  # fmt: skip
@@ -254,7 +278,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.autocast)
     record = bench(a.model, methods, batch_size=a.batch_size, image_size=a.image_size, device=a.device, repeat=a.repeat,
                    autocast=autocast)  # fmt: skip
-    print(json.dumps(record) if a.json else format_bench(record))
+    print(finite_json(record) if a.json else format_bench(record))
     return 0
 
 
@@ -288,10 +312,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     )  # fmt: skip
     if summary is None:  # the other torchrun processes
         return 0
-    print(json.dumps(summary) if a.json else format_table(summary))
+    print(finite_json(summary) if a.json else format_table(summary))
     skipped = summary.get("skipped", [])
     for s in skipped:  # samples that could not be read (folder data), reported at the end
-        print(f"vitlens: error: {s['error']}", file=sys.stderr)
+        print(f"vitlens: error: {one_line(s['error'])}", file=sys.stderr)
     if skipped:
         print(f"vitlens: error: {len(skipped)} samples could not be read (listed above); the scores leave them out",
               file=sys.stderr)  # fmt: skip
@@ -374,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except VitlensError as e:
-        print(f"vitlens: error: {e}", file=sys.stderr)
+        print(f"vitlens: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vitlens: interrupted", file=sys.stderr)

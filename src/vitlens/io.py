@@ -30,6 +30,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory", cr
     With ``create`` the directory is made and a probe file written in it; without, ``path`` must not be
     a file and its nearest existing ancestor must be a writable directory.
     """
+    if not os.fspath(path).strip():
+        raise VitlensError(f"{what} is empty; give a folder name")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise VitlensError(f"{what} {path} exists and is not a directory")
@@ -52,6 +54,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory", cr
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
     """Refuse, before any work is done, an output file path that is a directory or cannot be written."""
+    if not os.fspath(path).strip():
+        raise VitlensError(f"{what} is empty; give a file name")
     path = Path(path)
     if path.is_dir():
         raise VitlensError(f"{what} {path} is a directory; give a file name")

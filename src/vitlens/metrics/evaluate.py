@@ -23,7 +23,7 @@ from ..data import collate, open_dataset, parse_data_spec, resize
 from ..errors import VitlensError
 from ..explainers import EXPLAINERS, get_explainer
 from ..io import atomic_write_json, check_output_file
-from ..options import parse_value
+from ..options import parse_finite
 from ..training.distributed import all_reduce_sum, setup, teardown
 from .base import METRICS, Batch, get_metric
 from .gallery import gallery_payload, pick_indices
@@ -62,7 +62,9 @@ def parse_options(items: Sequence[str]) -> dict[str, dict]:
         key, eq, value = rest.partition("=")
         if not (dot and eq and name and key):
             raise VitlensError(f"bad option {item!r}: expected NAME.KEY=VALUE, e.g. deletion.fill=blur")
-        options.setdefault(name, {})[key] = parse_value(value)
+        if key in options.get(name, {}):
+            raise VitlensError(f"option {name}.{key} given twice")
+        options.setdefault(name, {})[key] = parse_finite(value, f"option {item!r}")
     return options
 
 
