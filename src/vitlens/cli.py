@@ -205,7 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    import json
 
     from .files import explain_files
     from .options import parse_options
@@ -260,7 +259,6 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    import json
 
     import torch
 
@@ -302,7 +300,6 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    import json
 
     from .metrics import evaluate, format_table, parse_options
 

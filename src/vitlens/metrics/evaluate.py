@@ -159,6 +159,10 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
     size = backbone.preprocessing.input_size
     spec = parse_data_spec(data) if isinstance(data, str) else data
     dataset = open_dataset(spec, size=size)
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) > backbone.num_classes:  # labels the model has no output for
+        raise VitlensError(f"{spec}: the data has {len(classes)} classes, but the model has {backbone.num_classes} "
+                           "outputs")  # fmt: skip
     method_list = parse_names(methods, EXPLAINERS, "method")
     metric_list = metric_names(metrics, dataset)
     for name in options:
