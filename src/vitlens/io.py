@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -63,12 +64,37 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     return path
 
 
+def _claim_tmp(path: Path) -> tuple[int, str]:
+    """An open, locked temporary file beside ``path``: ``.NAME.tmp``, or a random name while another writer
+    holds that one.
+
+    A writer killed mid-write (even ``kill -9``) leaves ``.NAME.tmp`` behind unlocked; the next writer of
+    ``path`` takes it over, so stale temporaries do not pile up.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    for _ in range(3):
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another live writer of the same file
+            os.close(fd)
+            break
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:  # not renamed away by the writer we waited on
+                os.ftruncate(fd, 0)
+                return fd, str(tmp)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return fd, name
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; never leaves a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, tmp = _claim_tmp(path)
     try:
         write(tmp)
         _publish_mode(tmp)
@@ -77,6 +103,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        os.close(fd)  # the lock goes with it, after the rename
     return path
 
 
