@@ -429,3 +429,393 @@ def test_flipped_byte_in_committed_checkpoint_is_refused(tmp_path, capsys):
     code, _, err = run_cli(["info", str(out)], capsys)
     one_line_error(code, err, "corrupted")
     load_checkpoint(committed("counting-vit"))  # the original still loads
+
+
+# --- 4. bounds before allocation: 16-bit images, canvas cache ----------------------------------------------
+
+
+def test_16_bit_images_are_resized_before_conversion(tmp_path):
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from vitlens.data.images import load_image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 65535, (2000, 3000)).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    tracemalloc.start()
+    image = load_image(tmp_path / "deep.png", (48, 64))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8e6  # a float copy at full resolution alone would be 24 MB
+    full = Image.fromarray(pixels.astype(np.float32) / 65535, mode="F").resize((64, 48), Image.Resampling.BILINEAR)
+    assert image.shape == (3, 48, 64)
+    assert torch.allclose(image[0], torch.from_numpy(np.array(full)), atol=1e-4)
+
+
+def test_fashion_canvas_cache_is_bounded(monkeypatch):
+    from vitlens.data import open_dataset
+    from vitlens.data.fashion import FashionCanvas
+
+    try:
+        data = open_dataset("fashion-canvas:test:n=6,size=256")
+    except VitlensError as e:
+        pytest.skip(f"Fashion-MNIST not available ({e})")
+    monkeypatch.setattr(FashionCanvas, "cache_bytes", 2 * (3 * 256 * 256 + 256 * 256 + 64))
+    first = [data[i]["image"] for i in range(6)]
+    assert len(data._cache) == 2 and data._cached <= FashionCanvas.cache_bytes
+    assert all(torch.equal(a, data[i]["image"]) for i, a in enumerate(first))  # re-rendered samples are the same
+
+
+# --- 7. ground truth and data checked -------------------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    from PIL import Image
+
+    root = tmp_path / "birds"
+    for k, name in enumerate("abcdefghij"):
+        (root / "test" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 30), (20 * k, 90, 200)).save(root / "test" / name / "0.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "line, needle",
+    [("a/0.png,nan,nan,nan,nan", "not finite"), ("a/0.png,1,2,inf,9", "not finite"),
+     ("a/0.png,10,2,5,9", "x0 <= x1"), ("a/0.png,-1,2,5,9", "non-negative"),
+     ("zz/9.png,1,2,5,9", "names no image"), ("a/0.png,1,2,5", "expected")],
+)  # fmt: skip
+def test_bad_localization_lines_are_one_line(folder, capsys, line, needle):
+    (folder / "test" / "localization.txt").write_text(f"a/0.png,1,1,5,5\n{line}\n")
+    code, _, err = run_cli(["evaluate", "--model", str(committed("counting-vit")), "--methods", "rollout",
+                            "--metrics", "pointing-game", "--data", f"folder:{folder}:test"], capsys)  # fmt: skip
+    one_line_error(code, err, "localization.txt:2", needle)
+
+
+def test_non_utf8_localization_is_one_line(folder, capsys):
+    (folder / "test" / "localization.txt").write_bytes(b"a/0.png,1,1,5,5\n\xff\xfe,1,1,2,2\n")
+    code, _, err = run_cli(["evaluate", "--model", str(committed("counting-vit")), "--methods", "rollout",
+                            "--metrics", "pointing-game", "--data", f"folder:{folder}:test"], capsys)  # fmt: skip
+    one_line_error(code, err, "localization.txt", "not UTF-8")
+
+
+def test_box_outside_its_image_is_reported_not_scored(folder, capsys):
+    (folder / "test" / "localization.txt").write_text("a/0.png,1,1,5,5\nb/0.png,10,10,400,20\n")
+    args = ["evaluate", "--model", str(committed("counting-vit")), "--methods", "rollout", "--metrics",
+            "pointing-game", "--data", f"folder:{folder}:test", "--json"]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "localization.txt:2: box" in err and "outside b/0.png (40×30)" in err
+    assert json.loads(out)["n"] == 9  # the sample with the bad box is left out, not scored as a miss
+
+
+def test_folder_with_more_classes_than_the_model(folder, capsys):
+    for name in ("k", "l"):
+        (folder / "test" / name).mkdir()
+        shutil.copy(folder / "test" / "a" / "0.png", folder / "test" / name / "0.png")
+    code, _, err = run_cli(["evaluate", "--model", str(committed("counting-vit")), "--methods", "rollout",
+                            "--metrics", "pointing-game", "--data", f"folder:{folder}:test"], capsys)  # fmt: skip
+    one_line_error(code, err, "12 classes", "10 outputs")
+
+
+# --- 8. names read from files and URIs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 image_size=32, patch_size=8, num_labels=3)  # fmt: skip
+    out = tmp_path_factory.mktemp("hf") / "vit"
+    transformers.ViTForImageClassification(cfg).save_pretrained(out)
+    return out
+
+
+def test_hf_uri_options_are_allow_listed(hf_folder, capsys, monkeypatch):
+    monkeypatch.delenv("VITLENS_TRUST_REMOTE_CODE", raising=False)
+    code, _, err = run_cli(["info", f"hf:{hf_folder}?trust_remote_code=1"], capsys)
+    one_line_error(code, err, "trust_remote_code not allowed", "VITLENS_TRUST_REMOTE_CODE=1")
+    code, _, err = run_cli(["info", f"hf:{hf_folder}?code_revision=x"], capsys)
+    one_line_error(code, err, "code_revision not allowed")
+    code, out, err = run_cli(["info", f"hf:{hf_folder}?local_files_only=1"], capsys)
+    assert code == 0, err
+
+
+def test_trust_remote_code_only_through_the_environment(hf_folder, monkeypatch):
+    import transformers
+
+    from vitlens.backbones import load_model
+
+    seen = []
+    real = transformers.AutoModelForImageClassification.from_pretrained
+
+    def spy(name, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForImageClassification, "from_pretrained", spy)
+    monkeypatch.delenv("VITLENS_TRUST_REMOTE_CODE", raising=False)
+    load_model(f"hf:{hf_folder}")
+    monkeypatch.setenv("VITLENS_TRUST_REMOTE_CODE", "1")
+    load_model(f"hf:{hf_folder}")
+    assert seen == [False, True]
+
+
+def test_hf_folder_with_a_pickle_is_one_line(hf_folder, tmp_path, capsys):
+    out = tmp_path / "vit"
+    shutil.copytree(hf_folder, out)
+    (out / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    torch.save({"x": Payload(marker)}, out / "pytorch_model.bin")
+    code, _, err = run_cli(["info", f"hf:{out}"], capsys)
+    one_line_error(code, err, "could not load")
+    assert not marker.exists()
+
+
+# --- 9, 10. NaN and the one-line promise ---------------------------------------------------------------------
+
+
+def test_json_output_never_holds_nan():
+    from vitlens.cli import finite_json
+
+    text = finite_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}, "e": 0.5})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": 0.5}
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(tmp_path / "a.png")
+    return tmp_path / "a.png"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["explain", "{img}", "--model", ""], "empty model"),
+     (["explain", "{img}", "--model", "."], "not a vitlens checkpoint"),
+     (["info", "/"], "not a vitlens checkpoint"),
+     (["explain", "{img}", "--model", "{ck}", "--out", ""], "empty"),
+     (["explain", "{img}", "--model", "timm:vit_tiny_patch16_224?pretrained=0&num_classes=0&img_size=32"],
+      "no classifier head"),
+     (["evaluate", "--model", "{ck}", "--methods", "rollout", "--metrics", "deletion", "--data", "counting:test:n=4",
+       "--option", "deletion.steps=nan"], "not a finite number"),
+     (["evaluate", "--model", "{ck}", "--methods", "rollout", "--metrics", "deletion", "--data", "counting:test:n=4",
+       "--option", "deletion.steps=4", "--option", "deletion.steps=5"], "given twice"),
+     (["evaluate", "--model", "{ck}", "--methods", "rollout", "--data", "counting:test:n=5,n=6"], "given twice"),
+     (["explain", "{img}", "--model", "{ck}", "--option", "n=1", "--option", "n=2"], "given twice"),
+     (["report", "{tmp}/none.json", "--out", ""], "report output")],
+)  # fmt: skip
+def test_former_tracebacks_are_one_line(image, tmp_path, capsys, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    fill = {"img": str(image), "ck": str(committed("counting-vit")), "tmp": str(tmp_path)}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli([a.format(**fill) for a in args], capsys)
+    one_line_error(code, err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written into the current folder
+
+
+def test_newline_in_a_file_name_stays_on_one_line(tmp_path, capsys):
+    bad = tmp_path / "two\nlines.png"
+    bad.write_bytes(b"not an image")
+    code, _, err = run_cli(["explain", str(bad), "--model", str(committed("counting-vit")),
+                            "--out", str(tmp_path / "out")], capsys)  # fmt: skip
+    one_line_error(code, err, "two\\nlines.png")
+
+
+def test_stale_temporary_files_are_taken_over(tmp_path):
+    from vitlens.io import atomic_write_text
+
+    target = tmp_path / "result.json"
+    stale = tmp_path / ".result.json.tmp"
+    stale.write_text("half of a file written before a kill -9")
+    atomic_write_text(target, "{}\n")
+    assert target.read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_a_live_writer_keeps_its_temporary_file(tmp_path):
+    from vitlens.io import atomic_write_text
+
+    held = tmp_path / ".result.json.tmp"
+    fd = os.open(held, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process in the middle of writing
+        os.write(fd, b"in progress")
+        atomic_write_text(tmp_path / "result.json", "{}\n")
+        assert held.read_bytes() == b"in progress"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".result.json.tmp", "result.json"]
+    finally:
+        os.close(fd)
+
+
+def test_data_of_another_input_size_is_refused(tmp_path, capsys):
+    args = ["train", "classifier", "--data", "counting:train:n=16,grid=3,cell=8", "--init",
+            str(committed("counting-vit")), "--max-steps", "1", "--batch-size", "4", "--device", "cpu",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    one_line_error(code, err, "(24, 24) pixels", "(48, 48)")
+
+
+# --- fuzzing: results files, checkpoint configs, localization.txt, data specs ---------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+EXAMPLES = int(os.environ.get("VITLENS_FUZZ_EXAMPLES", "25"))  # more, at random, for a longer search
+FUZZ = hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES == 25,
+                           suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def paths_of(obj, prefix=()) -> list[tuple]:
+    """Every path into a JSON value (keys and list indices), the value itself first."""
+    found = [prefix]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for k, v in items:
+        found += paths_of(v, (*prefix, k))
+    return found
+
+
+def mutated(obj, path: tuple, value):
+    if not path:
+        return value
+    obj = json.loads(json.dumps(obj))
+    target = obj
+    for k in path[:-1]:
+        target = target[k]
+    target[path[-1]] = value
+    return obj
+
+
+def cli_is_clean(code, err) -> None:
+    assert "Traceback" not in err, err
+    assert code in (0, 2), err
+    if code == 2:
+        assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+
+
+def test_fuzz_results_files(results_file, tmp_path_factory):
+    from vitlens.cli import main
+
+    original = json.loads(results_file.read_text())
+    small = dict(original, gallery=None, per_image={})  # the paths into the gallery are fuzzed separately
+    candidates = [p for p in paths_of(original) if not (len(p) > 2 and p[0] in ("per_image",))]
+
+    @FUZZ
+    @hypothesis.given(st.sampled_from(candidates), JSON, st.booleans())
+    def run(path, value, keep_gallery):
+        folder = tmp_path_factory.mktemp("fuzz")
+        data = mutated(original if keep_gallery or (path and path[0] == "gallery") else small, path, value)
+        file = folder / "r.json"
+        file.write_text(json.dumps(data))
+        before = file.read_bytes()
+        with _captured() as err:
+            code = main(["report", str(file), "--out", str(folder / "out" / "r.html")])
+        cli_is_clean(code, err.getvalue())
+        assert file.read_bytes() == before
+        assert sorted(p.name for p in folder.iterdir()) in (["r.json"], ["out", "r.json"])
+
+    run()
+
+
+def test_fuzz_checkpoint_configs(tiny_checkpoint, tmp_path_factory):
+    from vitlens.cli import main
+
+    original = json.loads((tiny_checkpoint / "config.json").read_text())
+
+    @FUZZ
+    @hypothesis.given(st.sampled_from(paths_of(original)), JSON)
+    def run(path, value):
+        folder = tmp_path_factory.mktemp("ck") / "ck"
+        shutil.copytree(tiny_checkpoint, folder)
+        (folder / "config.json").write_text(json.dumps(mutated(original, path, value)))
+        before = snapshot(folder)
+        with _captured() as err:
+            code = main(["info", str(folder)])
+        cli_is_clean(code, err.getvalue())
+        assert snapshot(folder) == before
+
+    run()
+
+
+def test_fuzz_localization_files(tmp_path_factory):
+    from PIL import Image
+
+    from vitlens.data import open_dataset
+
+    root = tmp_path_factory.mktemp("loc")
+    for name in ("a", "b"):
+        (root / "test" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 10)).save(root / "test" / name / "0.png")
+    number = st.sampled_from(["0", "3", "9.5", "19", "25", "-1", "nan", "inf", "1e400", "", "x"])
+    line = st.one_of(
+        st.tuples(st.sampled_from(["a/0.png", "b/0.png", "c/0.png", ""]), number, number, number, number).map(",".join),
+        st.text(max_size=30),
+    )
+
+    @FUZZ
+    @hypothesis.given(st.lists(line, max_size=5), st.binary(max_size=8))
+    def run(lines, noise):
+        (root / "test" / "localization.txt").write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + noise)
+        try:
+            data = open_dataset(f"folder:{root}:test", size=(16, 16))
+        except VitlensError as e:
+            assert "localization.txt" in str(e)
+            return
+        for i in range(len(data)):
+            sample = data[i]
+            if "error" in sample:
+                assert "localization.txt:" in sample["error"]
+            elif "boxes" in sample:
+                b = sample["boxes"]
+                assert torch.isfinite(b).all() and (b[:, :2] <= b[:, 2:]).all() and (b >= 0).all()
+
+    run()
+
+
+def test_fuzz_data_specs():
+    from vitlens.data import parse_data_spec
+
+    words = ["counting", "fashion-canvas", "folder", "test", "train", "n=3", "n=0", "n=-1", "seed=1", "grid=99",
+             "grid=2", "size=4096", "size=64", "n=1,n=2", "x=1", "=", ",", "", "n=1e9"]  # fmt: skip
+    part = st.sampled_from(words)
+
+    @FUZZ
+    @hypothesis.given(st.lists(part, min_size=1, max_size=4).map(":".join) | st.text(max_size=20))
+    def run(spec):
+        try:
+            parsed = parse_data_spec(spec)
+        except VitlensError:
+            return
+        if parsed.name in ("fashion-canvas", "fashion-grid"):
+            assert 36 <= parsed.options.get("size", 64) <= 1024
+
+    run()
+
+
+class _captured:
+    """Capture stderr around an in-process CLI call (hypothesis runs many inside one test)."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self.buffer = io.StringIO()
+        self._redirect = contextlib.redirect_stderr(self.buffer)
+        self._out = contextlib.redirect_stdout(io.StringIO())
+        self._redirect.__enter__()
+        self._out.__enter__()
+        return self.buffer
+
+    def __exit__(self, *exc):
+        self._out.__exit__(*exc)
+        self._redirect.__exit__(*exc)
+        return False

@@ -271,7 +271,8 @@ def validate_config(config: object, where: str = CONFIG) -> dict:
         raise VitlensError(
             f"{where}: checkpoint format {version} is newer than this vitlens ({FORMAT_VERSION}); upgrade vitlens"
         )
-    rules = {**SCHEMA, **KIND_SCHEMA.get(config.get("kind"), {})}
+    kind = config.get("kind")
+    rules = {**SCHEMA, **(KIND_SCHEMA.get(kind, {}) if isinstance(kind, str) else {})}
     for key, (required, check, expected) in rules.items():
         present, value = _lookup(config, key)
         if not present and required:
@@ -366,8 +367,8 @@ def _build(config: dict, path: str | os.PathLike, device: str | None = None) -> 
             module, _ = build_module(config["model"])
     except VitlensError:
         raise
-    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, ImportError, NotImplementedError,
-            AssertionError, OverflowError, ZeroDivisionError) as e:  # unknown name, bad kwargs  # fmt: skip
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError, ImportError,
+            NotImplementedError, AssertionError, OverflowError, ZeroDivisionError) as e:  # fmt: skip
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         model = f"{config['model']['source']}:{config['model']['name']}"
         raise VitlensError(f"{path}: cannot build the model {model} named in {CONFIG} ({first[:200]})") from e

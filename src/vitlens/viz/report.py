@@ -117,6 +117,11 @@ def _nums(v: object, finite: bool = False) -> bool:
     return isinstance(v, list) and all(_num(x, finite) for x in v)
 
 
+def _box(b: object) -> bool:
+    """``[x0, y0, x1, y1]``: finite, x0 <= x1 and y0 <= y1."""
+    return _nums(b, True) and len(b) == 4 and b[0] <= b[2] and b[1] <= b[3]
+
+
 def _map(v: object) -> bool:
     """A 2-D, rectangular, non-empty list of finite numbers, at most :data:`MAX_MAP_CELLS` cells."""
     if not (isinstance(v, list) and v and isinstance(v[0], list) and v[0] and len(v) * len(v[0]) <= MAX_MAP_CELLS):
@@ -217,7 +222,7 @@ def check_results(data: object, where: str) -> dict:
         k = len(index)
         lists = {"image": lambda v: isinstance(v, str), "label": _int, "predicted": _int,
                  "probability": lambda v: _num(v, True),
-                 "boxes": lambda v: isinstance(v, list) and all(_nums(b, True) and len(b) == 4 for b in v)}  # fmt: skip
+                 "boxes": lambda v: isinstance(v, list) and all(_box(b) for b in v)}  # fmt: skip
         for key, check in lists.items():
             value = gallery.get(key)
             need(isinstance(value, list) and len(value) == k and all(map(check, value)), f"gallery.{key}",
