@@ -661,6 +661,53 @@ def test_data_of_another_input_size_is_refused(tmp_path, capsys):
     one_line_error(code, err, "(24, 24) pixels", "(48, 48)")
 
 
+def test_outputs_never_replace_files_of_another_kind(results_file, tmp_path, capsys):
+    model = tmp_path / "cv"
+    shutil.copytree(committed("counting-vit"), model)
+    before = snapshot(model)
+    code, _, err = run_cli(["evaluate", "--model", str(model), "--methods", "rollout", "--metrics", "pointing-game",
+                            "--data", "counting:test:n=2", "--out", str(model / "config.json")], capsys)  # fmt: skip
+    one_line_error(code, err, "is not a vitlens results file")
+    code, _, err = run_cli(["report", str(results_file), "--out", str(model / "config.json")], capsys)
+    one_line_error(code, err, "is not an HTML page")
+    assert snapshot(model) == before
+    code, _, err = run_cli(["report", str(results_file), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["report", str(results_file), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 0, err  # a report replaces a report
+
+
+def test_checkpoint_kwargs_never_point_at_other_files(tiny_checkpoint, tmp_path, capsys):
+    path = ckpt_copy(tiny_checkpoint, tmp_path, model__kwargs__checkpoint_path=str(tmp_path / "evil.pth"))
+    code, _, err = run_cli(["info", str(path)], capsys)
+    one_line_error(code, err, "model.kwargs.checkpoint_path")
+
+
+def test_deeply_nested_json_is_one_line(tiny_checkpoint, results_file, tmp_path, capsys):
+    path = ckpt_copy(tiny_checkpoint, tmp_path)
+    (path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = run_cli(["info", str(path)], capsys)
+    one_line_error(code, err, "not valid JSON")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = run_cli(["report", str(deep), "--out", str(tmp_path / "r.html")], capsys)
+    one_line_error(code, err, "cannot read results file")
+
+
+def test_hostile_metrics_log_on_resume(run_dir, tmp_path, capsys):
+    out = copy_run(run_dir, tmp_path)
+    state = torch.load(out / STATE, weights_only=True)
+    state["step"] = 2
+    torch.save(state, out / STATE)
+    set_config(out, training_state_sha256=sha256(out / STATE))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('[1, 2]\n{"step": "x"}\n"text"\n{"step": 1, "loss": 1.0}\n\xff\n')
+    code, _, err = run_cli([*TRAIN, "--out", str(out), "--resume"], capsys)
+    assert code == 0, err
+    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(s, int) for s in steps) and steps[-1] == 3
+
+
 # --- fuzzing: results files, checkpoint configs, localization.txt, data specs ---------------------------------
 
 hypothesis = pytest.importorskip("hypothesis")

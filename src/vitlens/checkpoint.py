@@ -73,8 +73,15 @@ HF_CLASSES = {
 }
 
 
+#: Builder arguments that would read other files or fetch weights: never taken from a checkpoint.
+MODEL_DENIED = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "weights", "cache_dir")
+
+
 def _model_bounds(spec: dict, where: str) -> None:
     """Refuse model settings beyond :data:`MODEL_BOUNDS` (in ``kwargs`` and a Hugging Face ``config``)."""
+    denied = [k for k in (spec.get("kwargs") or {}) if k in MODEL_DENIED]
+    if denied:
+        raise VitlensError(f"{where}: 'model.kwargs.{denied[0]}' is not allowed in a checkpoint")
     for part in ("kwargs", "config"):
         for key, value in (spec.get(part) or {}).items():
             bound = MODEL_BOUNDS.get(key)
@@ -297,8 +304,8 @@ def read_config(path: str | os.PathLike) -> dict:
         raise VitlensError(f"{path} is not a vitlens checkpoint (no {CONFIG})")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VitlensError(f"{file}: not valid JSON ({getattr(e, 'msg', e)})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise VitlensError(f"{file}: not valid JSON ({getattr(e, 'msg', e)!s:.100})") from e
     except OSError as e:
         raise VitlensError(f"{file}: cannot read ({e.strerror or e})") from e
     return validate_config(config, str(file))

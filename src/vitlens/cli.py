@@ -293,16 +293,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from .io import check_replaceable, is_html_page
     from .viz.report import write_report
 
+    check_replaceable(a.out, "report output", "an HTML page", is_html_page)
     print(f"report: {write_report(a.results, a.out, title=a.title)}")
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
 
+    from .io import check_replaceable, is_results_file
     from .metrics import evaluate, format_table, parse_options
 
+    if a.out is not None:
+        check_replaceable(a.out, "--out", "a vitlens results file", is_results_file)
     summary = evaluate(
         a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
         options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery,

@@ -90,6 +90,35 @@ def _claim_tmp(path: Path) -> tuple[int, str]:
     return fd, name
 
 
+def is_results_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``vitlens evaluate --out`` results file (JSON with ``results`` and ``model``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("results"), dict) and "model" in data
+
+
+def is_html_page(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like an HTML page (what ``vitlens report`` writes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().lower().startswith((b"<!doctype html", b"<html"))
+    except OSError:
+        return False
+
+
+def check_replaceable(path: str | os.PathLike, what: str, kind: str, looks_like: Callable[[Path], bool]) -> None:
+    """Refuse to replace an existing, non-empty file at ``path`` unless it ``looks_like`` an output of ``kind``.
+
+    An output path mistyped onto a model's ``config.json`` or a README is refused, not overwritten.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > 0 and not looks_like(path):
+        raise VitlensError(f"{what} {path} exists and is not {kind}; remove it or give another name")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; never leaves a partial file."""
     path = Path(path)

@@ -145,12 +145,14 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue  # a line cut by a kill
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(at, int | float) and at <= step:
+            keep.append(line)
     path.write_text("".join(k + "\n" for k in keep))
 
 
