@@ -866,3 +866,26 @@ class _captured:
         self._out.__exit__(*exc)
         self._redirect.__exit__(*exc)
         return False
+
+
+def test_fifo_inputs_never_block(tmp_path, capsys):
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)
+    code, _, err = run_cli(["report", str(fifo), "--out", str(tmp_path / "r.html")], capsys)
+    one_line_error(code, err, "not a regular file")
+    os.mkfifo(tmp_path / "a.png")
+    code, _, err = run_cli(["explain", str(tmp_path / "a.png"), "--model", str(committed("counting-vit")),
+                            "--out", str(tmp_path / "out")], capsys)  # fmt: skip
+    one_line_error(code, err, "not a regular file")
+
+
+def test_small_specs_never_ask_for_huge_images(capsys):
+    code, _, err = run_cli(["evaluate", "--model", str(committed("counting-vit")), "--methods", "rollout",
+                            "--data", "counting:test:grid=16,cell=1024"], capsys)  # fmt: skip
+    one_line_error(code, err, "at most 2048")
+
+
+def test_class_names_are_bounded(tiny_checkpoint, tmp_path, capsys):
+    path = ckpt_copy(tiny_checkpoint, tmp_path, classes=["x" * 100_000] * 5)
+    code, _, err = run_cli(["info", str(path)], capsys)
+    one_line_error(code, err, "classes")

@@ -121,8 +121,10 @@ SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     "model.config": (False, lambda v: isinstance(v, dict), "an object"),
     "classes": (
         True,
-        lambda v: isinstance(v, list) and 0 < len(v) <= MAX_CLASSES and all(isinstance(c, str) for c in v),
-        f"1 to {MAX_CLASSES} class names",
+        lambda v: (
+            isinstance(v, list) and 0 < len(v) <= MAX_CLASSES and all(isinstance(c, str) and len(c) <= 200 for c in v)
+        ),
+        f"1 to {MAX_CLASSES} class names of at most 200 characters",
     ),
     "preprocessing": (True, lambda v: isinstance(v, dict), "an object"),
     "preprocessing.input_size": (

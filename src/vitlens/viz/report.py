@@ -248,6 +248,8 @@ def check_results(data: object, where: str) -> dict:
 
 def load_results(path: str | os.PathLike) -> dict:
     """A ``vitlens evaluate --out`` file, checked (:func:`check_results`) to have what the report needs."""
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise VitlensError(f"results file {os.fspath(path)!r} is not a regular file")  # a FIFO would block
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
