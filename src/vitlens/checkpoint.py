@@ -77,11 +77,8 @@ HF_CLASSES = {
 MODEL_DENIED = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "weights", "cache_dir")
 
 
-def _model_bounds(spec: dict, where: str) -> None:
+def check_model_sizes(spec: dict, where: str) -> None:
     """Refuse model settings beyond :data:`MODEL_BOUNDS` (in ``kwargs`` and a Hugging Face ``config``)."""
-    denied = [k for k in (spec.get("kwargs") or {}) if k in MODEL_DENIED]
-    if denied:
-        raise VitlensError(f"{where}: 'model.kwargs.{denied[0]}' is not allowed in a checkpoint")
     for part in ("kwargs", "config"):
         for key, value in (spec.get(part) or {}).items():
             bound = MODEL_BOUNDS.get(key)
@@ -96,6 +93,14 @@ def _model_bounds(spec: dict, where: str) -> None:
         labels = (spec.get("config") or {}).get(key)
         if labels is not None and (not isinstance(labels, dict) or len(labels) > MAX_CLASSES):
             raise VitlensError(f"{where}: invalid 'model.config.{key}' (expected at most {MAX_CLASSES} labels)")
+
+
+def _model_bounds(spec: dict, where: str) -> None:
+    """A checkpoint's model spec: sizes bounded, no argument naming other files, only allowed HF classes."""
+    denied = [k for k in (spec.get("kwargs") or {}) if k in MODEL_DENIED]
+    if denied:
+        raise VitlensError(f"{where}: 'model.kwargs.{denied[0]}' is not allowed in a checkpoint")
+    check_model_sizes(spec, where)
     if spec["source"] == "hf":
         expected = HF_CLASSES.get(spec["name"])
         if expected is None:

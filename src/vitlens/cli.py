@@ -35,15 +35,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
-def _int_at_least(low: int, what: str):
-    """An argparse type: an integer >= ``low``, refused in one line naming ``what`` otherwise."""
+def _int_at_least(low: int, what: str, high: int | None = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``), refused in one line naming ``what`` otherwise."""
 
     def parse(v: str) -> int:
         try:
             n = int(v)
         except ValueError:
             n = low - 1
-        if n < low:
+        if n < low or (high is not None and n > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
         return n
 
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0")
     bn.add_argument("--methods", default="pm,attention,rollout", help="comma-separated method names")
     bn.add_argument("--batch-size", type=_positive_int, default=16)
-    bn.add_argument("--image-size", type=_positive_int)
+    bn.add_argument("--image-size", type=_int_at_least(1, "an image size in 1..4096", 4096))
     bn.add_argument("--device", type=_device, default="cpu")
     bn.add_argument("--repeat", type=_positive_int, default=5)
     bn.add_argument("--autocast", choices=["bf16", "fp16"], help="time everything under torch.autocast")
@@ -336,16 +336,23 @@ def cmd_metrics(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    import json
-
     from .io import check_output_dir
-    from .training import train_classifier
-    from .training.loop import check_training_out
+    from .training.loop import check_training_out, release_out
 
     check_output_dir(a.out, "--out", create=False)
     if a.resume and a.overwrite:
         raise VitlensError("--resume and --overwrite exclude each other")
-    check_training_out(a.out, resume=a.resume, overwrite=a.overwrite)  # before any work: refused in one line
+    try:
+        check_training_out(a.out, resume=a.resume, overwrite=a.overwrite)  # before any work: refused in one line
+        return _train(a)
+    finally:
+        release_out(a.out)  # also when refused before the loop started
+
+
+def _train(a: argparse.Namespace) -> int:
+    import json
+
+    from .training import train_classifier
 
     if a.task == "diffmask":
         from .training import train_diffmask

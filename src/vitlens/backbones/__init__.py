@@ -129,8 +129,11 @@ def build_module(spec: dict) -> tuple[nn.Module, Preprocessing | None]:
 
 
 def _load_uri(uri: str, options: dict) -> Backbone:
+    from ..checkpoint import check_model_sizes
+
     scheme, name, kwargs = parse_model_uri(uri)
     kwargs.update(options)
+    check_model_sizes({"kwargs": kwargs}, f"model URI {uri!r}")  # depth, sizes, classes: bounded before building
     try:
         if scheme == "bcos":
             backbone = load_bcos(name, **kwargs)
