@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import time
@@ -36,7 +37,7 @@ def one_line_error(code: int, err: str, *needles: str) -> None:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2, err
     assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("vitlens: error:"), err
+    assert len(lines) == 1 and re.match(r"vitlens( [a-z]+)*: error: ", lines[0]), err  # ours or argparse's
     for needle in needles:
         assert needle in lines[0], (needle, err)
 
@@ -889,3 +890,23 @@ def test_class_names_are_bounded(tiny_checkpoint, tmp_path, capsys):
     path = ckpt_copy(tiny_checkpoint, tmp_path, classes=["x" * 100_000] * 5)
     code, _, err = run_cli(["info", str(path)], capsys)
     one_line_error(code, err, "classes")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["info", "timm:vit_tiny_patch16_224?pretrained=0&img_size=100000"], "img_size"),
+     (["info", "timm:vit_tiny_patch16_224?pretrained=0&depth=100000"], "depth"),
+     (["bench", "--model", "timm:vit_tiny_patch16_224?pretrained=0", "--image-size", "100000"], "1..4096")],
+)  # fmt: skip
+def test_small_commands_never_ask_for_huge_models(capsys, args, needle):
+    t0 = time.time()
+    code, _, err = run_cli(args, capsys)
+    one_line_error(code, err, needle)
+    assert time.time() - t0 < 20
+
+
+def test_refused_training_leaves_no_lock(tmp_path, capsys):
+    args = [*TRAIN, "--out", str(tmp_path / "run"), "--arch", "nonexistent"]
+    code, _, err = run_cli(args, capsys)
+    one_line_error(code, err, "unknown architecture")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
