@@ -85,6 +85,8 @@ def parse_data_spec(spec: str, default_split: str = "test") -> DataSpec:
             if key not in allowed:
                 known = ", ".join(allowed) or "none"
                 raise VitlensError(f"unknown option {key!r} for {name} (known: {known})")
+            if key in options:
+                raise VitlensError(f"option {key!r} given twice in {spec!r}")
             try:
                 options[key] = allowed[key](value)
             except ValueError as e:

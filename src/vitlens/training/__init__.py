@@ -107,7 +107,7 @@ def _command() -> str:
 
 def train_classifier(
     data: str, out: str | Path, cfg: TrainConfig, arch: str | None = None, resume: bool = False,
-    eval_data: str | None = None, init: str | None = None,
+    eval_data: str | None = None, init: str | None = None, overwrite: bool = False,
 ) -> dict:  # fmt: skip
     """``vitlens train classifier``: train a classifier on ``data`` and report held-out accuracy.
 
@@ -119,7 +119,7 @@ def train_classifier(
 
     spec = parse_data_spec(data, default_split="train")
     if resume:
-        check_resumable(out)
+        check_resumable(out, str(spec))
         backbone = load_checkpoint(out)
     elif init is not None:
         backbone = load_model(init)
@@ -141,7 +141,8 @@ def train_classifier(
     elif resume:  # keep the original run's provenance
         provenance = {k: v for k, v in backbone.config["training"].items() if k in (*provenance, "init")}
     task = ClassifierTask(backbone)
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out))
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out),
+                 overwrite=overwrite)  # fmt: skip
 
 
 def train_pm(
@@ -158,6 +159,7 @@ def train_pm(
     pseudo_rounds: int = 0,
     resume: bool = False,
     eval_data: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """``vitlens train pm``: PM fine-tuning of a classifier (SPEC §3.1); reports accuracy before and after."""
     from ..backbones import load_model
@@ -170,7 +172,7 @@ def train_pm(
     if composites < 0:
         raise VitlensError(f"--composites must be 0 or more, got {composites}")
     if resume:
-        check_resumable(out)
+        check_resumable(out, str(spec))
         backbone = load_checkpoint(out, kind="pm")
         before = backbone.config["training"].get("accuracy_before")
         source = backbone.config["training"].get("base_model")
@@ -190,7 +192,8 @@ def train_pm(
     )  # fmt: skip
     provenance = {"command": _command(), "data": str(spec), "eval_data": str(held_out), "base_model": source,
                   "accuracy_before": before}  # fmt: skip
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out))
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out),
+                 overwrite=overwrite)  # fmt: skip
 
 
 def train_diffmask(
@@ -202,6 +205,7 @@ def train_diffmask(
     kl_margin: float = 0.1,
     multiplier_lr: float = 0.3,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """``vitlens train diffmask``: DiffMask gates for a frozen classifier (SPEC §3.3).
 
@@ -215,7 +219,7 @@ def train_diffmask(
 
     spec = parse_data_spec(data, default_split="train")
     if resume:
-        check_resumable(out)
+        check_resumable(out, str(spec))
         backbone = load_checkpoint(out, kind="diffmask")
         task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, gates=load_gates(backbone))
         source = backbone.config["training"].get("base_model")
@@ -243,4 +247,4 @@ def train_diffmask(
             "held_out_within_margin": round((kl <= kl_margin).float().mean().item(), 4),
         }
 
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate)
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate, overwrite=overwrite)
