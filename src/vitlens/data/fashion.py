@@ -139,6 +139,10 @@ class FashionCanvas(torch.utils.data.Dataset):
             raise VitlensError(f"fashion-canvas needs n >= 1, got {self.n}")
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
+    def labelled_indices(self) -> range:
+        """Every image carries its mask and boxes."""
+        return range(self.n)
+
     def __len__(self) -> int:
         return self.n
 
@@ -198,6 +202,10 @@ class FashionGrid(torch.utils.data.Dataset):
             raise VitlensError(f"fashion-grid size {self.size} is not divisible by grid {self.grid}")
         labels = self.canvas.item_labels[: len(self.canvas)]
         self.by_class = [np.nonzero(labels == c)[0] for c in range(len(CLASSES))]
+
+    def labelled_indices(self) -> range:
+        """Every image carries its mask and boxes."""
+        return range(self.n)
 
     def __len__(self) -> int:
         return self.n
