@@ -29,7 +29,8 @@ __all__ = [
     "train_pm",
 ]
 
-DEFAULT_ARCH = {"fashion-canvas": "fashion-vit", "fashion-grid": "fashion-vit", "counting": "counting-vit"}
+DEFAULT_ARCH = {"fashion-canvas": "fashion-vit", "fashion-grid": "fashion-vit", "counting": "counting-vit",
+                "shapes": "fashion-vit"}  # fmt: skip
 
 
 def build_classifier(arch: str | None, spec: DataSpec, dataset) -> Backbone:
