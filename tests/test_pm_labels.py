@@ -150,3 +150,19 @@ def test_bad_fraction_is_one_line(tmp_path, tiny_checkpoint):
 
     with pytest.raises(VitlensError, match="mask-fraction"):
         train_pm(tiny_checkpoint, "counting:train:n=8", tmp_path / "x", TrainConfig(max_steps=1), mask_fraction=2.0)
+
+
+def test_pseudo_mask_rounds_never_add_an_empty_target(tmp_path, tiny_checkpoint):
+    root = make_folder(tmp_path / "data", {"a/0.png": [10, 8, 21, 19]}, per_class=6)
+    data = open_dataset(f"folder:{root}:train", size=(32, 32))
+    bb = load_model(tiny_checkpoint)
+    task = PMTask(bb, data, pseudo_confidence=0.0, pseudo_threshold=2.0)  # no map exceeds 2: every target empty
+    task.pseudo_label_round()
+    assert task.pseudo_indices == []
+    task.pseudo_threshold = -1.0  # every patch above: full targets, for the correctly classified images only
+    task.pseudo_label_round()
+    predicted = bb(torch.stack([data[i]["image"] for i in range(len(data))])).argmax(1)
+    correct = [i for i in range(len(data)) if predicted[i] == data[i]["label"] and i not in task.mask_indices]
+    assert sorted(task.pseudo_indices) == correct
+    labels = torch.tensor([data[i]["label"] for i in task.pseudo_indices])
+    assert (task.pseudo_targets[torch.arange(len(labels)), labels].flatten(1).amin(1) == 1).all()
