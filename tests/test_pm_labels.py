@@ -166,3 +166,25 @@ def test_pseudo_mask_rounds_never_add_an_empty_target(tmp_path, tiny_checkpoint)
     assert sorted(task.pseudo_indices) == correct
     labels = torch.tensor([data[i]["label"] for i in task.pseudo_indices])
     assert (task.pseudo_targets[torch.arange(len(labels)), labels].flatten(1).amin(1) == 1).all()
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_unreadable_labelled_images_leave_the_pool(tmp_path, tiny_checkpoint, monkeypatch, in_memory):
+    from vitlens.training import pm as pm_module
+
+    root = make_folder(tmp_path / "data", BOXED)
+    (root / "train" / "b" / "1.png").write_bytes(b"not a png")  # labelled in localization.txt, unreadable
+    if not in_memory:
+        monkeypatch.setattr(pm_module, "POOL_BYTES", 0)  # read from the data set at every step
+    data = open_dataset(f"folder:{root}:train", size=(32, 32))
+    bad = [rel for rel, _ in data.files].index("b/1.png")
+    task = PMTask(load_model(tiny_checkpoint), data, mask_batch=8, composites=2)
+    assert (task.pool is not None) == in_memory
+    assert (bad in task.mask_indices) != in_memory  # dropped at once in memory; when first drawn otherwise
+    torch.manual_seed(0)
+    for _ in range(10):
+        images, labels, targets = task._mask_batch("cpu")
+        assert len(images) == 8 and (targets[torch.arange(8), labels].flatten(1).amax(1) > 0).all()
+        tiles, _ = task._composite_batch("cpu")
+        assert len(tiles) == 2
+    assert bad not in task.mask_indices and len(task.mask_indices) == 3
