@@ -152,18 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     pm = tsub.add_parser("pm", help="PM fine-tuning: patch-level mask prediction (Kang et al. 2025)")
     _train_options(pm)
     pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI, vitlens:NAME or directory)")
+    pm.set_defaults(batch_size=None, lr=None, warmup_steps=None)  # None: chosen from the recipe (printed)
     pm.add_argument(
-        "--mask-fraction", type=_number(), default=0.01, help="share of training images whose masks are used"
+        "--mask-fraction",
+        type=_number(),
+        help="use this share of the training images' masks (default: every labelled image)",
+    )
+    pm.add_argument("--lambda", dest="lam", type=_number(strict=False), help="weight of the patch-level BCE (10)")
+    pm.add_argument("--pos-weight", type=_number(), help="weight of positive (object) patch targets (10)")
+    pm.add_argument("--mask-batch", type=_positive_int, help="masked images in every batch (8)")
+    pm.add_argument(
+        "--composites",
+        type=_non_negative_int,
+        help="2×2 composites of masked images in every batch, for class separation (24)",
     )
     pm.add_argument(
-        "--lambda", dest="lam", type=_number(strict=False), default=10.0, help="weight of the patch-level BCE"
+        "--pseudo-masks",
+        type=_non_negative_int,
+        metavar="ROUNDS",
+        help="self-training rounds (default: 2 with fewer than 100 labelled images, else 0)",
     )
-    pm.add_argument("--pos-weight", type=_number(), default=1.0, help="weight of positive (object) patch targets")
-    pm.add_argument("--mask-batch", type=_positive_int, default=8, help="masked images in every batch")
-    pm.add_argument(
-        "--composites", type=int, default=0, help="2×2 composites of masked images in every batch (class separation)"
-    )
-    pm.add_argument("--pseudo-masks", type=_non_negative_int, default=0, metavar="ROUNDS", help="self-training rounds")
+    pm.epilog = ("Unset options follow the best fashion-canvas recipe (benchmarks/pm.md, run 9), scaled to the "
+                 "data set; the command prints what it chose.")  # fmt: skip
     pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
     bc = tsub.add_parser("bcos", help="train a B-cos ViT (Böhle et al. 2024): BCE, Adam, AGC; --weight-decay ignored")
     _train_options(bc)

@@ -49,6 +49,10 @@ class Counting(torch.utils.data.Dataset):
                 f"counting images of grid {self.grid} × cell {self.cell} = {self.size} px (at most 2048)"
             )
 
+    def labelled_indices(self) -> range:
+        """Every image carries its mask and boxes."""
+        return range(self.n)
+
     def __len__(self) -> int:
         return self.n
 

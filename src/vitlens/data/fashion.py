@@ -143,6 +143,10 @@ class FashionCanvas(torch.utils.data.Dataset):
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._cached = 0  # bytes held by the cache
 
+    def labelled_indices(self) -> range:
+        """Every image carries its mask and boxes."""
+        return range(self.n)
+
     def __len__(self) -> int:
         return self.n
 
@@ -207,6 +211,10 @@ class FashionGrid(torch.utils.data.Dataset):
             raise VitlensError(f"fashion-grid size {self.size} is not divisible by grid {self.grid}")
         labels = self.canvas.item_labels[: len(self.canvas)]
         self.by_class = [np.nonzero(labels == c)[0] for c in range(len(CLASSES))]
+
+    def labelled_indices(self) -> range:
+        """Every image carries its mask and boxes."""
+        return range(self.n)
 
     def __len__(self) -> int:
         return self.n

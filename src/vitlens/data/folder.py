@@ -76,6 +76,13 @@ class Folder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def label(self, i: int) -> int:
+        return self.files[i][1]
+
+    def labelled_indices(self) -> list[int]:
+        """The images with boxes in ``localization.txt`` or a mask file in ``masks/``."""
+        return [i for i, (rel, _) in enumerate(self.files) if rel in self.boxes or (self.masks_dir / rel).is_file()]
+
     def __getitem__(self, i: int) -> dict:
         rel, label = self.files[i]
         sample: dict = {"label": label, "index": i, "path": str(self.root / rel)}

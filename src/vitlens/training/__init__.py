@@ -30,7 +30,8 @@ __all__ = [
     "train_pm",
 ]
 
-DEFAULT_ARCH = {"fashion-canvas": "fashion-vit", "fashion-grid": "fashion-vit", "counting": "counting-vit"}
+DEFAULT_ARCH = {"fashion-canvas": "fashion-vit", "fashion-grid": "fashion-vit", "counting": "counting-vit",
+                "shapes": "fashion-vit"}  # fmt: skip
 
 
 def folder_input_size(dataset, sample: int = 32) -> int:
@@ -145,32 +146,57 @@ def train_classifier(
                  overwrite=overwrite)  # fmt: skip
 
 
+def _labels(dataset, indices: list[int]) -> set[int]:
+    """The classes of some images: from the data set's ``label(i)`` when it has one, else by reading them."""
+    if hasattr(dataset, "label"):
+        return {int(dataset.label(i)) for i in indices}
+    return {int(s["label"]) for s in map(dataset.__getitem__, indices) if "error" not in s}
+
+
 def train_pm(
     model,
     data: str,
     out: str | Path,
     cfg: TrainConfig,
     *,
-    mask_fraction: float = 0.01,
-    lam: float = 10.0,
-    pos_weight: float = 1.0,
-    mask_batch: int = 8,
-    composites: int = 0,
-    pseudo_rounds: int = 0,
+    mask_fraction: float | None = None,
+    lam: float | None = None,
+    pos_weight: float | None = None,
+    mask_batch: int | None = None,
+    composites: int | None = None,
+    pseudo_rounds: int | None = None,
     resume: bool = False,
     eval_data: str | None = None,
     overwrite: bool = False,
+    log=None,
 ) -> dict:
-    """``vitlens train pm``: PM fine-tuning of a classifier (SPEC §3.1); reports accuracy before and after."""
+    """``vitlens train pm``: PM fine-tuning of a classifier; reports accuracy before and after.
+
+    Only images that carry a mask or a box are supervised: all of them, or ``mask_fraction`` of the
+    training set drawn from them. Every setting left ``None`` (here and in ``cfg``: ``batch_size``,
+    ``lr``, ``warmup_steps``, ``max_steps`` with ``epochs``) comes from the best fashion-canvas recipe,
+    scaled to the data set (:func:`vitlens.training.pm.pm_settings`); what was chosen and why goes to
+    ``log`` (default: stderr, on the main process).
+
+    Raises:
+        VitlensError: no image of ``data`` carries a mask or a box and no pseudo-mask rounds were asked for.
+    """
+    from dataclasses import replace
+
     from ..backbones import load_model
     from ..checkpoint import load_checkpoint
+    from .pm import check_pm_settings, describe_pool, labelled_indices, pm_settings, select_mask_indices
+
+    if log is None:
+        main = int(os.environ.get("RANK", "0")) == 0
+
+        def log(line: str) -> None:
+            if main:
+                print(f"vitlens: pm: {line}", file=sys.stderr, flush=True)
 
     spec = parse_data_spec(data, default_split="train")
     held_out = _held_out(spec, eval_data)
-    if not 0 < mask_fraction <= 1:
-        raise VitlensError(f"--mask-fraction must be in (0, 1], got {mask_fraction}")
-    if composites < 0:
-        raise VitlensError(f"--composites must be 0 or more, got {composites}")
+    check_pm_settings(mask_fraction, composites)
     if resume:
         check_resumable(out, str(spec))
         backbone = load_checkpoint(out, kind="pm")
@@ -182,12 +208,30 @@ def train_pm(
             raise VitlensError("PM fine-tuning needs a model loaded from a URI or a vitlens checkpoint")
         before, source = None, str(model)
     dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    labelled = labelled_indices(dataset)
+    if not labelled and not pseudo_rounds:
+        raise VitlensError(
+            f"{spec}: no training image carries a mask or a box (folder data: boxes in localization.txt or "
+            "masks/); PM needs some, or pass --pseudo-masks ROUNDS to train from pseudo-masks alone"
+        )
+    used = select_mask_indices(labelled, mask_fraction, cfg.seed, n=len(dataset))
+    log(describe_pool(len(dataset), len(labelled), len(used), mask_fraction))
+    classes_used = len(_labels(dataset, used[:2000]))
+    given = {"batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "epochs": cfg.epochs, "lr": cfg.lr,
+             "warmup_steps": cfg.warmup_steps, "lam": lam, "pos_weight": pos_weight, "mask_batch": mask_batch,
+             "composites": composites, "pseudo_rounds": pseudo_rounds}  # fmt: skip
+    settings, why = pm_settings(len(dataset), len(used), classes_used, given)
+    if why:
+        log("chosen (the best fashion-canvas recipe, run 9 of benchmarks/pm.md, scaled; flags override): "
+            + "; ".join(why))  # fmt: skip
+    cfg = replace(cfg, **{k: settings[k] for k in ("batch_size", "max_steps", "epochs", "lr", "warmup_steps")})
     if before is None:
         test = open_dataset(held_out, size=backbone.preprocessing.input_size)
         before = round(accuracy(backbone.to(cfg.device or "cpu"), test), 4)
     task = PMTask(
-        backbone, dataset, mask_fraction=mask_fraction, lam=lam, pos_weight=pos_weight, mask_batch=mask_batch,
-        composites=composites, pseudo_rounds=pseudo_rounds, seed=cfg.seed,
+        backbone, dataset, mask_fraction=mask_fraction, labelled=labelled, lam=settings["lam"],
+        pos_weight=settings["pos_weight"], mask_batch=settings["mask_batch"], composites=settings["composites"],
+        pseudo_rounds=settings["pseudo_rounds"], seed=cfg.seed,
         total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))),
     )  # fmt: skip
     provenance = {"command": _command(), "data": str(spec), "eval_data": str(held_out), "base_model": source,
