@@ -1,4 +1,4 @@
-"""The metric contract (SPEC §5): ``update(batch, maps)`` per batch, ``result()`` once at the end.
+"""The metric contract: ``update(batch, maps)`` per batch, ``result()`` once at the end.
 
 In the spirit of torchmetrics: a metric keeps its state as float64 *sums* (counts, histograms, sums of
 scores) so that the states of several torchrun processes add up to the state of one process over the
@@ -40,7 +40,8 @@ class Batch:
 
     ``boxes`` holds one ``[K, 4]`` tensor per image (inclusive pixel corners x0, y0, x1, y1; ``K = 0``
     when the image has none); ``masks`` ``[B, H, W]`` bool with ``has_mask`` ``[B]`` telling which are
-    real. ``targets`` is the class every map explains; ``logits`` are the model's on the clean images.
+    real; ``ignore`` ``[B, H, W]`` bool (optional) marks pixels no pixel metric scores (OpenImages' ignore
+    regions). ``targets`` is the class every map explains; ``logits`` are the model's on the clean images.
     ``model`` and ``explainer`` are there for the metrics that need them; ``extra`` carries data-set
     specific entries (fashion-grid's ``labels``, ``cells``, ``sources`` and the ``dataset``); ``cache``
     is shared by the metrics of one method on this batch, ``shared`` by all methods on this batch.
@@ -59,6 +60,7 @@ class Batch:
     extra: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     shared: dict = field(default_factory=dict)
+    ignore: Tensor | None = None
 
     def __post_init__(self) -> None:
         b, _, h, w = self.images.shape
@@ -104,13 +106,16 @@ class Metric:
 
     ``needs`` names what a metric requires beyond maps: ``"boxes"``, ``"mask"``, ``"model"``,
     ``"explainer"``, ``"fashion-grid"`` (its cells and source canvases). Options work as for explainers: ``options()``
-    gives names and defaults, ``self.settings`` the merged values.
+    gives names and defaults, ``self.settings`` the merged values. ``protocols`` names the reference
+    protocols a metric can follow (its ``protocol`` option; the first is the default), each described in
+    the metric's docstring (its protocol card).
     """
 
     name: str = ""
     paper: str = ""
     needs: tuple[str, ...] = ()
     higher_is_better: bool = True
+    protocols: tuple[str, ...] = ()
 
     def __init__(self, **options):
         unknown = set(options) - set(self.options())

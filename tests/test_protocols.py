@@ -1,0 +1,294 @@
+"""Each named protocol against an independent re-implementation of its paper's reference code, on synthetic
+inputs built to hit the cases where the protocols differ: rings (holes), thin components, ties, several
+components and several boxes.
+
+References: clovaai/wsolevaluation (``evaluation.py``: ``compute_bboxes_from_scoremaps``,
+``calculate_multiple_iou``, ``BoxEvaluator``, ``MaskEvaluator``, ``get_mask``; ``inference.py``:
+``cv2.resize(..., INTER_CUBIC)`` and ``normalize_scoremap``); B-cos/B-cos-v2
+(``interpretability/analyses/localisation.py``).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from vitlens.errors import VitlensError
+from vitlens.metrics import Batch, get_metric
+from vitlens.metrics.localisation import contour_areas, thresholds_for
+
+# --- wsolevaluation, re-expressed ---------------------------------------------------------------------------
+
+
+def wsol_resize(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return cv2.resize(cam.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+
+
+def wsol_normalize(cam: np.ndarray) -> np.ndarray:
+    cam = cam.astype(np.float64).copy()
+    if np.isnan(cam).any() or cam.min() == cam.max():
+        return np.zeros_like(cam)
+    cam -= cam.min()
+    return cam / cam.max()
+
+
+def wsol_boxes(scoremap: np.ndarray, threshold: float, multi: bool) -> np.ndarray:
+    h, w = scoremap.shape
+    gray = np.expand_dims((scoremap * 255).astype(np.uint8), 2)
+    _, binary = cv2.threshold(gray, int(threshold * np.max(gray)), 255, cv2.THRESH_BINARY)
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+    if len(contours) == 0:
+        return np.array([[0, 0, 0, 0]])
+    if not multi:
+        contours = [max(contours, key=cv2.contourArea)]
+    out = []
+    for c in contours:
+        x, y, bw, bh = cv2.boundingRect(c)
+        out.append([x, y, min(x + bw, w - 1), min(y + bh, h - 1)])
+    return np.array(out)
+
+
+def wsol_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a[:, None].astype(np.int64), b[None].astype(np.int64)
+    iw = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)
+    ih = np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1)
+    inter = iw * ih
+    den = (
+        (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
+        + (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
+        - inter
+    )
+    return np.where(den <= 0, 0.0, inter / np.where(den <= 0, 1, den))
+
+
+def wsol_box_accuracy(scoremaps, gts, thresholds, iou_level: float, multi: bool) -> np.ndarray:
+    correct = np.zeros(len(thresholds))
+    for s, gt in zip(scoremaps, gts, strict=True):
+        for i, t in enumerate(thresholds):
+            correct[i] += wsol_iou(wsol_boxes(s, t, multi), gt).max() >= iou_level
+    return correct / len(scoremaps)
+
+
+def wsol_pxap(scoremaps, gt_masks, thresholds) -> float:
+    """``gt_masks`` hold 1 (object), 0 (background), 255 (ignored), as ``get_mask`` returns them."""
+    edges = np.append(thresholds, [1.0, 2.0, 3.0])
+    true_hist = sum(np.histogram(s[m == 1], bins=edges)[0] for s, m in zip(scoremaps, gt_masks, strict=True))
+    false_hist = sum(np.histogram(s[m == 0], bins=edges)[0] for s, m in zip(scoremaps, gt_masks, strict=True))
+    tp = true_hist[::-1].cumsum().astype(float)
+    fn = true_hist.sum() - tp
+    fp = false_hist[::-1].cumsum().astype(float)
+    nonzero = (tp + fp) != 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return float((precision[1:] * np.diff(recall))[nonzero[1:]].sum())
+
+
+# --- synthetic cases ---------------------------------------------------------------------------------------
+
+
+def ring(size, cy, cx, r_out, r_in, value=1.0):
+    y, x = np.mgrid[:size, :size]
+    d = np.hypot(y - cy, x - cx)
+    return np.where((d <= r_out) & (d >= r_in), value, 0.0)
+
+
+def edge_case_maps(size: int = 48) -> list[np.ndarray]:
+    """Pixel maps: a ring against a solid blob of fewer pixels; a long thin line against a small square;
+    two equal squares (a tie); nested components; a diagonal chain; one-pixel specks; a constant map."""
+    rng = np.random.default_rng(0)
+    out = []
+    m = ring(size, 14, 14, 11, 8)  # many pixels, encloses a big area
+    m[30:40, 30:40] = 0.9  # fewer pixels, less area than the ring's outer contour
+    out.append(m)
+    m = np.zeros((size, size))
+    m[5, 2:46] = 1.0  # a thin line: most pixels, contour area 0
+    m[20:26, 20:26] = 0.95
+    out.append(m)
+    m = np.zeros((size, size))
+    m[5:12, 5:12] = 1.0
+    m[30:37, 28:35] = 1.0  # two equal squares: a tie broken by raster order
+    out.append(m)
+    m = ring(size, 24, 24, 20, 17)
+    m[20:29, 20:29] = 0.8  # a component nested in the ring's hole
+    m[2:5, 40:47] = 0.7
+    out.append(m)
+    m = np.zeros((size, size))
+    idx = np.arange(4, 44)
+    m[idx, idx] = 1.0  # a diagonal chain (area 0)
+    m[30:34, 5:9] = 0.9
+    out.append(m)
+    m = (rng.random((size, size)) < 0.03).astype(float)  # specks: all area 0, ties everywhere
+    m[10:13, 30:33] = 0.5
+    out.append(m)
+    out.append(np.full((size, size), 0.3))  # constant: normalised to zeros
+    for _ in range(5):  # smooth random fields with several blobs
+        f = ndimage.gaussian_filter(rng.random((size, size)), 3)
+        out.append(f + 0.3 * ring(size, *rng.integers(12, 36, 2), 9, 6))
+    return out
+
+
+def edge_case_boxes(n: int, size: int = 48, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    boxes = [np.array([[3, 3, 25, 25], [30, 30, 39, 39]]), np.array([[2, 4, 45, 6], [20, 20, 25, 25]])]
+    boxes += [np.array([[5, 5, 12, 12]]), np.array([[4, 4, 44, 44]])]
+    while len(boxes) < n:
+        k = int(rng.integers(1, 4))
+        x0, y0 = rng.integers(0, size - 8, (2, k))
+        boxes.append(np.stack([x0, y0, rng.integers(x0 + 3, size), rng.integers(y0 + 3, size)], 1))
+    return boxes[:n]
+
+
+def run_metric(name, maps, boxes=None, masks=None, ignore=None, **options):
+    n, size = len(maps), maps.shape[-1]
+    images = torch.zeros(n, 3, size, size)
+    labels = torch.zeros(n, dtype=torch.long)
+    kw = {}
+    if boxes is not None:
+        kw["boxes"] = [torch.from_numpy(b).float() for b in boxes]
+    if masks is not None:
+        kw["masks"] = torch.from_numpy(masks)
+    batch = Batch(images, labels, labels, torch.arange(n), ignore=ignore, **kw)
+    m = get_metric(name, **options)
+    m.update(batch, torch.as_tensor(maps, dtype=torch.float32))
+    m.finish()
+    return m
+
+
+# --- tests --------------------------------------------------------------------------------------------------
+
+
+def test_contour_area_equals_cv2_on_random_shapes():
+    """The largest cv2.contourArea over all RETR_TREE contours and its bounding box, plane by plane."""
+    rng = np.random.default_rng(0)
+    planes = []
+    for _ in range(400):
+        h, w = rng.integers(3, 24, 2)
+        p = rng.random((h, w)) < rng.uniform(0.1, 0.8)
+        if rng.random() < 0.3:  # rings and nested blocks
+            p |= ring(max(h, w), h // 2, w // 2, min(h, w) / 2 - 1, min(h, w) / 2 - 3)[:h, :w] > 0
+        planes.append(p)
+    for p in planes:
+        contours = cv2.findContours(p.astype(np.uint8) * 255, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+        plane, boxes, areas, rank = contour_areas(p[None])
+        if not contours:
+            assert len(plane) == 0
+            continue
+        c = max(contours, key=cv2.contourArea)
+        assert areas.max() == cv2.contourArea(c)
+        x, y, bw, bh = cv2.boundingRect(c)
+        h, w = p.shape
+        pick = np.lexsort((-rank, -areas))[0]
+        assert boxes[pick].tolist() == [x, y, min(x + bw, w - 1), min(y + bh, h - 1)]
+
+
+def test_contour_area_of_thin_shapes_and_holes():
+    line = np.zeros((1, 5, 9), bool)
+    line[0, 2, 1:8] = True  # 7 pixels, no area
+    _, _, areas, _ = contour_areas(line)
+    assert areas.tolist() == [0.0]
+    square_ring = np.zeros((1, 7, 7), bool)
+    square_ring[0, 1:6, 1:6] = True
+    square_ring[0, 2:5, 2:5] = False  # 16 pixels, encloses a 4×4 square between the border centres
+    assert contour_areas(square_ring)[2].tolist() == [16.0]
+
+
+@pytest.mark.parametrize("grid", [None, 12])
+def test_wsol_protocol_box_metrics_equal_wsolevaluation(grid):
+    """MaxBoxAcc and MaxBoxAccV2 under ``protocol=wsol`` equal wsolevaluation's at every threshold: on the
+    pixel maps themselves (``grid=None``) and on patch maps upsampled bicubically (``grid=12``)."""
+    maps = np.stack(edge_case_maps()).astype(np.float32)
+    size = maps.shape[-1]
+    if grid is not None:  # bicubic float noise on a constant map is amplified by cv2's pipeline: see below
+        maps = np.delete(maps, 6, axis=0)
+    if grid is not None:  # patch-level maps: pool the pixel maps to a grid, let both sides upsample
+        maps = F.adaptive_avg_pool2d(torch.from_numpy(maps)[:, None], grid)[:, 0].numpy()
+    boxes = edge_case_boxes(len(maps))
+    scoremaps = [wsol_normalize(wsol_resize(m, (size, size))) for m in maps]
+    th = thresholds_for(0.01)
+    images = torch.zeros(len(maps), 3, size, size)
+    labels = torch.zeros(len(maps), dtype=torch.long)
+    batch = Batch(images, labels, labels, torch.arange(len(maps)), boxes=[torch.from_numpy(b).float() for b in boxes])
+    v1, v2 = get_metric("maxboxacc", protocol="wsol"), get_metric("maxboxacc-v2", protocol="wsol")
+    for m in (v1, v2):
+        m.update(batch, torch.from_numpy(maps))
+        m.finish()
+    want1 = wsol_box_accuracy(scoremaps, boxes, th, 0.5, multi=False)
+    assert np.array_equal(v1.accuracies()[0], want1)
+    want2 = np.stack([wsol_box_accuracy(scoremaps, boxes, th, r, multi=True) for r in (0.3, 0.5, 0.7)])
+    assert np.array_equal(v2.accuracies(), want2)
+    assert v1.result()["maxboxacc"] == pytest.approx(want1.max())
+    assert v2.result()["maxboxacc-v2"] == pytest.approx(want2.max(1).mean())
+
+
+def test_default_protocol_differs_from_wsol_where_it_should():
+    """On the ring and the thin line, the component with most pixels is not the one with the largest
+    contour area: the default (pixel count) scores another box than wsolevaluation."""
+    maps = np.stack(edge_case_maps()[:2]).astype(np.float32)
+    boxes = [np.array([[30, 30, 39, 39]]), np.array([[20, 20, 25, 25]])]  # the smaller-area blobs' boxes
+    default = run_metric("maxboxacc", maps, boxes, threshold_step=0.5)
+    wsol = run_metric("maxboxacc", maps, boxes, threshold_step=0.5, protocol="wsol")
+    # at τ = 0.5 both components are kept; by pixels the ring / the line wins, by contour area the ring
+    # (area ≫ the blob's) and the square (the line has none)
+    assert default.accuracies()[0, 1] == 0.0
+    assert wsol.accuracies()[0, 1] == 0.5
+
+
+def test_constant_map_stays_constant_under_bicubic_upsampling():
+    """wsolevaluation resizes a constant map to one with float noise (±1e-8), which its normalisation
+    stretches to [0, 1]: the box is then noise. vitlens keeps a constant map constant (scored as all zeros)."""
+    flat = np.full((1, 12, 12), 0.3, np.float32)
+    noisy = wsol_resize(flat[0], (48, 48))
+    assert noisy.min() != noisy.max()  # the reference's artefact this guards against
+    batch = Batch(torch.zeros(1, 3, 48, 48), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                  torch.arange(1))  # fmt: skip
+    from vitlens.metrics.localisation import normalized_maps
+
+    assert normalized_maps(batch, torch.from_numpy(flat), "bicubic").abs().max().item() == 0.0
+
+
+def test_bicubic_upsampling_equals_cv2():
+    rng = np.random.default_rng(3)
+    for g, s in [((7, 7), (224, 224)), ((5, 3), (40, 33))]:
+        m = rng.random(g).astype(np.float32)
+        batch = Batch(torch.zeros(1, 3, *s), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                      torch.arange(1))  # fmt: skip
+        from vitlens.metrics.localisation import pixel_maps
+
+        ours = pixel_maps(batch, torch.from_numpy(m)[None], "bicubic")[0].numpy()
+        assert np.abs(ours - wsol_resize(m, s)).max() < 1e-6
+
+
+def test_pxap_with_ignore_region_equals_wsolevaluation():
+    maps = np.stack(edge_case_maps()).astype(np.float32)
+    n, size = len(maps), maps.shape[-1]
+    rng = np.random.default_rng(5)
+    obj = np.zeros((n, size, size), bool)
+    ignore_box = np.zeros((n, size, size), bool)
+    for i in range(n):
+        x0, y0 = rng.integers(0, size // 2, 2)
+        obj[i, y0 : y0 + 15, x0 : x0 + 12] = True
+        x0, y0 = rng.integers(0, size // 2, 2)
+        ignore_box[i, y0 : y0 + 20, x0 : x0 + 20] = True  # overlaps the object on some images
+    ignore = ignore_box & ~obj
+    gt = obj.astype(np.uint8) + 255 * ignore.astype(np.uint8)
+    th = thresholds_for(0.01)
+    for protocol in ("vitlens", "wsol"):
+        if protocol == "wsol":
+            scoremaps = [wsol_normalize(wsol_resize(m, (size, size))) for m in maps]
+        else:
+            scoremaps = [wsol_normalize(m) for m in maps]  # same size: bilinear is the identity
+        got = run_metric("pxap", maps, masks=obj, ignore=torch.from_numpy(ignore_box), protocol=protocol)
+        assert got.result()["pxap"] == pytest.approx(wsol_pxap(scoremaps, gt, th), abs=1e-12)
+    without = run_metric("pxap", maps, masks=obj)
+    assert without.result()["pxap"] != pytest.approx(got.result()["pxap"])
+
+
+def test_protocol_option_is_checked():
+    with pytest.raises(VitlensError, match="protocol='cv2' is not one of vitlens, wsol"):
+        get_metric("maxboxacc", protocol="cv2")
+    with pytest.raises(VitlensError, match="protocol"):
+        get_metric("pxap", protocol="bcos")
