@@ -292,3 +292,153 @@ def test_protocol_option_is_checked():
         get_metric("maxboxacc", protocol="cv2")
     with pytest.raises(VitlensError, match="protocol"):
         get_metric("pxap", protocol="bcos")
+
+
+# --- B-cos-v2's grid pointing game, re-expressed --------------------------------------------------------------
+
+
+def bcos_localisation(attributions: torch.Tensor, smooth: int, single: int) -> torch.Tensor:
+    """``LocalisationAnalyser.analysis`` for one multi-image: ``attributions`` ``[n_imgs, 1, nS, nS]`` (one
+    map per target, target i's image placed column-major) → the share of target i in its own cell."""
+    if smooth:
+        attributions = F.avg_pool2d(attributions, smooth, stride=1, padding=(smooth - 1) // 2)
+    attributions = attributions.clamp(min=0)
+    contribs = F.avg_pool2d(attributions, single, stride=single).permute(0, 1, 3, 2).reshape(len(attributions), -1)
+    total = contribs.sum(1, keepdim=True)
+    contribs = torch.where(total * contribs > 0, contribs / total, torch.zeros_like(contribs))
+    return torch.stack([c[i] for i, c in enumerate(contribs)])
+
+
+def bcos_confident(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """``compute_sorted_confs`` + ``get_conf_mask_v``: correct, and sigmoid of the top logit above 0.5."""
+    top, classes = logits.max(1)
+    return (classes == labels) & (top.sigmoid() > threshold)
+
+
+class GridData:
+    grid = 2
+
+    def __init__(self, canvases):
+        self.canvas = [{"image": c} for c in canvases]
+
+
+S = 8  # canvas side; the grid image is 16 × 16 with 4 × 4-pixel patches
+CANVAS_LOGITS = torch.tensor(
+    [
+        [-5.0, -5.0, -0.5, -5.0],  # class 2: softmax 0.97 but sigmoid 0.38 — bcos drops it, vitlens keeps it
+        [0.2, 0.1, 0.15, 0.18],  # class 0: softmax 0.26 but sigmoid 0.55 — bcos keeps it, vitlens drops it
+        [-3.0, -3.0, -3.0, 4.0],  # class 3: both keep it
+        [2.0, 1.0, 0.0, 0.0],  # class 1, misclassified: both drop it
+    ]
+)
+CLASSES = torch.tensor([2, 0, 3, 1])
+
+
+def canvas_model(x):
+    return CANVAS_LOGITS[(x[:, 0, 0, 0] * 10).round().long()]  # the canvas id / 10 is in its red channel
+
+
+class PixelExplainer:
+    """A stand-in for the B-cos explainer: seeded pixel contributions with negative values, their patch sums
+    as the map."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def explain_full(self, images, targets):
+        out = []
+        for image, t in zip(images, targets.tolist(), strict=True):
+            g = torch.Generator().manual_seed(self.seed * 100 + int(t) + int(image.sum().item()))
+            out.append(torch.randn(2 * S, 2 * S, generator=g, dtype=torch.float64) + 0.3)
+        contributions = torch.stack(out)
+        return type("Full", (), {"contributions": contributions})()
+
+    def __call__(self, images, targets):
+        return F.avg_pool2d(self.explain_full(images, targets).contributions[:, None], 4)[:, 0] * 16
+
+
+class PatchExplainer(PixelExplainer):
+    explain_full = None  # maps only: the bcos protocol upsamples them by nearest neighbour
+
+    def __call__(self, images, targets):
+        out = []
+        for t in targets.tolist():
+            g = torch.Generator().manual_seed(self.seed * 100 + int(t))
+            out.append(torch.randn(4, 4, generator=g) + 0.2)
+        return torch.stack(out)
+
+
+def grid_batch(explainer, n_grids=3):
+    canvases = torch.zeros(4, 3, S, S)
+    canvases[:, 0] = torch.arange(4.0)[:, None, None] / 10
+    images = torch.rand(n_grids, 3, 2 * S, 2 * S, generator=torch.Generator().manual_seed(1))
+    # cell i holds canvas i, column-major as in B-cos' make_multi_image
+    cells = torch.tensor([[(i // 2) * S, (i % 2) * S, (i // 2) * S + S - 1, (i % 2) * S + S - 1] for i in range(4)])
+    extra = {
+        "cells": cells[None].repeat(n_grids, 1, 1).float(),
+        "labels": CLASSES[None].repeat(n_grids, 1),
+        "sources": torch.arange(4)[None].repeat(n_grids, 1),
+        "dataset": GridData(canvases),
+    }
+    labels = CLASSES[:1].repeat(n_grids)
+    return Batch(images, labels, labels, torch.arange(n_grids), model=canvas_model, explainer=explainer, extra=extra)
+
+
+@pytest.mark.parametrize("smooth", [0, 3, 5])
+@pytest.mark.parametrize("kind", ["pixels", "patches"])
+def test_bcos_protocol_equals_bcos_localisation(smooth, kind):
+    explainer = PixelExplainer(7) if kind == "pixels" else PatchExplainer(7)
+    batch = grid_batch(explainer)
+    m = get_metric("grid-pointing-game", protocol="bcos", smooth=smooth)
+    m.update(batch, torch.zeros(len(batch.images), 4, 4))
+    m.finish()
+    keep = bcos_confident(CANVAS_LOGITS, CLASSES)
+    assert keep.tolist() == [False, True, True, False]
+    want = []
+    for image in batch.images:
+        if kind == "pixels":
+            attributions = explainer.explain_full(image[None].repeat(4, 1, 1, 1), CLASSES).contributions
+        else:
+            attributions = F.interpolate(explainer(image[None].repeat(4, 1, 1, 1), CLASSES)[:, None], scale_factor=4)
+            attributions = attributions[:, 0]
+        want.append(bcos_localisation(attributions[:, None].double(), smooth, S)[keep])
+    want = torch.stack(want)
+    assert m.records["cell"].tolist() == [1, 2] * len(batch.images)
+    assert np.allclose(m.records["score"], want.flatten().numpy(), atol=1e-12)
+    assert m.result()["grid-pointing-game"] == pytest.approx(want.mean().item())
+
+
+def test_grid_protocols_select_different_cells_and_options_are_checked():
+    m = get_metric("grid-pointing-game")
+    batch = grid_batch(PatchExplainer(3))
+    m.update(batch, torch.zeros(3, 4, 4))
+    m.finish()
+    assert m.records["cell"].tolist() == [0, 2] * 3  # softmax > 0.5 and correct
+    with pytest.raises(VitlensError, match="odd kernel"):
+        get_metric("grid-pointing-game", protocol="bcos", smooth=4)
+    with pytest.raises(VitlensError, match="smooth belongs to protocol=bcos"):
+        get_metric("grid-pointing-game", smooth=3)
+
+
+# --- the protocol switch of `vitlens evaluate` -----------------------------------------------------------------
+
+
+def test_evaluate_protocol_sets_the_metrics_that_follow_it(capsys):
+    from conftest import committed
+    from conftest import run_cli as run
+    from vitlens.metrics import evaluate
+    from vitlens.metrics.evaluate import apply_protocol
+
+    opts = apply_protocol("wsol", ["maxboxacc", "pxap", "deletion"], {"pxap": {"protocol": "vitlens"}})
+    assert opts == {"maxboxacc": {"protocol": "wsol"}, "pxap": {"protocol": "vitlens"}}  # explicit options win
+    with pytest.raises(VitlensError, match="no chosen metric follows protocol 'bcos'"):
+        apply_protocol("bcos", ["maxboxacc", "pxap"], {})
+    model = committed("counting-vit")
+    args = dict(limit=8, batch_size=8, progress=False)
+    wsol = evaluate(model, "attention", "maxboxacc,maxboxacc-v2,pxap", "counting:test", protocol="wsol", **args)
+    again = evaluate(model, "attention", "maxboxacc,maxboxacc-v2,pxap", "counting:test", **args, options={
+        k: {"protocol": "wsol"} for k in ("maxboxacc", "maxboxacc-v2", "pxap")})  # fmt: skip
+    assert wsol["results"] == again["results"]
+    code, out, err = run(["evaluate", "--model", str(model), "--methods", "attention", "--metrics", "deletion",
+                          "--data", "counting:test", "--limit", "2", "--protocol", "wsol"], capsys)  # fmt: skip
+    assert code == 2 and "no chosen metric follows protocol 'wsol'" in err

@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--target", choices=["label", "predicted"], default="label", help="class the maps explain")
     ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
+    ev.add_argument("--protocol", help="a reference protocol for every metric that has it: wsol, bcos, chefer, rise")
     ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file")
     ev.add_argument("--gallery", type=_non_negative_int, default=8, help="images (with every map) kept in --out")
@@ -283,7 +284,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     summary = evaluate(
         a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
-        options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery,
+        options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery, protocol=a.protocol,
     )  # fmt: skip
     if summary is None:  # the other torchrun processes
         return 0
@@ -300,7 +301,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_metrics(a: argparse.Namespace) -> int:
     from .metrics import METRICS
 
-    rows = [(name, ", ".join(cls.needs) or "maps", cls.paper) for name, cls in sorted(METRICS.items())]
+    rows = [(name, ", ".join(cls.needs) or "maps", cls.paper + (f" [protocols: {', '.join(cls.protocols)}]"
+             if cls.protocols else "")) for name, cls in sorted(METRICS.items())]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     nw = max(len(r[1]) for r in rows)
     for name, needs, paper in rows:

@@ -27,7 +27,8 @@ def read_localization(path: Path) -> dict[str, list[list[float]]]:
 
 
 class Folder(torch.utils.data.Dataset):
-    """Images by class folder; boxes from ``localization.txt``, masks from ``masks/`` when present.
+    """Images by class folder; boxes from ``localization.txt``, masks from ``masks/`` when present, and
+    ignore regions (pixels no pixel metric scores, as OpenImages' ignore boxes) from ``ignore/``.
 
     Images are resized to ``size`` (the model's input) when given; boxes and masks follow. A file
     that cannot be read yields a sample with an ``error`` entry instead of stopping the run.
@@ -39,7 +40,7 @@ class Folder(torch.utils.data.Dataset):
         self.root = Path(root) / split
         if not self.root.is_dir():
             raise VitlensError(f"folder data: {self.root} is not a directory (expected ROOT/SPLIT/<class>/<image>)")
-        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and d.name != "masks")
+        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and d.name not in ("masks", "ignore"))
         if not class_dirs:
             raise VitlensError(f"folder data: no class folders in {self.root}")
         self.classes = tuple(d.name for d in class_dirs)
@@ -53,6 +54,7 @@ class Folder(torch.utils.data.Dataset):
         loc = self.root / "localization.txt"
         self.boxes = read_localization(loc) if loc.is_file() else {}
         self.masks_dir = self.root / "masks"
+        self.ignore_dir = self.root / "ignore"
         self.size = size
 
     def __len__(self) -> int:
@@ -65,6 +67,8 @@ class Folder(torch.utils.data.Dataset):
             image, (h, w) = read_image(self.root / rel, self.size)
             mask_file = self.masks_dir / rel
             mask = load_image(mask_file, image.shape[-2:]).mean(0) > 0.5 if mask_file.is_file() else None
+            ignore_file = self.ignore_dir / rel
+            ignore = load_image(ignore_file, image.shape[-2:]).mean(0) > 0.5 if ignore_file.is_file() else None
         except VitlensError as e:
             return {**sample, "error": str(e)}
         size = image.shape[-2:]
@@ -74,4 +78,6 @@ class Folder(torch.utils.data.Dataset):
             sample["boxes"] = torch.stack([b[:, 0] * sx, b[:, 1] * sy, b[:, 2] * sx, b[:, 3] * sy], 1).floor()
         if mask is not None:
             sample["mask"] = mask
+        if ignore is not None:
+            sample["ignore"] = ignore
         return {**sample, "image": image}

@@ -1,4 +1,4 @@
-"""``vitlens evaluate``: every metric for every method over a data set, batched and sharded (SPEC §5).
+"""``vitlens evaluate``: every metric for every method over a data set, batched and sharded.
 
 Classification accuracy is computed once; then, batch by batch, each method's maps for the batch's
 targets (the ground-truth class by default, as WSOL and the pointing games prescribe) go to every
@@ -90,6 +90,8 @@ def fit_to(batch: dict, size: tuple[int, int]) -> dict:
     out = dict(batch)
     out["image"] = resize(batch["image"], size)
     out["mask"] = F.interpolate(batch["mask"][:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    if "ignore" in batch:
+        out["ignore"] = F.interpolate(batch["ignore"][:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
     out["boxes"] = [boxes(b) for b in batch["boxes"]]
     if "cells" in batch:
         out["cells"] = boxes(batch["cells"])
@@ -110,6 +112,7 @@ def evaluate(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     gallery: int = 8,
+    protocol: str | None = None,
 ) -> dict | None:
     """Score ``methods`` with ``metrics`` on ``data``; returns the summary on the main process, ``None`` on
     the others.
@@ -120,7 +123,9 @@ def evaluate(
     ``classes``, ``versions`` and ``cost`` (seconds per image of each method's maps and their ratio to
     the plain forward pass of the same batches) and a ``gallery`` of ``gallery`` evaluated images with
     every method's maps, as JSON (atomically): everything ``vitlens report`` needs. ``options`` maps a
-    method or metric name to its options.
+    method or metric name to its options. ``protocol`` (e.g. ``wsol``, ``bcos``) sets the ``protocol``
+    option of every chosen metric that has a protocol of that name (an explicit option wins); it is an
+    error when none has.
     """
     if target not in TARGETS:
         raise VitlensError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -134,26 +139,41 @@ def evaluate(
     d = setup(device)
     try:
         return _evaluate(
-            model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress, gallery
+            model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress, gallery, protocol
         )
     finally:
         if not joined:
             teardown()
 
 
-def _evaluate(model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery):
+def _evaluate(model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol):
     backbone = load_model(model).to(d.device)
     was_training = backbone.training
     backbone.eval()
     try:
         return _run(
-            backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery
+            backbone,
+            model,
+            methods,
+            metrics,
+            data,
+            limit,
+            batch_size,
+            target,
+            options,
+            d,
+            out,
+            progress,
+            gallery,
+            protocol,
         )
     finally:
         backbone.train(was_training)
 
 
-def _run(backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery):
+def _run(
+    backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol
+):
     size = backbone.preprocessing.input_size
     spec = parse_data_spec(data) if isinstance(data, str) else data
     dataset = open_dataset(spec, size=size)
@@ -162,6 +182,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
     for name in options:
         if name not in method_list and name not in metric_list:
             raise VitlensError(f"options given for {name!r}, which is not among the chosen methods and metrics")
+    options = apply_protocol(protocol, metric_list, options)
     explainers = {m: get_explainer(m, backbone, **options.get(m, {})) for m in method_list}
     scores = {m: {k: get_metric(k, **options.get(k, {})) for k in metric_list} for m in method_list}
     for per_method in scores.values():
@@ -210,7 +231,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
             batch = Batch(
                 images=images, labels=labels, targets=targets, index=b["index"], boxes=b["boxes"], masks=b["mask"],
                 has_mask=b["has_mask"], logits=logits, model=backbone, explainer=explainer, extra=extra,
-                shared=shared,
+                shared=shared, ignore=b.get("ignore"),
             )  # fmt: skip
             for metric in scores[m].values():
                 metric.update(batch, maps)
@@ -284,6 +305,23 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
             },
         )
     return summary
+
+
+def apply_protocol(protocol: str | None, metric_list: list[str], options: dict[str, dict]) -> dict[str, dict]:
+    """``options`` with ``protocol`` set on every metric of ``metric_list`` that follows it (explicit options
+    win); a one-line error when no chosen metric has a protocol of that name."""
+    if protocol is None:
+        return options
+    takers = [k for k in metric_list if protocol in METRICS[k].protocols]
+    if not takers:
+        known = sorted({p for k in metric_list for p in METRICS[k].protocols})
+        raise VitlensError(
+            f"no chosen metric follows protocol {protocol!r} (their protocols: {', '.join(known) or 'none'})"
+        )
+    out = {k: dict(v) for k, v in options.items()}
+    for k in takers:
+        out.setdefault(k, {}).setdefault("protocol", protocol)
+    return out
 
 
 def versions() -> dict[str, str]:
