@@ -18,7 +18,19 @@ from vitlens import load_model
 from vitlens.data import open_dataset
 from vitlens.metrics import METRICS, evaluate, format_table
 
-SUMMARY_KEYS = {"model", "data", "n", "accuracy", "results", "seconds", "used", "skipped"}
+SUMMARY_KEYS = {
+    "model",
+    "data",
+    "n",
+    "accuracy",
+    "results",
+    "seconds",
+    "used",
+    "skipped",
+    "intervals",
+    "best",
+    "bootstrap",
+}
 APPLICABLE = sorted(set(METRICS) - {"grid-pointing-game"})
 
 
@@ -85,7 +97,8 @@ def test_format_table(counting_run):
     table = format_table(summary)
     assert "accuracy 1.0000" in table and "deletion ↓" in table and "insertion ↑" in table
     assert table.splitlines()[3].split() == ["metric", "n", "rollout", "attention"]
-    assert table.splitlines()[-1].startswith("seconds")
+    assert table.splitlines()[-4].startswith("seconds")  # then the legend of the intervals and marks
+    assert "95% bootstrap interval over images" in table and " [" in table.splitlines()[4]
 
 
 def test_cli_json_and_table(capsys):

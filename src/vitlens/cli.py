@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
     ev.add_argument("--protocol", help="a reference protocol for every metric that has it: wsol, bcos, chefer, rise")
+    ev.add_argument("--bootstrap", type=_non_negative_int, default=1000, metavar="N",
+                    help="bootstrap replicates for the 95%% intervals and significance marks (0: none)")  # fmt: skip
     ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file")
     ev.add_argument("--gallery", type=_non_negative_int, default=8, help="images (with every map) kept in --out")
@@ -285,6 +287,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     summary = evaluate(
         a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
         options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery, protocol=a.protocol,
+        replicates=a.bootstrap,
     )  # fmt: skip
     if summary is None:  # the other torchrun processes
         return 0

@@ -159,6 +159,16 @@ class Metric:
             return {}
         return {"index": self.index.tolist(), **{k: v.tolist() for k, v in self.records.items()}}
 
+    def statistic(self, weights: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The metric's values recomputed with row weights ``[R, rows]`` (rows as :attr:`index`, after
+        :meth:`finish`): ``{key: [R]}``, NaN where a replicate has no row. With all weights 1 it equals
+        :meth:`result`; the bootstrap passes multinomial counts. ``None``: no per-row form."""
+        return None
+
+    def direction(self, key: str) -> int:
+        """How ``key`` ranks methods: 1 higher is better, −1 lower is better, 0 not ranked."""
+        return 1 if self.higher_is_better else -1
+
     @property
     def used(self) -> int:
         """How many samples (or grid cells) the metric scored."""
@@ -198,6 +208,16 @@ class Metric:
         order = np.lexsort((extra, index)) if extra is not None else np.argsort(index, kind="stable")
         self.index = index[order]
         self.records = {k: v[order] for k, v in records.items()}
+
+
+def weighted_mean(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Row-weighted means: ``weights`` ``[R, rows]`` and ``values`` ``[rows, …]`` → ``[R, …]`` (NaN where a
+    replicate's weights sum to 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    total = weights.sum(1).reshape(-1, *([1] * (values.ndim - 1)))
+    sums = (weights @ values.reshape(len(values), -1)).reshape(len(weights), *values.shape[1:])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, sums / np.where(total > 0, total, 1), np.nan)
 
 
 def check_choice(metric: str, option: str, value, allowed) -> None:

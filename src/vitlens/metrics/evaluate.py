@@ -27,6 +27,7 @@ from ..options import parse_value
 from ..training.distributed import all_reduce_sum, setup, teardown
 from .base import METRICS, Batch, get_metric
 from .gallery import gallery_payload, pick_indices
+from .uncertainty import LEVEL, best_methods, bootstrap
 
 TARGETS = ("label", "predicted")
 
@@ -113,6 +114,8 @@ def evaluate(
     progress: bool = True,
     gallery: int = 8,
     protocol: str | None = None,
+    replicates: int = 1000,
+    seed: int = 0,
 ) -> dict | None:
     """Score ``methods`` with ``metrics`` on ``data``; returns the summary on the main process, ``None`` on
     the others.
@@ -126,6 +129,11 @@ def evaluate(
     method or metric name to its options. ``protocol`` (e.g. ``wsol``, ``bcos``) sets the ``protocol``
     option of every chosen metric that has a protocol of that name (an explicit option wins); it is an
     error when none has.
+
+    Uncertainty (:mod:`vitlens.metrics.uncertainty`): ``replicates`` bootstrap resamples of the images
+    (seeded by ``seed``, the same for every method: paired) give ``intervals`` ``{method: {key: [lo,
+    hi]}}`` (95 %) and ``best`` ``{key: {"best": [methods], "significant": bool, "versus": …}}``: the
+    best method and those not significantly different from it. ``replicates=0`` skips both.
     """
     if target not in TARGETS:
         raise VitlensError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -135,45 +143,39 @@ def evaluate(
         check_output_file(out, "output file")
     if gallery < 0:
         raise VitlensError(f"gallery must be 0 or more images, got {gallery}")
+    if replicates < 0:
+        raise VitlensError(f"bootstrap replicates must be 0 or more, got {replicates}")
     joined = dist.is_initialized()
     d = setup(device)
     try:
         return _evaluate(
-            model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress, gallery, protocol
-        )
+            model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress, gallery,
+            protocol, (replicates, seed),
+        )  # fmt: skip
     finally:
         if not joined:
             teardown()
 
 
-def _evaluate(model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol):
+def _evaluate(
+    model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol, boot
+):
     backbone = load_model(model).to(d.device)
     was_training = backbone.training
     backbone.eval()
     try:
         return _run(
-            backbone,
-            model,
-            methods,
-            metrics,
-            data,
-            limit,
-            batch_size,
-            target,
-            options,
-            d,
-            out,
-            progress,
-            gallery,
-            protocol,
-        )
+            backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery,
+            protocol, boot,
+        )  # fmt: skip
     finally:
         backbone.train(was_training)
 
 
 def _run(
-    backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol
-):
+    backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol,
+    boot,
+):  # fmt: skip
     size = backbone.preprocessing.input_size
     spec = parse_data_spec(data) if isinstance(data, str) else data
     dataset = open_dataset(spec, size=size)
@@ -265,6 +267,11 @@ def _run(
         "used": {k: first[k].used for k in metric_list},
         "skipped": skipped,
     }
+    intervals, samples = bootstrap(scores, replicates=boot[0], seed=boot[1])
+    directions = {key: first[k].direction(key) for k in metric_list for key in first[k].result()}
+    summary["intervals"] = intervals
+    summary["best"] = best_methods(summary["results"], samples, directions) if boot[0] else {}
+    summary["bootstrap"] = {"replicates": boot[0], "seed": boot[1], "level": LEVEL, "unit": "image"}
     if out is not None:
         shown = collate_batch([dataset[i] for i in pick_indices(dataset, gallery, n)]) if gallery else {}
         pictures = gallery_payload(backbone, explainers, fit_to(shown, size), target) if "image" in shown else None
@@ -343,10 +350,14 @@ def device_name(device: torch.device) -> str:
 
 def format_table(summary: dict) -> str:
     """The summary as a plain-text table: one row per metric value (↑ higher / ↓ lower is better), one
-    column per method, the samples each metric used, and the seconds per method."""
+    column per method, the samples each metric used, and the seconds per method. Where the summary has
+    bootstrap intervals each value carries its 95 % interval ``[lo, hi]``; ``*`` marks the best method when
+    its paired difference to every other method is significant, ``=`` the methods tied for best."""
     methods = list(summary["results"])
     keys = list(dict.fromkeys(k for m in methods for k in summary["results"][m]))
     used = summary.get("used", {})
+    intervals = summary.get("intervals", {})
+    best = summary.get("best", {})
 
     def label(key: str) -> str:
         base = key.split("/")[0]
@@ -354,21 +365,39 @@ def format_table(summary: dict) -> str:
             return key
         return f"{key} {'↑' if METRICS[base].higher_is_better else '↓'}"
 
-    def cell(v) -> str:
+    def number(v) -> str:
         return "—" if v is None else f"{v:.4f}"
+
+    def cell(method: str, key: str) -> str:
+        v = summary["results"][method].get(key)
+        text = number(v)
+        ci = intervals.get(method, {}).get(key)
+        if v is not None and ci:
+            text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        mark = best.get(key)
+        if mark and method in mark["best"]:
+            return text + (" *" if mark["significant"] else " =")
+        return text + ("  " if best else "")
 
     acc = summary.get("accuracy")
     head = [
         f"model:    {summary['model']}",
-        f"data:     {summary['data']}  (n = {summary['n']}, accuracy {cell(acc)})",
+        f"data:     {summary['data']}  (n = {summary['n']}, accuracy {number(acc)})",
         "",
     ]
     rows = [["metric", "n", *methods]]
-    rows += [[label(k), str(used.get(k.split("/")[0], "")), *(cell(summary["results"][m].get(k)) for m in methods)]
-             for k in keys]  # fmt: skip
-    rows.append(["seconds", "", *(f"{summary['seconds'][m]:.2f}" for m in methods)])
+    rows += [[label(k), str(used.get(k.split("/")[0], "")), *(cell(m, k) for m in methods)] for k in keys]
+    rows.append(["seconds", "", *(f"{summary['seconds'][m]:.2f}" + ("  " if best else "") for m in methods)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows
     ]
+    boot = summary.get("bootstrap", {})
+    if any(intervals.values()):
+        lines += [
+            "",
+            f"[lo, hi]: {round(100 * boot.get('level', 0.95))}% bootstrap interval over images "
+            f"({boot.get('replicates')} replicates, paired between methods, seed {boot.get('seed')})",
+            "*: best, significantly better than every other method (paired);  =: tied for best (not significant)",
+        ]
     return "\n".join(head + lines)

@@ -9,6 +9,7 @@ protocols are described in :class:`GridPointingGame`.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,7 +17,7 @@ from torch import Tensor
 from ..backbones import upsample
 from ..data import resize
 from ..errors import VitlensError
-from .base import Batch, Metric, check_choice, register
+from .base import Batch, Metric, check_choice, register, weighted_mean
 
 
 @register
@@ -142,6 +143,9 @@ class GridPointingGame(Metric):
     def result(self) -> dict[str, float]:
         n = self.sums["n"].item()
         return {self.name: float(self.sums["score"] / n) if n else None}
+
+    def statistic(self, weights):
+        return {self.name: weighted_mean(weights, self.records.get("score", np.zeros(0)))}
 
     def curves(self) -> dict:
         return {"cells": int(self.sums["cells"].item()), "confident_cells": self.used}

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..backbones import upsample
 from ..errors import VitlensError
-from .base import Batch, Metric, check_choice, register
+from .base import Batch, Metric, check_choice, register, weighted_mean
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)  # MaxBoxAccV2 (Choe et al. 2020)
 REGIONS = ("auto", "mask", "box")
@@ -384,6 +384,9 @@ class PointingGame(Metric):
     def result(self) -> dict[str, float]:
         return {self.name: _ratio(self.sums.get("hits"), self.sums["n"])}
 
+    def statistic(self, weights):
+        return {self.name: weighted_mean(weights, self.records.get("hit", np.zeros(0)))}
+
 
 @register
 class EnergyPointingGame(Metric):
@@ -414,6 +417,9 @@ class EnergyPointingGame(Metric):
     def result(self) -> dict[str, float]:
         return {self.name: _ratio(self.sums.get("share"), self.sums["n"])}
 
+    def statistic(self, weights):
+        return {self.name: weighted_mean(weights, self.records.get("share", np.zeros(0)))}
+
 
 class _BoxMetric(Metric):
     """Shared by the threshold-swept box metrics: correct counts per threshold, best single threshold."""
@@ -443,9 +449,18 @@ class _BoxMetric(Metric):
         used, ious = self.ious(batch, maps)
         if not used.any():
             return
-        self.add("correct", torch.from_numpy(self.hits(batch, ious).sum(1)))
+        hits = self.hits(batch, ious)
+        self.add("correct", torch.from_numpy(hits.sum(1)))
         self.add("n", int(used.sum()))
-        self.record(batch.index[used], iou=ious.astype(np.float32))
+        self.record(batch.index[used], iou=ious.astype(np.float32), hits=hits.transpose(1, 0, 2))
+
+    def accuracy_replicates(self, weights: np.ndarray) -> np.ndarray:
+        """Box accuracy per replicate, IoU level and threshold ``[R, rows, T]``."""
+        hits = self.records.get("hits", np.zeros((0, len(self.rows), len(self.thresholds)), bool))
+        return weighted_mean(weights, hits)
+
+    def statistic(self, weights):
+        return {self.name: self.accuracy_replicates(weights)[:, 0].max(-1)}
 
     def accuracies(self) -> np.ndarray:
         n = self.sums["n"].item()
@@ -534,6 +549,12 @@ class MaxBoxAccV2(_BoxMetric):
         out.update({f"{self.name}/iou{round(r * 100)}": v for r, v in zip(self.rows, per, strict=True)})
         return out
 
+    def statistic(self, weights):
+        best = self.accuracy_replicates(weights).max(-1)  # [R, rows]
+        out = {self.name: best.mean(1)}
+        out.update({f"{self.name}/iou{round(r * 100)}": best[:, i] for i, r in enumerate(self.rows)})
+        return out
+
 
 @register
 class Top1Loc(_BoxMetric):
@@ -603,19 +624,34 @@ class PxAP(Metric):
         if batch.ignore is not None:
             background = background & ~batch.ignore.cpu()[used]
         k = len(self.edges) - 1
-        self.add("object", torch.bincount(bins[mask], minlength=k))
-        self.add("background", torch.bincount(bins[background], minlength=k))
+        offset = torch.arange(len(bins))[:, None, None] * k  # per-image histograms, for the bootstrap
+        obj = torch.bincount((bins + offset)[mask], minlength=k * len(bins)).reshape(-1, k)
+        bg = torch.bincount((bins + offset)[background], minlength=k * len(bins)).reshape(-1, k)
+        self.add("object", obj.sum(0))
+        self.add("background", bg.sum(0))
         self.add("n", int(used.sum()))
+        self.record(batch.index[used], histograms=torch.stack([obj, bg], 1).numpy().astype(np.float64))
 
-    def _curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        obj, bg = self.sums["object"].numpy(), self.sums["background"].numpy()
-        tp = obj[::-1].cumsum()
-        fp = bg[::-1].cumsum()
+    def _curve(self, obj=None, bg=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Precision, recall and the levels with a prediction, along the last axis of the histograms."""
+        if obj is None:
+            obj, bg = self.sums["object"].numpy(), self.sums["background"].numpy()
+        tp = obj[..., ::-1].cumsum(-1)
+        fp = bg[..., ::-1].cumsum(-1)
         nonzero = (tp + fp) != 0
         with np.errstate(invalid="ignore", divide="ignore"):
             precision = tp / (tp + fp)
-            recall = tp / obj.sum()
+            recall = tp / obj.sum(-1, keepdims=True)
         return precision, recall, nonzero
+
+    def statistic(self, weights):
+        k = len(self.edges) - 1
+        hist = self.records.get("histograms", np.zeros((0, 2, k)))
+        sums = weights @ hist.reshape(len(hist), -1)  # [R, 2k]
+        obj, bg = sums[:, :k], sums[:, k:]
+        precision, recall, nonzero = self._curve(obj, bg)
+        ap = np.where(nonzero[:, 1:], np.nan_to_num(precision[:, 1:] * np.diff(recall, axis=-1)), 0.0).sum(-1)
+        return {self.name: np.where(obj.sum(-1) > 0, ap, np.nan)}
 
     def result(self) -> dict[str, float]:
         if not self.sums["object"].sum() or not self.used:
@@ -682,7 +718,23 @@ class MIoU(Metric):
         ap = average_precision(scores, torch.cat([~gt, gt], 1))
         self.add("ap", ap.sum())
         self.add("n", int(used.sum()))
-        self.record(batch.index[used], ap=ap)
+        counts = torch.cat([(~fg & ~gt).sum(1, keepdim=True), (fg & gt).sum(1, keepdim=True),
+                            (~fg | ~gt).sum(1, keepdim=True), (fg | gt).sum(1, keepdim=True),
+                            (fg == gt).sum(1, keepdim=True), torch.full_like(fg[:, :1], gt.shape[1], dtype=torch.long)],
+                           1)  # fmt: skip
+        self.record(batch.index[used], ap=ap, counts=counts.double())
+
+    def statistic(self, weights):
+        counts = weights @ self.records.get("counts", np.zeros((0, 6)))  # [R, 6]
+        pixels = counts[:, 5]
+        eps = np.spacing(1, dtype=np.float64)
+        iou = counts[:, :2] / (eps + counts[:, 2:4])
+        empty = weights.sum(1) == 0
+        return {
+            self.name: np.where(empty, np.nan, iou.mean(1)),
+            f"{self.name}/pixel-accuracy": np.where(empty, np.nan, counts[:, 4] / (eps + pixels)),
+            f"{self.name}/map": weighted_mean(weights, self.records.get("ap", np.zeros(0))),
+        }
 
     def result(self) -> dict[str, float]:
         if not self.used:

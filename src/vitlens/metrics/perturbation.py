@@ -21,13 +21,14 @@ red cells barely changes its output there; use ``fill=zero`` on it (as Chefer et
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbones import gaussian_blur, upsample
 from ..errors import VitlensError
-from .base import Batch, Metric, check_choice, register
+from .base import Batch, Metric, check_choice, register, weighted_mean
 
 FILLS = ("mean", "blur", "zero", "noise")
 GRANULARITIES = ("patch", "pixel")
@@ -89,6 +90,7 @@ class _Perturbation(Metric):
     needs = ("model",)
     keep_top = False  # the curve shows only the top units (insertion) instead of removing them (deletion)
     backwards = False  # read the curve from its end (negative perturbation)
+    main = "probability"  # the record behind the main value
     higher_is_better = False
 
     @classmethod
@@ -139,6 +141,13 @@ class _Perturbation(Metric):
         n = self.sums["n"].item()
         return float(self.sums[key] / n) if n else None
 
+    def statistic(self, weights):
+        out = {}
+        for key in self.result():  # the main value's record, or the one a ``name/record`` key names
+            record = key.split("/")[1] if "/" in key else self.main
+            out[key] = weighted_mean(weights, self.records.get(record, np.zeros(0)))
+        return out
+
     def curves(self) -> dict:
         n = self.sums["n"].item()
         if not n:
@@ -181,6 +190,7 @@ class PositivePerturbation(_Perturbation):
     probability of the explained class (``/probability``); lower is better."""
 
     name = "positive-perturbation"
+    main = "accuracy"
     paper = "Chefer, Gur, Wolf, CVPR 2021 (positive perturbation)"
 
     def result(self) -> dict[str, float]:
@@ -193,6 +203,7 @@ class NegativePerturbation(_Perturbation):
     and of the probability (higher is better)."""
 
     name = "negative-perturbation"
+    main = "accuracy"
     paper = "Chefer, Gur, Wolf, CVPR 2021 (negative perturbation)"
     keep_top = True
     backwards = True

@@ -40,6 +40,7 @@ model — the trained explainer is applied to the randomised model as it is.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from ..errors import VitlensError
-from .base import Batch, Metric, register
+from .base import Batch, Metric, register, weighted_mean
 
 
 def _used(output: Tensor, params: list[nn.Parameter]) -> list[nn.Parameter]:
@@ -212,6 +213,25 @@ class Sanity(Metric):
             f"{self.name}/undefined": float(undefined.mean()),
             f"{self.name}/pass": self.verdict(),
         }
+
+    def statistic(self, weights):
+        rho = self.records.get("spearman", np.zeros((0, len(getattr(self, "levels", ())))))
+        defined = ~np.isnan(rho)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (weights @ np.nan_to_num(rho)) / (weights @ defined)  # [R, L], NaN where none is defined
+        seen = self._levels()[1] if self.used else np.zeros(rho.shape[1], bool)
+        judged = np.where(seen[None], mean, np.nan)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates stay NaN
+            return {
+                self.name: np.nanmean(np.abs(judged), 1),
+                f"{self.name}/full": mean[:, -1] if rho.shape[1] else np.full(len(weights), np.nan),
+                f"{self.name}/signed": np.nanmean(judged, 1),
+                f"{self.name}/undefined": weighted_mean(weights, (~defined).mean(1)),
+            }
+
+    def direction(self, key: str) -> int:
+        return -1 if key == self.name else 0  # |ρ̄| ranks; the signed, full, undefined values and the verdict do not
 
     def curves(self) -> dict:
         if not self.used:
