@@ -122,7 +122,8 @@ def evaluate(
 
     Summary: ``{"model", "data", "n", "accuracy", "results": {method: {key: value}}, "seconds":
     {method: s}, "used": {metric: samples}}`` (values in [0, 1]; ``None`` where a metric had no sample).
-    ``out`` writes the summary plus ``per_image`` values, ``curves``, the ``settings``, the run's
+    ``out`` writes the summary plus ``per_image`` values, the evaluated ``images`` (index, label and
+    predicted class of each, for per-class views), ``curves``, the ``settings``, the run's
     ``classes``, ``versions`` and ``cost`` (seconds per image of each method's maps and their ratio to
     the plain forward pass of the same batches) and a ``gallery`` of ``gallery`` evaluated images with
     every method's maps, as JSON (atomically): everything ``vitlens report`` needs. ``options`` maps a
@@ -202,6 +203,7 @@ def _run(
     counts = torch.zeros(2, dtype=torch.float64)
     several_objects = False  # multi-object samples (fashion-grid): one label per image is not the answer
     skipped: list[dict] = []  # samples that could not be read (folder data): left out, reported
+    seen: list[tuple[int, int, int]] = []  # (index, label, predicted) of every evaluated image, for per-class views
     from tqdm import tqdm
 
     bar = tqdm(total=len(indices), desc="evaluate", unit="img", file=sys.stderr, disable=not (progress and d.main))
@@ -219,6 +221,7 @@ def _run(
             explain_seconds["forward"] += time.perf_counter() - start
             timed += len(images)
         labels = b["label"]
+        seen += zip(b["index"].tolist(), labels.tolist(), logits.argmax(1).cpu().tolist(), strict=True)
         several_objects = several_objects or "labels" in b
         counts += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)], dtype=torch.float64)
         targets = labels if target == "label" else logits.argmax(1).cpu()
@@ -246,6 +249,9 @@ def _run(
         parts: list = [None] * d.world
         dist.all_gather_object(parts, skipped)
         skipped = sorted((s for part in parts for s in part), key=lambda s: s["index"])
+        dist.all_gather_object(parts, seen)
+        seen = [s for part in parts for s in part]
+    seen.sort()
     elapsed = torch.tensor([seconds[m] for m in method_list], dtype=torch.float64, device=d.device)
     explain_elapsed = torch.tensor([*explain_seconds.values(), timed], dtype=torch.float64, device=d.device)
     if dist.is_initialized():
@@ -309,6 +315,7 @@ def _run(
                 },
                 "curves": {m: {k: metric.curves() for k, metric in scores[m].items()} for m in scores},
                 "per_image": {m: {k: metric.per_image() for k, metric in scores[m].items()} for m in scores},
+                "images": {key: [s[i] for s in seen] for i, key in enumerate(("index", "label", "predicted"))},
             },
         )
     return summary
