@@ -442,3 +442,128 @@ def test_evaluate_protocol_sets_the_metrics_that_follow_it(capsys):
     code, out, err = run(["evaluate", "--model", str(model), "--methods", "attention", "--metrics", "deletion",
                           "--data", "counting:test", "--limit", "2", "--protocol", "wsol"], capsys)  # fmt: skip
     assert code == 2 and "no chosen metric follows protocol 'wsol'" in err
+
+
+# --- RISE's CausalMetric and Chefer et al.'s perturbation test, re-expressed --------------------------------------
+
+
+def rise_gkern(klen=11, nsig=5):
+    inp = np.zeros((klen, klen))
+    inp[klen // 2, klen // 2] = 1
+    k = ndimage.gaussian_filter(inp, nsig)
+    kern = np.zeros((3, 3, klen, klen))
+    kern[0, 0] = k
+    kern[1, 1] = k
+    kern[2, 2] = k
+    return torch.from_numpy(kern.astype("float32"))
+
+
+def rise_auc(arr):
+    return (arr.sum() - arr[0] / 2 - arr[-1] / 2) / (arr.shape[0] - 1)
+
+
+def rise_single_run(model, img, explanation, mode, step, substrate_fn):
+    """``CausalMetric.single_run`` for one normalised image ``[1, 3, H, W]`` and its saliency ``[H, W]``."""
+    hw = img.shape[-2] * img.shape[-1]
+    pred = model(img)
+    c = int(pred.argmax(1))
+    n_steps = (hw + step - 1) // step
+    if mode == "del":
+        start, finish = img.clone(), substrate_fn(img)
+    else:
+        start, finish = substrate_fn(img), img.clone()
+    scores = np.empty(n_steps + 1)
+    salient_order = np.flip(np.argsort(explanation.reshape(-1, hw), axis=1), axis=-1)
+    for i in range(n_steps + 1):
+        scores[i] = float(model(start)[0, c])
+        if i < n_steps:
+            coords = salient_order[:, step * i : step * (i + 1)]
+            s, f = start.numpy().reshape(1, 3, hw), finish.numpy().reshape(1, 3, hw)
+            s[0, :, coords] = f[0, :, coords]
+            start = torch.from_numpy(s.reshape(start.shape))
+    return rise_auc(scores)
+
+
+def chefer_accuracy(model, data, vis, target, neg):
+    """``pertubation_eval_from_hdf5.py``: top-1 correctness ``[B, 10]`` at 0 %, 10 %, …, 90 % of the pixels
+    set to 0 (the most relevant first; ``neg``: the map negated)."""
+    base = data.shape[-2] * data.shape[-1]
+    correct = [(model(data).argmax(1) == target).numpy()]
+    vis = (-vis if neg else vis).reshape(len(data), -1)
+    for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        _data = data.clone()
+        _, idx = torch.topk(vis, int(base * f), dim=-1)
+        idx = idx.unsqueeze(1).repeat(1, data.shape[1], 1)
+        _data = _data.reshape(len(data), data.shape[1], -1).scatter_(-1, idx, 0).reshape(data.shape)
+        correct.append((model(_data).argmax(1) == target).numpy())
+    return np.stack(correct, 1).astype(float)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from conftest import tiny_timm
+    from vitlens.backbones import adapt
+
+    return adapt(tiny_timm())
+
+
+def perturbation_case(backbone, n=4, seed=0, grid=4):
+    """Random images and maps; ``grid=32`` gives pixel-level maps (no ties: bilinear upsampling of a patch map
+    repeats the border values, and RISE's quicksort orders ties arbitrarily)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 32, 32, generator=g)
+    maps = torch.rand(n, grid, grid, generator=g)
+    with torch.no_grad():
+        logits = backbone(images)
+    labels = logits.argmax(1).clone()
+    labels[::2] = (labels[::2] + 1) % 5  # half the images "misclassified"
+    return Batch(images, labels, labels, torch.arange(n), model=backbone, logits=logits), maps
+
+
+def test_rise_protocol_equals_causal_metric(tiny_model):
+    batch, maps = perturbation_case(tiny_model, grid=32)
+    mean = torch.tensor(tiny_model.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_model.preprocessing.std).view(1, 3, 1, 1)
+
+    def softmax_model(t):  # RISE: nn.Sequential(model, Softmax) on normalised images
+        with torch.no_grad():
+            return tiny_model.model(t).softmax(1)
+
+    kern = rise_gkern()
+    blur = lambda x: F.conv2d(x, kern, padding=11 // 2)
+    pixels = F.interpolate(maps[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
+    for name, mode, substrate in (("deletion", "del", torch.zeros_like), ("insertion", "ins", blur)):
+        m = get_metric(name, protocol="rise")
+        batch.cache = {}
+        m.update(batch, maps)
+        m.finish()
+        want = [
+            rise_single_run(softmax_model, ((img[None] - mean) / std), pixels[i], mode, 32, substrate)
+            for i, img in enumerate(batch.images)
+        ]
+        assert np.allclose(m.records["probability"], want, atol=1e-5), name
+        assert len(m.curves()["fraction"]) == 33  # one row of 32 pixels per step: 32 steps
+
+
+@pytest.mark.parametrize("name, neg", [("positive-perturbation", False), ("negative-perturbation", True)])
+def test_chefer_protocol_equals_their_perturbation_test(tiny_model, name, neg):
+    batch, maps = perturbation_case(tiny_model, n=6, seed=1, grid=32)  # no ties: torch.topk orders them freely
+    pixels = F.interpolate(maps[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    with torch.no_grad():
+        correct = chefer_accuracy(tiny_model, batch.images, pixels, batch.labels, neg)
+    m = get_metric(name, protocol="chefer")
+    m.update(batch, maps)
+    m.finish()
+    x = np.arange(10) / 10
+    assert m.result()[name] == pytest.approx(np.trapezoid(correct.mean(0), x))  # their np.trapz
+    assert np.allclose(m.curves()["accuracy"], correct.mean(0))
+    assert m.curves()["fraction"] == pytest.approx(list(x))
+
+
+def test_perturbation_protocols_fix_their_settings():
+    with pytest.raises(VitlensError, match="protocol=rise sets fill itself"):
+        get_metric("deletion", protocol="rise", fill="zero")
+    with pytest.raises(VitlensError, match="protocol='chefer' is not one of vitlens, rise"):
+        get_metric("deletion", protocol="chefer")
+    with pytest.raises(VitlensError, match="protocol='rise' is not one of vitlens, chefer"):
+        get_metric("positive-perturbation", protocol="rise")
