@@ -567,3 +567,63 @@ def test_perturbation_protocols_fix_their_settings():
         get_metric("deletion", protocol="chefer")
     with pytest.raises(VitlensError, match="protocol='rise' is not one of vitlens, chefer"):
         get_metric("positive-perturbation", protocol="rise")
+
+
+# --- ROAD against pytorch-grad-cam's ROADCombined (tleemann/road_evaluation's imputation) -------------------------
+
+
+def test_linear_imputation_equals_road_evaluation():
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    from vitlens.metrics.perturbation import linear_impute
+
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((3, 20, 17))).float()
+    for p in (0.1, 0.5, 0.9):
+        removed = torch.from_numpy(rng.random((20, 17)) < p)
+        removed[0, :5] = True  # removed pixels on the border and in runs
+        want = NoisyLinearImputer(noise=0.0)(image, (~removed).float())
+        got = linear_impute(image, removed)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.equal(got[:, ~removed], image[:, ~removed])
+
+
+def test_road_equals_grad_cam_road_combined(tiny_model):
+    from pytorch_grad_cam.metrics.perturbation_confidence import (
+        PerturbationConfidenceMetric,
+        RemoveLeastRelevantFirst,
+        RemoveMostRelevantFirst,
+    )
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    batch, maps = perturbation_case(tiny_model, n=3, seed=2, grid=32)
+    mean = torch.tensor(tiny_model.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_model.preprocessing.std).view(1, 3, 1, 1)
+    normalised = (batch.images - mean) / std
+    cams = maps.numpy().astype(np.float32)
+    targets = [ClassifierOutputSoftmaxTarget(int(t)) for t in batch.targets]
+    imputer = NoisyLinearImputer(noise=0.0)
+
+    def after(removal, p):
+        metric = PerturbationConfidenceMetric(removal(p, imputer))
+        return metric(normalised, cams, targets, tiny_model.model, return_diff=False)
+
+    with torch.no_grad():
+        morf = np.mean([after(RemoveMostRelevantFirst, p) for p in range(10, 100, 10)], 0)
+        lerf = np.mean([after(RemoveLeastRelevantFirst, p) for p in range(10, 100, 10)], 0)
+    m = get_metric("road", noise=0.0)
+    m.update(batch, maps)
+    m.finish()
+    assert np.allclose(m.records["morf"], morf, atol=1e-5)
+    assert np.allclose(m.records["lerf"], lerf, atol=1e-5)
+    assert np.allclose(m.records["road"], (lerf - morf) / 2, atol=1e-5)  # ROADCombined
+    assert m.result()["road"] == pytest.approx(float(np.mean((lerf - morf) / 2)), abs=1e-5)
+    noisy = get_metric("road")
+    noisy.update(batch, maps)
+    noisy.finish()
+    again = get_metric("road")
+    again.update(batch, maps)
+    again.finish()
+    assert np.array_equal(noisy.records["road"], again.records["road"])  # the noise is seeded
+    assert not np.allclose(noisy.records["road"], m.records["road"], atol=1e-9)
