@@ -74,7 +74,8 @@ def test_evaluate_end_to_end(counting_run):
     assert len(curves["deletion"]["probability"]) == 10  # 3×3 patches: K = 9 steps, 10 points
     assert curves["sanity"]["levels"] == ["head", "final-norm", "block2", "block1", "block0", "position", "patch-embed"]
     assert len(curves["maxboxacc-v2"]["accuracy"]) == 3 and len(curves["maxboxacc-v2"]["threshold"]) == 100
-    assert full["settings"]["metrics"]["deletion"] == {"fill": "mean", "granularity": "patch", "steps": 16}
+    deletion = {"fill": "mean", "granularity": "patch", "steps": 16, "protocol": "vitlens"}
+    assert full["settings"]["metrics"]["deletion"] == deletion
 
 
 def test_evaluate_is_batch_size_invariant_and_leaves_the_model_alone(counting_run):
