@@ -175,3 +175,20 @@ def test_load_image_errors_are_user_errors(tmp_path, content):
         load_image(p)
     with pytest.raises(VitlensError, match="no such file"):
         load_image(tmp_path / "missing.png")
+
+
+def test_folder_ignore_regions(folder_data):
+    """``ignore/<relative path>`` marks pixels no pixel metric scores (OpenImages' ignore boxes); the folder
+    is not a class."""
+    ignore_dir = folder_data / "test" / "ignore" / "robin"
+    ignore_dir.mkdir(parents=True)
+    m = np.zeros((20, 40), dtype=np.uint8)
+    m[10:20, 20:40] = 255
+    Image.fromarray(m).save(ignore_dir / "0.png")
+    ds = open_dataset(f"folder:{folder_data}:test", size=(10, 20))
+    assert ds.classes == ("crow", "robin")
+    samples = [ds[i] for i in range(len(ds))]
+    robin0 = next(s for s in samples if s.get("path", "").endswith("robin/0.png"))
+    assert robin0["ignore"].shape == (10, 20) and robin0["ignore"][5:, 10:].all() and robin0["ignore"].sum() == 50
+    batch = collate(samples)
+    assert batch["ignore"].shape == (4, 10, 20) and batch["ignore"].sum() == 50  # the others: nothing ignored

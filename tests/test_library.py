@@ -311,3 +311,32 @@ def test_folder_data_without_arch_trains_a_default_sized_to_the_images(tmp_path,
     assert "fashion-vit at 40 px" in err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["name"] == "fashion-vit" and config["preprocessing"]["input_size"] == [40, 40]
+
+
+def test_map_box_is_the_largest_component_above_the_threshold():
+    from vitlens.files import map_box
+
+    heat = torch.zeros(4, 4)
+    heat[1:3, 2:4] = 1.0  # a 2×2-patch blob on the right
+    heat[0, 0] = 0.3  # a weak one, below the threshold
+    box = map_box(heat, (40, 80), 0.5)  # the image is 40 × 80 px: 10 × 20 px per cell
+    pixels = torch.nn.functional.interpolate(heat[None, None], size=(40, 80), mode="bilinear")[0, 0]
+    keep = (pixels / pixels.max() * 255).floor() > int(0.5 * 255)
+    ys, xs = keep.nonzero(as_tuple=True)
+    assert box == [int(xs.min()), int(ys.min()), min(int(xs.max()) + 1, 79), min(int(ys.max()) + 1, 39)]
+    assert map_box(torch.zeros(4, 4), (40, 80), 0.5) == [0, 0, 79, 39]
+
+
+def test_explain_boxes_writes_a_localization_file_folder_data_reads(tmp_path, capsys, tiny_checkpoint):
+    from vitlens.data.folder import read_localization
+
+    _save(tmp_path / "in" / "a" / "x.png", 60, 90, 3)
+    _save(tmp_path / "in" / "b" / "y.png", 32, 32, 4)
+    code, out, err = run_cli(["explain", str(tmp_path / "in"), "--model", str(tiny_checkpoint), "--method", "gae",
+                              "--boxes", "--out", str(tmp_path / "o"), "--json"], capsys)  # fmt: skip
+    assert code == 0, err
+    records = {r["image"].rsplit("/", 1)[-1]: r for r in json.loads(out)}
+    boxes = read_localization(tmp_path / "o" / "localization.txt")
+    assert [b[:4] for b in boxes["a/x.png"]] == [[float(v) for v in records["x.png"]["box"]]]
+    x0, y0, x1, y1 = records["x.png"]["box"]
+    assert 0 <= x0 <= x1 < 90 and 0 <= y0 <= y1 < 60

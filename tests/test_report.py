@@ -20,10 +20,10 @@ from PIL import Image
 from conftest import committed
 from vitlens.cli import main
 from vitlens.errors import VitlensError
-from vitlens.metrics import METRICS, evaluate
+from vitlens.metrics import evaluate
 from vitlens.viz.report import build_report, load_results, write_report
 
-SECTIONS = ("run", "gallery", "meanings", "bcos", "metrics", "curves", "cost")
+SECTIONS = ("verdict", "run", "gallery", "meanings", "bcos", "metrics", "curves", "cost", "per-class")
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
@@ -101,23 +101,39 @@ def test_metric_table_equals_the_results_and_marks_the_best(results):
     page, _ = build_report(runs)
     table = page.split('<section id="metrics">')[1].split("<details>")[0]
     header = re.findall(r"<th>([a-z0-9-]+)", table)
+    cell = r'<td(?: class=(best|tie))?>([^<]*)(?:<span class="ci">\[([-0-9.]+), ([-0-9.]+)\]</span>)?</td>'
     rows = {
-        re.search(r"<b>([a-z]+)</b>", r).group(1): re.findall(r"<td( class=best)?>([^<]*)</td>", r)
+        re.search(r"<b>([a-z]+)</b>", r).group(1): re.findall(cell, r)
         for r in re.findall(r"<tr><td class='l m'>(.*?)</tr>", table)
     }
     assert set(rows) == {"rollout", "attention", "diffmask"}
-    by_method = {m: v for run in runs for m, v in run["results"].items()}
+    run_of = {m: run for run in runs for m in run["results"]}
     for key in header:
-        values = {m: by_method[m].get(key) for m in rows}
-        present = [v for v in values.values() if v is not None]
-        pick = max if METRICS[key].higher_is_better else min
         for method, cells in rows.items():
-            best, cell = cells[header.index(key)]
-            value = values[method]
-            assert cell == ("—" if value is None else f"{value:.3f}"), (method, key)
-            assert bool(best) == (len(present) > 1 and value == pick(present)), (method, key)
-    assert any(best for cells in rows.values() for best, _ in cells)
-    assert "n = 12" in table
+            mark, text, lo, hi = cells[header.index(key)]
+            run = run_of[method]
+            value = run["results"][method].get(key)
+            assert text == ("—" if value is None else f"{value:.3f}"), (method, key)
+            if value is not None:  # every value carries its interval
+                assert (float(lo), float(hi)) == tuple(round(x, 3) for x in run["intervals"][method][key])
+            best = run["best"].get(key)  # marks only within a run, from its paired bootstrap
+            want = "" if not best or method not in best["best"] else "best" if best["significant"] else "tie"
+            assert mark == want, (method, key)
+    assert not any(mark for mark, *_ in rows["diffmask"])  # alone in its run: never ranked
+    assert any(mark for cells in rows.values() for mark, *_ in cells)
+    assert "n = 12" in table and "95 % bootstrap interval" in page
+
+
+def test_per_class_view_averages_the_per_image_values(results):
+    run = load_results(results[0])
+    page, _ = build_report([run])
+    section = page.split('<section id="per-class">')[1].split("</section>")[0]
+    label = dict(zip(run["images"]["index"], run["images"]["label"], strict=True))
+    per = run["per_image"]["rollout"]["deletion"]
+    for k in sorted(set(label[i] for i in per["index"]))[:3]:
+        values = [v for i, v in zip(per["index"], per["probability"], strict=True) if label[i] == k]
+        assert f"<td>{np.mean(values):.3f}</td>" in section
+    assert "deletion ↓" in section and "pointing-game ↑" in section
 
 
 def test_report_cli_and_errors(results, tmp_path, capsys):
@@ -205,3 +221,18 @@ def test_report_renders_in_chromium(results, tmp_path):
     dom = run_chromium(chromium(), page, "--dump-dom").stdout
     for text in ("What was run", "Gallery", "Metrics", "pointing-game", "rollout", "diffmask"):
         assert text in dom, text
+
+
+def test_verdict_opens_the_report(results):
+    runs = [load_results(p) for p in results]
+    page, _ = build_report(runs)
+    assert page.index('<section id="verdict">') < page.index('<section id="run">')
+    verdict = page.split('<section id="verdict">')[1].split("</section>")[0]
+    for key in runs[0]["best"]:
+        if "/" not in key:
+            assert key in verdict and (" is best on " in verdict or " tie for best on " in verdict)
+    for method, values in runs[0]["results"].items():
+        if values.get("sanity/pass") == 0.0:
+            assert f"{method} <b>fails</b> the sanity check" in verdict
+        elif values.get("sanity/pass") == 1.0:
+            assert f"{method} passes the sanity check" in verdict

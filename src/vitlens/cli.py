@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default="vitlens-out",
                     help="output folder: maps (.npy) and overlays (.png) mirror the inputs' folder tree")  # fmt: skip
     ex.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    ex.add_argument("--boxes", type=float, nargs="?", const=0.5, default=None, metavar="TAU",
+                    help="also write the box each map implies (largest component above TAU x max; TAU default 0.5) "
+                         "to OUT/localization.txt (default: no boxes)")  # fmt: skip
     ex.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass")
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     ex.add_argument("--json", action="store_true", help="print one JSON list with a record per image (streamed)")
@@ -236,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--target", choices=["label", "predicted"], default="label", help="class the maps explain")
     ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
+    ev.add_argument("--protocol", help="a reference protocol for every metric that has it: wsol, bcos, chefer, rise")
+    ev.add_argument("--bootstrap", type=_non_negative_int, default=1000, metavar="N",
+                    help="bootstrap replicates for the 95%% intervals and significance marks (0: none)")  # fmt: skip
     ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file (default: none)")
     ev.add_argument("--gallery", type=_non_negative_int, default=8, help="images (with every map) kept in --out")
@@ -260,7 +266,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     options = parse_options(a.option, what="--option")
     target = int(a.target) if a.target is not None and a.target.lstrip("-").isdigit() else a.target
     run = explain_files(a.images, a.model, a.method, target=target, top_k=a.top_k, out=a.out,
-                        batch_size=a.batch_size, options=options, device=a.device)  # fmt: skip
+                        batch_size=a.batch_size, options=options, device=a.device, boxes=a.boxes)  # fmt: skip
     try:
         for r in run:  # records are printed as they come (the --json list too)
             if "error" not in r and not math.isfinite(r["probability"]):  # a model whose outputs overflow
@@ -381,7 +387,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         check_replaceable(a.out, "--out", "a vitlens results file", is_results_file)
     summary = evaluate(
         a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
-        options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery,
+        options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery, protocol=a.protocol,
+        replicates=a.bootstrap,
     )  # fmt: skip
     if summary is None:  # the other torchrun processes
         return 0
@@ -398,7 +405,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_metrics(a: argparse.Namespace) -> int:
     from .metrics import METRICS
 
-    rows = [(name, ", ".join(cls.needs) or "maps", cls.paper) for name, cls in sorted(METRICS.items())]
+    rows = [(name, ", ".join(cls.needs) or "maps", cls.paper + (f" [protocols: {', '.join(cls.protocols)}]"
+             if cls.protocols else "")) for name, cls in sorted(METRICS.items())]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     nw = max(len(r[1]) for r in rows)
     for name, needs, paper in rows:
@@ -484,3 +492,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitlens: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`vitlens explain … --json | head`): stop quietly
+        sys.stderr.close()
+        return 141

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Backbone, load_model
+from .backbones import Backbone, load_model, upsample
 from .data.images import IMAGE_SUFFIXES, is_image_file, read_image, resize
 from .errors import VitlensError
 from .explainers import TopK, get_explainer, parse_target
 from .explainers.bcos import colour_picture
-from .io import atomic_save_npy, check_output_dir
+from .io import atomic_save_npy, atomic_write_text, check_output_dir
 from .viz import save_png
 from .viz.overlay import overlay
 
@@ -64,7 +64,7 @@ def display_size(original: tuple[int, int], limit: int = MAX_OVERLAY_SIDE) -> tu
 
 
 def _batches(paths: Iterable[tuple[str, str]], batch_size: int) -> Iterator[tuple[list, list]]:
-    """Yield (good [(path, name, picture)], bad [(path, error)]) per batch, reading lazily.
+    """Yield (good [(path, name, picture, original size)], bad [(path, error)]) per batch, reading lazily.
 
     ``picture`` is the image at its own resolution (capped at :data:`MAX_OVERLAY_SIDE`): overlays are drawn
     on it, and the model's input is resized from it.
@@ -77,7 +77,7 @@ def _batches(paths: Iterable[tuple[str, str]], batch_size: int) -> Iterator[tupl
                 picture, original = read_image(p, None)
                 if max(original) > MAX_OVERLAY_SIDE:
                     picture = read_image(p, display_size(original))[0]
-                good.append((p, name, picture))
+                good.append((p, name, picture, original))
             except VitlensError as e:
                 bad.append((p, str(e)))
         yield good, bad
@@ -94,6 +94,7 @@ def explain_files(
     batch_size: int = 16,
     options: dict | None = None,
     device: str | None = None,
+    boxes: float | None = None,
 ) -> Iterator[dict]:
     """Explain image files batch by batch; yields one record per input, in order of completion.
 
@@ -109,6 +110,11 @@ def explain_files(
         batch_size: images per batch.
         options: the method's options.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, … (default: where the model is).
+        boxes: also localise (weakly supervised object localisation, as the WSOL protocol draws boxes):
+            each map, upsampled to the image and min-max normalised, keeps the pixels above
+            ``boxes`` × its maximum, and the box around the largest connected component goes into the
+            record (``"box"``, pixels of the original image) and into ``OUT/localization.txt``
+            (``relative/path.png,x0,y0,x1,y1``, the format folder data sets read).
 
     Returns:
         An iterator of records: a good image gives ``{"image", "predicted", "predicted_class",
@@ -128,21 +134,51 @@ def explain_files(
     parse_target(target, 1, backbone.classes)  # refuse a bad target before reading any image
     out = check_output_dir(out)
     paths = image_paths([paths] if isinstance(paths, str | os.PathLike) else paths, skip=out)
+    if boxes is not None and not 0 <= boxes < 1:
+        raise VitlensError(f"boxes: the threshold must be in [0, 1), got {boxes}")
     size, device = backbone.preprocessing.input_size, backbone.mean.device
     written: dict[str, str] = {}
+    localisation: list[str] = []
     for good, bad in _batches(paths, batch_size):
         for p, err in bad:
             yield {"image": p, "error": err}
         if not good:
             continue
-        images = torch.stack([resize(pic[None], size)[0] for _, _, pic in good]).to(device)
+        images = torch.stack([resize(pic[None], size)[0] for _, _, pic, _ in good]).to(device)
         e = explainer(images, target)
         probs = e.probabilities.cpu()
-        for i, (p, name, picture) in enumerate(good):
+        for i, (p, name, picture, original) in enumerate(good):
             stem = Path(name).with_suffix("")
             if written.setdefault(str(stem), p) != p:
                 raise VitlensError(f"{p} and {written[str(stem)]} would both be written as {out / stem}.*")
-            yield _write(e[i], picture, out / stem, p, probs[i])
+            if not torch.isfinite(e.maps[i]).all() or not torch.isfinite(probs[i]).all():
+                yield {"image": p, "error": f"{p}: the model's output or the map is not finite (NaN or Inf)"}
+                continue
+            record = _write(e[i], picture, out / stem, p, probs[i])
+            if boxes is not None:
+                record["box"] = map_box(e.maps[i].reshape(-1, *e.grid)[0].cpu(), original, boxes)
+                localisation.append(",".join([Path(name).as_posix(), *map(str, record["box"])]))
+            yield record
+    if boxes is not None:
+        atomic_write_text(out / "localization.txt", "".join(f"{line}\n" for line in localisation))
+
+
+def map_box(heat: torch.Tensor, size: tuple[int, int], threshold: float) -> list[int]:
+    """The box ``[x0, y0, x1, y1]`` (pixels of an image of ``size``) that a map implies: upsampled, min-max
+    normalised, thresholded at ``threshold`` × its maximum, around the largest component — the box MaxBoxAcc
+    scores, in wsolevaluation's convention ``(x, y, x + w, y + h)`` clipped to the image; the whole image for a
+    constant map."""
+    from .metrics.localisation import boxes_from_map
+
+    h, w = size
+    pixels = upsample(heat[None].float(), (h, w))[0]
+    lo, hi = pixels.min(), pixels.max()
+    if hi <= lo:
+        return [0, 0, w - 1, h - 1]
+    found = boxes_from_map((pixels - lo) / (hi - lo), threshold)
+    if not len(found):
+        return [0, 0, w - 1, h - 1]
+    return [int(v) for v in found[0].tolist()]
 
 
 def _write(e, picture: torch.Tensor, stem: Path, path: str, prob: torch.Tensor) -> dict:

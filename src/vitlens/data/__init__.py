@@ -126,6 +126,8 @@ def collate(samples: list[dict]) -> dict:
     h, w = batch["image"].shape[-2:]
     batch["has_mask"] = torch.tensor(["mask" in s for s in good])
     batch["mask"] = torch.stack([s.get("mask", torch.zeros(h, w, dtype=torch.bool)) for s in good])
+    if any("ignore" in s for s in good):  # pixels no pixel metric scores (OpenImages' ignore regions)
+        batch["ignore"] = torch.stack([s.get("ignore", torch.zeros(h, w, dtype=torch.bool)) for s in good])
     for key in ("labels", "cells"):
         if key in good[0]:
             batch[key] = torch.stack([s[key] for s in good])

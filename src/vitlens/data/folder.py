@@ -44,7 +44,8 @@ def read_localization(path: Path, images: set[str] | None = None) -> dict[str, l
 
 
 class Folder(torch.utils.data.Dataset):
-    """Images by class folder; boxes from ``localization.txt``, masks from ``masks/`` when present.
+    """Images by class folder; boxes from ``localization.txt``, masks from ``masks/`` when present, and
+    ignore regions (pixels no pixel metric scores, as OpenImages' ignore boxes) from ``ignore/``.
 
     Images are resized to ``size`` (the model's input) when given; boxes and masks follow. A file
     that cannot be read yields a sample with an ``error`` entry instead of stopping the run.
@@ -56,7 +57,7 @@ class Folder(torch.utils.data.Dataset):
         self.root = Path(root) / split
         if not self.root.is_dir():
             raise VitlensError(f"folder data: {self.root} is not a directory (expected ROOT/SPLIT/<class>/<image>)")
-        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and d.name != "masks")
+        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir() and d.name not in ("masks", "ignore"))
         if not class_dirs:
             raise VitlensError(f"folder data: no class folders in {self.root}")
         self.classes = tuple(d.name for d in class_dirs)
@@ -71,6 +72,7 @@ class Folder(torch.utils.data.Dataset):
         self.boxes = read_localization(loc, {rel for rel, _ in self.files}) if loc.is_file() else {}
         self.localization = loc
         self.masks_dir = self.root / "masks"
+        self.ignore_dir = self.root / "ignore"
         self.size = size
 
     def __len__(self) -> int:
@@ -90,6 +92,8 @@ class Folder(torch.utils.data.Dataset):
             image, (h, w) = read_image(self.root / rel, self.size)
             mask_file = self.masks_dir / rel
             mask = load_image(mask_file, image.shape[-2:]).mean(0) > 0.5 if mask_file.is_file() else None
+            ignore_file = self.ignore_dir / rel
+            ignore = load_image(ignore_file, image.shape[-2:]).mean(0) > 0.5 if ignore_file.is_file() else None
         except VitlensError as e:
             return {**sample, "error": str(e)}
         size = image.shape[-2:]
@@ -102,4 +106,6 @@ class Folder(torch.utils.data.Dataset):
             sample["boxes"] = torch.stack([b[:, 0] * sx, b[:, 1] * sy, b[:, 2] * sx, b[:, 3] * sy], 1).floor()
         if mask is not None:
             sample["mask"] = mask
+        if ignore is not None:
+            sample["ignore"] = ignore
         return {**sample, "image": image}

@@ -1,4 +1,4 @@
-"""The metric contract (SPEC §5): ``update(batch, maps)`` per batch, ``result()`` once at the end.
+"""The metric contract: ``update(batch, maps)`` per batch, ``result()`` once at the end.
 
 In the spirit of torchmetrics: a metric keeps its state as float64 *sums* (counts, histograms, sums of
 scores) so that the states of several torchrun processes add up to the state of one process over the
@@ -40,7 +40,8 @@ class Batch:
 
     ``boxes`` holds one ``[K, 4]`` tensor per image (inclusive pixel corners x0, y0, x1, y1; ``K = 0``
     when the image has none); ``masks`` ``[B, H, W]`` bool with ``has_mask`` ``[B]`` telling which are
-    real. ``targets`` is the class every map explains; ``logits`` are the model's on the clean images.
+    real; ``ignore`` ``[B, H, W]`` bool (optional) marks pixels no pixel metric scores (OpenImages' ignore
+    regions). ``targets`` is the class every map explains; ``logits`` are the model's on the clean images.
     ``model`` and ``explainer`` are there for the metrics that need them; ``extra`` carries data-set
     specific entries (fashion-grid's ``labels``, ``cells``, ``sources`` and the ``dataset``); ``cache``
     is shared by the metrics of one method on this batch, ``shared`` by all methods on this batch.
@@ -59,6 +60,7 @@ class Batch:
     extra: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     shared: dict = field(default_factory=dict)
+    ignore: Tensor | None = None
 
     def __post_init__(self) -> None:
         b, _, h, w = self.images.shape
@@ -104,13 +106,17 @@ class Metric:
 
     ``needs`` names what a metric requires beyond maps: ``"boxes"``, ``"mask"``, ``"model"``,
     ``"explainer"``, ``"fashion-grid"`` (its cells and source canvases). Options work as for explainers: ``options()``
-    gives names and defaults, ``self.settings`` the merged values.
+    gives names and defaults, ``self.settings`` the merged values. ``protocols`` names the reference
+    protocols a metric can follow (its ``protocol`` option; the first is the default), each described in
+    the metric's docstring (its protocol card).
     """
 
     name: str = ""
     paper: str = ""
     needs: tuple[str, ...] = ()
     higher_is_better: bool = True
+    protocols: tuple[str, ...] = ()
+    in_all: bool = True  # part of ``--metrics all`` (False for the costly ones, run when named)
 
     def __init__(self, **options):
         unknown = set(options) - set(self.options())
@@ -154,6 +160,16 @@ class Metric:
             return {}
         return {"index": self.index.tolist(), **{k: v.tolist() for k, v in self.records.items()}}
 
+    def statistic(self, weights: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The metric's values recomputed with row weights ``[R, rows]`` (rows as :attr:`index`, after
+        :meth:`finish`): ``{key: [R]}``, NaN where a replicate has no row. With all weights 1 it equals
+        :meth:`result`; the bootstrap passes multinomial counts. ``None``: no per-row form."""
+        return None
+
+    def direction(self, key: str) -> int:
+        """How ``key`` ranks methods: 1 higher is better, −1 lower is better, 0 not ranked."""
+        return 1 if self.higher_is_better else -1
+
     @property
     def used(self) -> int:
         """How many samples (or grid cells) the metric scored."""
@@ -193,6 +209,16 @@ class Metric:
         order = np.lexsort((extra, index)) if extra is not None else np.argsort(index, kind="stable")
         self.index = index[order]
         self.records = {k: v[order] for k, v in records.items()}
+
+
+def weighted_mean(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Row-weighted means: ``weights`` ``[R, rows]`` and ``values`` ``[rows, …]`` → ``[R, …]`` (NaN where a
+    replicate's weights sum to 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    total = weights.sum(1).reshape(-1, *([1] * (values.ndim - 1)))
+    sums = (weights @ values.reshape(len(values), -1)).reshape(len(weights), *values.shape[1:])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, sums / np.where(total > 0, total, 1), np.nan)
 
 
 def check_choice(metric: str, option: str, value, allowed) -> None:

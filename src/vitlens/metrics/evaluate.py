@@ -1,4 +1,4 @@
-"""``vitlens evaluate``: every metric for every method over a data set, batched and sharded (SPEC §5).
+"""``vitlens evaluate``: every metric for every method over a data set, batched and sharded.
 
 Classification accuracy is computed once; then, batch by batch, each method's maps for the batch's
 targets (the ground-truth class by default, as WSOL and the pointing games prescribe) go to every
@@ -27,6 +27,7 @@ from ..options import parse_finite
 from ..training.distributed import all_reduce_sum, setup, teardown
 from .base import METRICS, Batch, get_metric
 from .gallery import gallery_payload, pick_indices
+from .uncertainty import LEVEL, best_methods, bootstrap
 
 TARGETS = ("label", "predicted")
 
@@ -44,9 +45,10 @@ def parse_names(value: str | Sequence[str], known: dict, kind: str) -> list[str]
 
 
 def metric_names(value: str | Sequence[str], dataset) -> list[str]:
-    """Metric names; ``all`` = every registered metric that applies to ``dataset``."""
+    """Metric names; ``all`` = every registered metric that applies to ``dataset``, except the costly ones
+    (``in_all = False``: ROAD solves 18 sparse systems per image), which run when named."""
     if value == "all" or (not isinstance(value, str) and list(value) == ["all"]):
-        return [n for n in sorted(METRICS) if METRICS[n].applies_to(dataset)]
+        return [n for n in sorted(METRICS) if METRICS[n].in_all and METRICS[n].applies_to(dataset)]
     names = parse_names(value, METRICS, "metric")
     for n in names:
         if not METRICS[n].applies_to(dataset):
@@ -92,6 +94,8 @@ def fit_to(batch: dict, size: tuple[int, int]) -> dict:
     out = dict(batch)
     out["image"] = resize(batch["image"], size)
     out["mask"] = F.interpolate(batch["mask"][:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    if "ignore" in batch:
+        out["ignore"] = F.interpolate(batch["ignore"][:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
     out["boxes"] = [boxes(b) for b in batch["boxes"]]
     if "cells" in batch:
         out["cells"] = boxes(batch["cells"])
@@ -112,17 +116,28 @@ def evaluate(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     gallery: int = 8,
+    protocol: str | None = None,
+    replicates: int = 1000,
+    seed: int = 0,
 ) -> dict | None:
     """Score ``methods`` with ``metrics`` on ``data``; returns the summary on the main process, ``None`` on
     the others.
 
     Summary: ``{"model", "data", "n", "accuracy", "results": {method: {key: value}}, "seconds":
     {method: s}, "used": {metric: samples}}`` (values in [0, 1]; ``None`` where a metric had no sample).
-    ``out`` writes the summary plus ``per_image`` values, ``curves``, the ``settings``, the run's
+    ``out`` writes the summary plus ``per_image`` values, the evaluated ``images`` (index, label and
+    predicted class of each, for per-class views), ``curves``, the ``settings``, the run's
     ``classes``, ``versions`` and ``cost`` (seconds per image of each method's maps and their ratio to
     the plain forward pass of the same batches) and a ``gallery`` of ``gallery`` evaluated images with
     every method's maps, as JSON (atomically): everything ``vitlens report`` needs. ``options`` maps a
-    method or metric name to its options.
+    method or metric name to its options. ``protocol`` (e.g. ``wsol``, ``bcos``) sets the ``protocol``
+    option of every chosen metric that has a protocol of that name (an explicit option wins); it is an
+    error when none has.
+
+    Uncertainty (:mod:`vitlens.metrics.uncertainty`): ``replicates`` bootstrap resamples of the images
+    (seeded by ``seed``, the same for every method: paired) give ``intervals`` ``{method: {key: [lo,
+    hi]}}`` (95 %) and ``best`` ``{key: {"best": [methods], "significant": bool, "versus": …}}``: the
+    best method and those not significantly different from it. ``replicates=0`` skips both.
     """
     if target not in TARGETS:
         raise VitlensError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -132,30 +147,39 @@ def evaluate(
         check_output_file(out, "output file")
     if gallery < 0:
         raise VitlensError(f"gallery must be 0 or more images, got {gallery}")
+    if replicates < 0:
+        raise VitlensError(f"bootstrap replicates must be 0 or more, got {replicates}")
     joined = dist.is_initialized()
     d = setup(device)
     try:
         return _evaluate(
-            model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress, gallery
-        )
+            model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress, gallery,
+            protocol, (replicates, seed),
+        )  # fmt: skip
     finally:
         if not joined:
             teardown()
 
 
-def _evaluate(model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery):
+def _evaluate(
+    model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol, boot
+):
     backbone = load_model(model).to(d.device)
     was_training = backbone.training
     backbone.eval()
     try:
         return _run(
-            backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery
-        )
+            backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery,
+            protocol, boot,
+        )  # fmt: skip
     finally:
         backbone.train(was_training)
 
 
-def _run(backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery):
+def _run(
+    backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol,
+    boot,
+):  # fmt: skip
     size = backbone.preprocessing.input_size
     spec = parse_data_spec(data) if isinstance(data, str) else data
     dataset = open_dataset(spec, size=size)
@@ -168,6 +192,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
     for name in options:
         if name not in method_list and name not in metric_list:
             raise VitlensError(f"options given for {name!r}, which is not among the chosen methods and metrics")
+    options = apply_protocol(protocol, metric_list, options)
     explainers = {m: get_explainer(m, backbone, **options.get(m, {})) for m in method_list}
     scores = {m: {k: get_metric(k, **options.get(k, {})) for k in metric_list} for m in method_list}
     for per_method in scores.values():
@@ -185,6 +210,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
     counts = torch.zeros(2, dtype=torch.float64)
     several_objects = False  # multi-object samples (fashion-grid): one label per image is not the answer
     skipped: list[dict] = []  # samples that could not be read (folder data): left out, reported
+    seen: list[tuple[int, int, int]] = []  # (index, label, predicted) of every evaluated image, for per-class views
     from tqdm import tqdm
 
     bar = tqdm(total=len(indices), desc="evaluate", unit="img", file=sys.stderr, disable=not (progress and d.main))
@@ -202,6 +228,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
             explain_seconds["forward"] += time.perf_counter() - start
             timed += len(images)
         labels = b["label"]
+        seen += zip(b["index"].tolist(), labels.tolist(), logits.argmax(1).cpu().tolist(), strict=True)
         several_objects = several_objects or "labels" in b
         counts += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)], dtype=torch.float64)
         targets = labels if target == "label" else logits.argmax(1).cpu()
@@ -216,7 +243,7 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
             batch = Batch(
                 images=images, labels=labels, targets=targets, index=b["index"], boxes=b["boxes"], masks=b["mask"],
                 has_mask=b["has_mask"], logits=logits, model=backbone, explainer=explainer, extra=extra,
-                shared=shared,
+                shared=shared, ignore=b.get("ignore"),
             )  # fmt: skip
             for metric in scores[m].values():
                 metric.update(batch, maps)
@@ -229,6 +256,9 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
         parts: list = [None] * d.world
         dist.all_gather_object(parts, skipped)
         skipped = sorted((s for part in parts for s in part), key=lambda s: s["index"])
+        dist.all_gather_object(parts, seen)
+        seen = [s for part in parts for s in part]
+    seen.sort()
     elapsed = torch.tensor([seconds[m] for m in method_list], dtype=torch.float64, device=d.device)
     explain_elapsed = torch.tensor([*explain_seconds.values(), timed], dtype=torch.float64, device=d.device)
     if dist.is_initialized():
@@ -250,6 +280,11 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
         "used": {k: first[k].used for k in metric_list},
         "skipped": skipped,
     }
+    intervals, samples = bootstrap(scores, replicates=boot[0], seed=boot[1])
+    directions = {key: first[k].direction(key) for k in metric_list for key in first[k].result()}
+    summary["intervals"] = intervals
+    summary["best"] = best_methods(summary["results"], samples, directions) if boot[0] else {}
+    summary["bootstrap"] = {"replicates": boot[0], "seed": boot[1], "level": LEVEL, "unit": "image"}
     if out is not None:
         shown = collate_batch([dataset[i] for i in pick_indices(dataset, gallery, n)]) if gallery else {}
         pictures = gallery_payload(backbone, explainers, fit_to(shown, size), target) if "image" in shown else None
@@ -287,9 +322,27 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
                 },
                 "curves": {m: {k: metric.curves() for k, metric in scores[m].items()} for m in scores},
                 "per_image": {m: {k: metric.per_image() for k, metric in scores[m].items()} for m in scores},
+                "images": {key: [s[i] for s in seen] for i, key in enumerate(("index", "label", "predicted"))},
             },
         )
     return summary
+
+
+def apply_protocol(protocol: str | None, metric_list: list[str], options: dict[str, dict]) -> dict[str, dict]:
+    """``options`` with ``protocol`` set on every metric of ``metric_list`` that follows it (explicit options
+    win); a one-line error when no chosen metric has a protocol of that name."""
+    if protocol is None:
+        return options
+    takers = [k for k in metric_list if protocol in METRICS[k].protocols]
+    if not takers:
+        known = sorted({p for k in metric_list for p in METRICS[k].protocols})
+        raise VitlensError(
+            f"no chosen metric follows protocol {protocol!r} (their protocols: {', '.join(known) or 'none'})"
+        )
+    out = {k: dict(v) for k, v in options.items()}
+    for k in takers:
+        out.setdefault(k, {}).setdefault("protocol", protocol)
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -311,32 +364,56 @@ def device_name(device: torch.device) -> str:
 
 def format_table(summary: dict) -> str:
     """The summary as a plain-text table: one row per metric value (↑ higher / ↓ lower is better), one
-    column per method, the samples each metric used, and the seconds per method."""
+    column per method, the samples each metric used, and the seconds per method. Where the summary has
+    bootstrap intervals each value carries its 95 % interval ``[lo, hi]``; ``*`` marks the best method when
+    its paired difference to every other method is significant, ``=`` the methods tied for best."""
     methods = list(summary["results"])
     keys = list(dict.fromkeys(k for m in methods for k in summary["results"][m]))
     used = summary.get("used", {})
+    intervals = summary.get("intervals", {})
+    best = summary.get("best", {})
 
     def label(key: str) -> str:
         base = key.split("/")[0]
         if base not in METRICS:
             return key
-        return f"{key} {'↑' if METRICS[base].higher_is_better else '↓'}"
+        sign = METRICS[base]().direction(key)  # 0: not ranked (a verdict, a signed correlation, a share)
+        return f"{key} {'↑' if sign > 0 else '↓'}" if sign else key
 
-    def cell(v) -> str:
+    def number(v) -> str:
         return "—" if v is None else f"{v:.4f}"
+
+    def cell(method: str, key: str) -> str:
+        v = summary["results"][method].get(key)
+        text = number(v)
+        ci = intervals.get(method, {}).get(key)
+        if v is not None and ci:
+            text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        mark = best.get(key)
+        if mark and method in mark["best"]:
+            return text + (" *" if mark["significant"] else " =")
+        return text + ("  " if best else "")
 
     acc = summary.get("accuracy")
     head = [
         f"model:    {summary['model']}",
-        f"data:     {summary['data']}  (n = {summary['n']}, accuracy {cell(acc)})",
+        f"data:     {summary['data']}  (n = {summary['n']}, accuracy {number(acc)})",
         "",
     ]
     rows = [["metric", "n", *methods]]
-    rows += [[label(k), str(used.get(k.split("/")[0], "")), *(cell(summary["results"][m].get(k)) for m in methods)]
-             for k in keys]  # fmt: skip
-    rows.append(["seconds", "", *(f"{summary['seconds'][m]:.2f}" for m in methods)])
+    rows += [[label(k), str(used.get(k.split("/")[0], "")), *(cell(m, k) for m in methods)] for k in keys]
+    rows.append(["seconds", "", *(f"{summary['seconds'][m]:.2f}" + ("  " if best else "") for m in methods)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows
     ]
+    boot = summary.get("bootstrap", {})
+    if any(intervals.values()):
+        lines += [
+            "",
+            f"[lo, hi]: {round(100 * boot.get('level', 0.95))}% bootstrap interval over images "
+            f"({boot.get('replicates')} replicates, paired between methods, seed {boot.get('seed')})",
+        ]
+    if best:
+        lines.append("*: best, significantly better than every other method (paired);  =: tied for best")
     return "\n".join(head + lines)

@@ -1,20 +1,49 @@
 """Cascading model-parameter randomisation (Adebayo et al., *Sanity Checks for Saliency Maps*, NeurIPS 2018).
 
-On a deep copy of the explainer (and so of its model), the weights are randomised from the top down —
-the classifier first, then the blocks from the last to the first, cumulatively — and after each level
-the map is recomputed for the same target. The score is the Spearman rank correlation between the
-original and the randomised map (per image, on the patch grid); the metric reports the mean over
-levels and the curve per level. A faithful method's maps decorrelate quickly: **lower is better**; a
-map that survives randomisation unchanged fails the check.
+Protocol card (metric ``sanity``):
 
-Each randomised tensor is replaced by Gaussian noise with the tensor's own mean and standard deviation
-(0.02 when it has none), so activations keep their scale; the noise is seeded per level, identical for
-every batch and process.
+- **Cascade.** On a deep copy of the explainer (and so of its model) the parameters are randomised from
+  the top down, cumulatively, down to the input: ``head`` (everything the model's head reads: the
+  classifier and, where the model has one, the pooled-feature norm), ``final-norm``, ``blockL-1`` …
+  ``block0``, ``position`` (position embedding and prefix tokens: class, distillation, register
+  tokens) and ``patch-embed`` (the patch projection or convolutional stem with its norms). The
+  parameters of each part are found from the autograd graph of the backbone's own ``embed``,
+  ``add_prefix_and_position``, ``final_norm`` and ``head`` steps, so every backbone family is covered
+  without a list of names; ``unassigned`` in the curves counts parameters in no level (0 on every
+  supported family). After each level the map is recomputed for the same images and targets. Quantus'
+  ``MPRT`` randomises the same way (every module, top down) with its own layer order.
+- **Randomisation.** Each parameter tensor is replaced by Gaussian noise with the tensor's own mean and
+  standard deviation (0.02 when it has none), so activations keep their scale; the noise is seeded per
+  level, identical for every batch and process.
+- **Similarity.** Spearman rank correlation between the original and the randomised map of each image,
+  on the patch grid (average ranks for ties). When either map is constant the correlation is undefined:
+  it is NaN (as Quantus returns), counted in ``sanity/undefined`` and left out of every mean — a constant
+  map is never rewarded as "decorrelated".
+- **Levels a method cannot see.** A level whose randomisation leaves every map of the data set unchanged
+  (relative tolerance 1e-5) is *unseen*: the method does not read those parameters (the head for
+  class-agnostic methods such as attention, rollout, flow or DiffMask, whose map does not depend on the
+  class). Unseen levels are listed in the curves and excluded from the means.
+- **Values.** ``sanity`` = mean over the seen levels of ``|ρ̄_ℓ|``, the absolute value of the mean
+  correlation at level ℓ over the images where it is defined (lower is better: anti-correlation is no
+  better than none); ``sanity/full`` = ``ρ̄`` with every parameter randomised (the last level);
+  ``sanity/signed`` = mean of ``ρ̄_ℓ`` over the seen levels; ``sanity/undefined`` = share of (image, level)
+  pairs with a constant map; ``sanity/pass`` = the verdict (1 pass, 0 fail, ``None`` undecided).
+- **Verdict.** A method *passes* when its maps stop resembling the originals as the model is randomised:
+  both the cascade's value ``sanity`` (mean ``|ρ̄_ℓ|`` over the seen levels) and ``|ρ̄_full|`` (every
+  parameter randomised) are below ``threshold`` (option, default 0.5). It *fails* when either is at or
+  above it — a map carried through most of the cascade and broken only by the last level (DiffMask's,
+  which its embedding-level gate carries down to the patch embedding) fails — or when no level changes
+  any map (the maps do not depend on the model). It is *undecided* when more than half of the fully
+  randomised maps are constant (the correlation is undefined for most images).
+
+Not included: re-training a trained explainer (DiffMask's gates, PM's fine-tuning) on the randomised
+model — the trained explainer is applied to the randomised model as it is.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -22,49 +51,89 @@ from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from ..errors import VitlensError
-from .base import Batch, Metric, register
+from .base import Batch, Metric, register, weighted_mean
 
 
-def cascade(backbone) -> list[tuple[str, list[nn.Module]]]:
-    """Randomisation levels from the top: ``head`` (every linear classifier outside the blocks with one
-    output per class) then ``blockL-1`` … ``block0``."""
+def _used(output: Tensor, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters in ``output``'s autograd graph."""
+    grads = torch.autograd.grad(output.float().sum(), params, allow_unused=True)
+    return [p for p, g in zip(params, grads, strict=True) if g is not None]
+
+
+def cascade(backbone) -> list[tuple[str, list[nn.Parameter]]]:
+    """Randomisation levels from the top: ``head``, ``final-norm``, ``blockL-1`` … ``block0``, ``position``,
+    ``patch-embed`` (empty levels left out); each level lists the parameters it randomises."""
+    params = list(backbone.parameters())
+    flags = [p.requires_grad for p in params]
     blocks = list(backbone.blocks)
-    in_blocks = {id(m) for b in blocks for m in b.modules()}
-    heads = [
-        m
-        for m in backbone.modules()
-        if isinstance(m, nn.Linear) and m.out_features == backbone.num_classes and id(m) not in in_blocks
-    ]
-    levels = [("head", heads)] if heads else []
-    return levels + [(f"block{i}", [blocks[i]]) for i in reversed(range(len(blocks)))]
+    size = backbone.preprocessing.input_size
+    device = params[0].device if params else torch.device("cpu")
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            x = torch.full((1, 3, *size), 0.5, device=device)
+            embeddings, grid = backbone.embed(backbone.normalize(x))
+            patch = _used(embeddings, params)
+            tokens = backbone.add_prefix_and_position(embeddings.detach().requires_grad_(True), grid)
+            position = _used(tokens, params)
+            normed = backbone.final_norm(tokens.detach().requires_grad_(True))
+            norm = _used(normed, params)
+            head = _used(backbone.head(normed.detach().requires_grad_(True)), params)
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+    taken: set[int] = set()
+
+    def level(found) -> list[nn.Parameter]:
+        out = [p for p in found if id(p) not in taken]
+        taken.update(id(p) for p in out)
+        return out
+
+    levels = [("head", level(head)), ("final-norm", level(norm))]
+    block_levels = [(f"block{i}", level(blocks[i].parameters())) for i in reversed(range(len(blocks)))]
+    levels += block_levels + [("position", level(position)), ("patch-embed", level(patch))]
+    return [(name, ps) for name, ps in levels if ps]
+
+
+def unassigned(backbone, levels: list[tuple[str, list[nn.Parameter]]]) -> int:
+    """How many parameter values no level randomises."""
+    seen = {id(p) for _, ps in levels for p in ps}
+    return sum(p.numel() for p in backbone.parameters() if id(p) not in seen)
 
 
 @torch.no_grad()
-def randomize_(modules: list[nn.Module], seed: int) -> None:
-    """Replace every parameter of ``modules`` by seeded Gaussian noise with its own mean and std."""
+def randomize_(params: list[nn.Parameter], seed: int) -> None:
+    """Replace every parameter in ``params`` by seeded Gaussian noise with its own mean and std."""
     g = torch.Generator().manual_seed(seed)
-    for module in modules:
-        for p in module.parameters():
-            x = p.detach().double()
-            std = x.std().item() if p.numel() > 1 else 0.0
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64) * (std if std > 0 else 0.02)
-            p.copy_((noise + x.mean().cpu()).to(p))
+    for p in params:
+        x = p.detach().double()
+        std = x.std().item() if p.numel() > 1 else 0.0
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float64) * (std if std > 0 else 0.02)
+        p.copy_((noise + x.mean().cpu()).to(p))
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of the rows of ``a`` and ``b`` ``[B, N]`` (average ranks for ties).
-    Two constant rows count as identical (1), one constant row as uncorrelated (0)."""
+    """Spearman rank correlation of the rows of ``a`` and ``b`` ``[B, N]`` (average ranks for ties); NaN where
+    either row is constant (the correlation is undefined there)."""
     ra = rankdata(a.double().cpu().numpy(), axis=1)
     rb = rankdata(b.double().cpu().numpy(), axis=1)
     ra -= ra.mean(1, keepdims=True)
     rb -= rb.mean(1, keepdims=True)
     den = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
-    flat = ((ra == 0).all(1) & (rb == 0).all(1)).astype(np.float64)
-    return torch.from_numpy(np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1.0), flat))
+    return torch.from_numpy(np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1.0), np.nan))
+
+
+def unchanged(before: Tensor, after: Tensor, rtol: float = 1e-5) -> Tensor:
+    """Rows of ``after`` equal to ``before`` ``[B, N]`` up to ``rtol`` of the row's largest magnitude."""
+    a, b = before.double().cpu(), after.double().cpu()
+    scale = a.abs().amax(1).clamp_min(1e-30)
+    return ((a - b).abs().amax(1) <= rtol * scale) & torch.isfinite(b).all(1)
 
 
 @register
 class Sanity(Metric):
+    __doc__ = __doc__
     name = "sanity"
     paper = "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018 (cascading randomisation)"
     needs = ("model", "explainer")
@@ -72,11 +141,20 @@ class Sanity(Metric):
 
     @classmethod
     def options(cls) -> dict:
-        return {"seed": 0}
+        return {"seed": 0, "threshold": 0.5}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if not 0 < float(self.settings["threshold"]) <= 1:
+            raise VitlensError(f"{self.name}: threshold must be in (0, 1], got {self.settings['threshold']}")
 
     def setup(self, model, dataset) -> None:
-        self.levels = [name for name, _ in cascade(model)]
-        self.sums["spearman"] = torch.zeros(len(self.levels), dtype=torch.float64)
+        levels = cascade(model)
+        self.levels = [name for name, _ in levels]
+        self.unassigned = unassigned(model, levels)
+        k = len(self.levels)
+        for key in ("spearman", "defined", "unchanged"):
+            self.sums[key] = torch.zeros(k, dtype=torch.float64)
 
     def update(self, batch: Batch, maps: Tensor) -> None:
         if not hasattr(batch.explainer, "backbone"):
@@ -85,20 +163,99 @@ class Sanity(Metric):
         levels = cascade(explainer.backbone)
         if not hasattr(self, "levels"):
             self.setup(explainer.backbone, None)
-        rhos = []
-        for i, (_, modules) in enumerate(levels):
-            randomize_(modules, int(self.settings["seed"]) * 1000 + i)
-            randomised = explainer(batch.images, batch.targets).maps
-            rhos.append(spearman(maps.detach().flatten(1), randomised.detach().flatten(1)))
-        rho = torch.stack(rhos, 1)
-        self.add("spearman", rho.sum(0))
+        before = maps.detach().flatten(1)
+        original = before
+        rhos, same = [], []
+        for i, (_, params) in enumerate(levels):
+            randomize_(params, int(self.settings["seed"]) * 1000 + i)
+            after = explainer(batch.images, batch.targets).maps.detach().flatten(1)
+            rhos.append(spearman(original, after))
+            same.append(unchanged(before, after))
+            before = after
+        rho = torch.stack(rhos, 1)  # [B, L], NaN where undefined
+        same_ = torch.stack(same, 1)
+        defined = ~rho.isnan()
+        self.add("spearman", torch.where(defined, rho, 0.0).sum(0))
+        self.add("defined", defined.double().sum(0))
+        self.add("unchanged", same_.double().sum(0))
         self.add("n", len(rho))
-        self.record(batch.index, spearman=rho.mean(1))
+        self.record(batch.index, spearman=rho, unchanged=same_)
+
+    # --- values ---------------------------------------------------------------------------------------
+
+    def _levels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean ρ per level, NaN where undefined everywhere; seen flags; share undefined per level)."""
+        n = self.sums["n"].item()
+        s, d = self.sums["spearman"].numpy(), self.sums["defined"].numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(d > 0, s / np.where(d > 0, d, 1), np.nan)
+        seen = self.sums["unchanged"].numpy() < n
+        return mean, seen, 1 - d / n
+
+    def verdict(self) -> float | None:
+        """1.0 pass, 0.0 fail, ``None`` undecided (see the card)."""
+        if not self.used:
+            return None
+        mean, seen, undefined = self._levels()
+        if not seen.any():
+            return 0.0
+        if undefined[-1] > 0.5 or np.isnan(mean[-1]):
+            return None
+        judged = mean[seen & ~np.isnan(mean)]
+        threshold = float(self.settings["threshold"])
+        return float(abs(mean[-1]) < threshold and np.abs(judged).mean() < threshold)
 
     def result(self) -> dict[str, float]:
-        n = self.sums["n"].item()
-        return {self.name: float(self.sums["spearman"].mean() / n) if n else None}
+        keys = ("", "/full", "/signed", "/undefined", "/pass")
+        if not self.used:
+            return {self.name + k: None for k in keys}
+        mean, seen, undefined = self._levels()
+        judged = mean[seen & ~np.isnan(mean)]
+        return {
+            self.name: float(np.abs(judged).mean()) if len(judged) else None,
+            f"{self.name}/full": None if np.isnan(mean[-1]) else float(mean[-1]),
+            f"{self.name}/signed": float(judged.mean()) if len(judged) else None,
+            f"{self.name}/undefined": float(undefined.mean()),
+            f"{self.name}/pass": self.verdict(),
+        }
+
+    def statistic(self, weights):
+        rho = self.records.get("spearman", np.zeros((0, len(getattr(self, "levels", ())))))
+        defined = ~np.isnan(rho)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (weights @ np.nan_to_num(rho)) / (weights @ defined)  # [R, L], NaN where none is defined
+        seen = self._levels()[1] if self.used else np.zeros(rho.shape[1], bool)
+        judged = np.where(seen[None], mean, np.nan)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN replicates stay NaN
+            return {
+                self.name: np.nanmean(np.abs(judged), 1),
+                f"{self.name}/full": mean[:, -1] if rho.shape[1] else np.full(len(weights), np.nan),
+                f"{self.name}/signed": np.nanmean(judged, 1),
+                f"{self.name}/undefined": weighted_mean(weights, (~defined).mean(1)),
+            }
+
+    def direction(self, key: str) -> int:
+        return -1 if key == self.name else 0  # |ρ̄| ranks; the signed, full, undefined values and the verdict do not
 
     def curves(self) -> dict:
-        n = self.sums["n"].item()
-        return {"levels": self.levels, "spearman": (self.sums["spearman"] / n).tolist()} if n else {}
+        if not self.used:
+            return {}
+        mean, seen, undefined = self._levels()
+        return {
+            "levels": self.levels,
+            "spearman": [None if np.isnan(v) else float(v) for v in mean],
+            "seen": seen.tolist(),
+            "undefined": undefined.tolist(),
+            "unassigned": int(getattr(self, "unassigned", 0)),
+            "threshold": float(self.settings["threshold"]),
+        }
+
+    def per_image(self) -> dict[str, list]:
+        if not len(self.index):
+            return {}
+        rho = self.records["spearman"]
+        return {
+            "index": self.index.tolist(),
+            "spearman": [[None if np.isnan(v) else float(v) for v in row] for row in rho],
+        }

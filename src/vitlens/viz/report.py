@@ -6,8 +6,9 @@ into one page: a column per (model, method), each metric with the number of imag
 
 Sections: what was run; the gallery (rows of images, columns of methods, ground-truth boxes and the
 WSOL boxes at MaxBoxAcc's best threshold); what each map means; the B-cos colour explanations; the
-metric table (best value per column marked); insertion / deletion and perturbation curves; the cost of
-each method as a ratio to one forward pass.
+metric table (each value with its 95 % bootstrap interval; the best method of a run marked where it is
+significantly better, ties shown as ties); insertion / deletion and perturbation curves; the cost of
+each method as a ratio to one forward pass; the per-class breakdown of the per-image metrics.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ td.l,th.l{text-align:left}
 td.best{font-weight:700;background:#e4f4e4;white-space:nowrap}
 .scroll{overflow-x:auto}.metrics th{font-size:12px;padding:4px 5px}.metrics td{padding:4px 6px}
 td.best::after{content:" ★";color:#2f8a3a}
+td.tie{background:#f0f7f0;white-space:nowrap}td.tie::after{content:" =";color:#2f8a3a}
+.ci{display:block;font-size:10px;color:#777;font-weight:400;white-space:nowrap}
 .gallery{background:#18181c;color:#eee;border-collapse:separate;border-spacing:4px}
 .gallery td,.gallery th{border:0;background:none;text-align:center;padding:2px;vertical-align:top}
 .gallery th{font-size:13px}.gallery .model{display:block;color:#aaa;font-weight:400;font-size:11px}
@@ -290,6 +293,8 @@ class Column:
     cost: dict | None = None
     cost_n: int = 0
     run: dict | None = None  # the results file whose gallery the column shows
+    intervals: dict = field(default_factory=dict)  # key → [lo, hi], the 95 % bootstrap interval
+    marks: dict | None = None  # key → "best" / "tie" within its run (None: results without a bootstrap)
 
 
 def columns_of(runs: list[dict]) -> list[Column]:
@@ -300,6 +305,7 @@ def columns_of(runs: list[dict]) -> list[Column]:
             col.results.update(values)
             col.used.update(run.get("used", {}))
             col.curves.update((run.get("curves") or {}).get(method, {}))
+            add_uncertainty(col, run)
             cost = (run.get("cost") or {}).get("methods", {}).get(method)
             if cost is not None and run["n"] > col.cost_n:
                 col.cost, col.cost_n = cost, run["n"]
@@ -614,7 +620,7 @@ def metric_table(cols: list[Column], keys: list[str]) -> str:
     best = {k: best_values(cols, k) for k in keys}
     rows = []
     for c in cols:
-        cells = "".join(f"<td{' class=best' if c.label in best[k] else ''}>{fmt(c.results.get(k))}</td>" for k in keys)
+        cells = "".join(metric_cell(c, k, best[k]) for k in keys)
         name = f"<b>{esc(c.method)}</b><br><span class=note>{esc(short(c.model))}</span>"
         rows.append(f"<tr><td class='l m'>{name}</td>{cells}</tr>")
     heads = "".join(head(k) for k in keys)
@@ -627,9 +633,11 @@ def section_metrics(cols: list[Column]) -> str:
     main = [k for k in keys if "/" not in k]
     detail = [k for k in keys if "/" in k]
     out = (
-        '<section id="metrics"><h2>Metrics</h2><p class="note">↑ higher is better, ↓ lower is better; ★ the best '
-        "value of each column; n = the images (grid cells for the grid pointing game) each metric used. "
-        "Values are fractions in [0, 1].</p>" + metric_table(cols, main)
+        '<section id="metrics"><h2>Metrics</h2><p class="note">↑ higher is better, ↓ lower is better; n = the images '
+        "(grid cells for the grid pointing game) each metric used. Values are fractions in [0, 1]. "
+        + MARKS_NOTE
+        + "</p>"
+        + metric_table(cols, main)
     )
     if detail:
         out += "<details><summary>all values</summary>" + metric_table(cols, keys) + "</details>"
@@ -669,6 +677,137 @@ def section_cost(cols: list[Column], runs: list[dict]) -> str:
     )
 
 
+# --- uncertainty, ties and the per-class view -------------------------------------------------------
+
+MARKS_NOTE = (
+    "Under each value its 95 % bootstrap interval over images. ★ marks the best method of a run (one model, "
+    "one results file) where its paired bootstrap difference to every other method of that run is significant; "
+    "= marks methods tied for best (not significantly different). Methods of different runs are not ranked "
+    "against each other."
+)
+
+
+def add_uncertainty(col: Column, run: dict) -> None:
+    """Merge a run's intervals and its best / tied marks for ``col``'s method into the column."""
+    col.intervals.update((run.get("intervals") or {}).get(col.method, {}))
+    if "best" not in run:  # results written before the bootstrap
+        return
+    col.marks = col.marks or {}
+    for key, b in run["best"].items():
+        if col.method in b.get("best", []):
+            col.marks[key] = "best" if b.get("significant") else "tie"
+
+
+def metric_cell(col: Column, key: str, best: set[str]) -> str:
+    """One value of the metric table with its interval; ★ best where significant, = tied for best. Results
+    without a bootstrap fall back to the best value of the column (ties shown as ties)."""
+    if col.marks is not None:
+        mark = col.marks.get(key)
+    else:
+        mark = None if col.label not in best else "best" if len(best) == 1 else "tie"
+    value = col.results.get(key)
+    ci = col.intervals.get(key)
+    interval = f'<span class="ci">[{ci[0]:.3f}, {ci[1]:.3f}]</span>' if ci and value is not None else ""
+    cls = {"best": " class=best", "tie": " class=tie"}.get(mark, "")
+    return f"<td{cls}>{fmt(value)}{interval}</td>"
+
+
+# metric → (per-image record, how an image scores): the values the per-class view averages
+PER_CLASS = {
+    "pointing-game": ("hit", "hit rate"),
+    "energy-pointing-game": ("share", "energy share"),
+    "maxboxacc": ("iou", "IoU ≥ 0.5 at the best threshold"),
+    "deletion": ("probability", "deletion AUC"),
+    "insertion": ("probability", "insertion AUC"),
+    "positive-perturbation": ("accuracy", "accuracy AUC"),
+    "negative-perturbation": ("accuracy", "accuracy AUC"),
+}
+
+
+def per_class_values(run: dict, method: str, metric: str) -> dict[int, tuple[float, int]]:
+    """Mean per-image value of ``metric`` per ground-truth class ``{class: (mean, images)}``."""
+    images = run.get("images") or {}
+    per = ((run.get("per_image") or {}).get(method) or {}).get(metric) or {}
+    record = PER_CLASS[metric][0]
+    if not images or record not in per:
+        return {}
+    label = dict(zip(images["index"], images["label"], strict=True))
+    values: dict[int, list[float]] = {}
+    for i, v in zip(per["index"], per[record], strict=True):
+        if v is not None and i in label:
+            values.setdefault(label[i], []).append(float(v >= 0.5) if metric == "maxboxacc" else float(v))
+    return {k: (float(np.mean(v)), len(v)) for k, v in sorted(values.items())}
+
+
+def verdict_lines(run: dict) -> list[str]:
+    """Plain sentences for one run: the significant winner of each main metric, the ties, the sanity verdicts."""
+    lines = []
+    model = short(run["model"])
+    acc = run.get("accuracy")
+    head = esc(
+        f"{model} ({'accuracy ' + format(acc, '.3f') if isinstance(acc, float) else 'no single-label accuracy'})"
+    )
+    wins, ties = {}, {}
+    for key, b in (run.get("best") or {}).items():
+        if "/" in key:
+            continue
+        (wins if b.get("significant") else ties).setdefault(", ".join(b.get("best", [])), []).append(key)
+    for methods, keys in wins.items():
+        lines.append(f"{head}: <b>{esc(methods)}</b> is best on {esc(', '.join(keys))} (significant, paired).")
+    for methods, keys in ties.items():
+        lines.append(f"{head}: {esc(methods)} tie for best on {esc(', '.join(keys))} (differences not significant).")
+    for method, values in run["results"].items():
+        verdict = values.get("sanity/pass", "missing")
+        if verdict == "missing":
+            continue
+        word = {1.0: "passes", 0.0: "<b>fails</b>"}.get(verdict, "is undecided on")
+        full = values.get("sanity/full")
+        detail = f" (rank correlation {full:.2f} with every parameter randomised)" if isinstance(full, float) else ""
+        lines.append(f"{head}: {esc(method)} {word} the sanity check{detail}.")
+    return lines
+
+
+def section_verdict(runs: list[dict]) -> str:
+    """The first screen: which method does best at what on each model, and which fail the sanity check."""
+    lines = [line for run in runs for line in verdict_lines(run)]
+    if not lines:
+        body = '<p class="note">No paired bootstrap in these results (one method per run, or older files).</p>'
+    else:
+        body = "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"
+    return f'<section id="verdict"><h2>Verdict</h2>{body}</section>'
+
+
+def section_per_class(runs: list[dict]) -> str:
+    """Per-class breakdown of the per-image metrics: one table per run and metric (classes × methods)."""
+    parts = []
+    for run in runs:
+        classes = run.get("classes") or []
+        for metric in PER_CLASS:
+            methods = [m for m in run["results"] if per_class_values(run, m, metric)]
+            if not methods:
+                continue
+            table = {m: per_class_values(run, m, metric) for m in methods}
+            labels = sorted({k for t in table.values() for k in t})
+            heads = "".join(f"<th>{esc(m)}</th>" for m in methods)
+            rows = "".join(
+                f"<tr><td class=l>{esc(classes[k] if k < len(classes) else k)}</td><td>{table[methods[0]][k][1]}</td>"
+                + "".join(f"<td>{fmt(table[m][k][0]) if k in table[m] else '—'}</td>" for m in methods)
+                + "</tr>"
+                for k in labels
+            )
+            arrow = "↑" if METRICS[metric].higher_is_better else "↓"
+            parts.append(
+                f"<details><summary>{esc(metric)} {arrow} · {esc(short(run['model']))} "
+                f"<span class=note>({esc(PER_CLASS[metric][1])} per image)</span></summary>"
+                f"<table><tr><th class=l>class</th><th>n</th>{heads}</tr>{rows}</table></details>"
+            )
+    if not parts:
+        body = '<p class="note">No per-image values with classes in these results.</p>'
+    else:
+        body = '<p class="note">Mean per-image value by ground-truth class.</p>' + "".join(parts)
+    return f'<section id="per-class"><h2>Per class</h2>{body}</section>'
+
+
 def build_report(runs: list[dict], title: str = "vitlens report") -> tuple[str, Image.Image | None]:
     """(the HTML page, the gallery as one picture or ``None``) for a list of loaded results files."""
     if not runs:
@@ -682,6 +821,7 @@ def build_report(runs: list[dict], title: str = "vitlens report") -> tuple[str, 
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{style}</style></head><body><main>'
         f'<h1>{esc(title)}</h1><p class="sub">{esc(models)} on {esc(data)}</p>'
+        + section_verdict(runs)
         + section_run(runs)
         + section_gallery(cols, rows)
         + section_meanings(cols)
@@ -689,6 +829,7 @@ def build_report(runs: list[dict], title: str = "vitlens report") -> tuple[str, 
         + section_metrics(cols)
         + section_curves(cols)
         + section_cost(cols, runs)
+        + section_per_class(runs)
         + "</main></body></html>\n"
     )
     return page, gallery_sheet(cols, rows) if rows else None
