@@ -22,6 +22,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default is None or action.default is False or action.default == []:
             return text
         return f"{text} (default: %(default)s)"
+
+
 def one_line(message: str) -> str:
     """A message on one line: line breaks (e.g. inside a file name) are shown escaped."""
     return message.replace("\r", "\\r").replace("\n", "\\n")
