@@ -11,8 +11,8 @@ import torch
 
 from vitlens import pretrained
 from vitlens.backbones import Preprocessing, adapt
-from vitlens.checkpoint import save_checkpoint
 from vitlens.cli import main
+from vitlens.models.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAINED = pretrained.ROOT  # the models shipped inside the package (vitlens:NAME)

@@ -7,7 +7,8 @@ import torch
 
 from conftest import make_timm, tiny_timm
 from vitlens import VitlensError, load_model
-from vitlens.backbones import adapt, parse_model_uri, to_grid, upsample
+from vitlens.backbones import adapt, to_grid, upsample
+from vitlens.models import parse_model_uri
 
 EXPECTED_PREFIX = {
     "vit": ("cls",),

@@ -30,11 +30,11 @@ from vitlens.bcos import (
     sincos_2d,
 )
 from vitlens.bcos.official import URLS, convert_state_dict
-from vitlens.checkpoint import load_checkpoint, read_config, save_checkpoint
 from vitlens.cli import main
 from vitlens.data import collate, open_dataset
 from vitlens.explainers import get_explainer
 from vitlens.explainers.bcos import colour_picture
+from vitlens.models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from vitlens.training.bcos import adaptive_clip_grad_, bcos_loss
 
 bcos = pytest.importorskip("bcos")

@@ -13,8 +13,16 @@ from safetensors.torch import load_file, save_file
 
 from conftest import PRETRAINED, committed
 from vitlens import VitlensError, load_model
-from vitlens.checkpoint import CONFIG, FORMAT_VERSION, STATE, WEIGHTS, load_checkpoint, read_config, save_checkpoint
 from vitlens.explainers.diffmask import DiffMaskGates
+from vitlens.models.checkpoint import (
+    CONFIG,
+    FORMAT_VERSION,
+    STATE,
+    WEIGHTS,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
 
 
 @pytest.fixture
@@ -243,7 +251,7 @@ def test_interrupted_swap_readers_and_writers(ckpt, tmp_path):
 def test_save_cut_short_keeps_the_previous_checkpoint(ckpt, tmp_path, monkeypatch):
     bb = load_checkpoint(ckpt)
     path = save_checkpoint(tmp_path / "run", bb, training={"step": 1})
-    import vitlens.checkpoint as checkpoint
+    import vitlens.models.checkpoint as checkpoint
 
     def boom(*a, **k):
         raise KeyboardInterrupt

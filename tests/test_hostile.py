@@ -24,9 +24,9 @@ import torch
 
 from conftest import committed, run_cli
 from vitlens import pretrained
-from vitlens.checkpoint import STATE, load_checkpoint, read_config
 from vitlens.errors import VitlensError
 from vitlens.metrics import evaluate
+from vitlens.models.checkpoint import STATE, load_checkpoint, read_config
 
 TRAIN = ["train", "classifier", "--data", "counting:train:n=32", "--eval-data", "counting:test:n=8",
          "--max-steps", "3", "--batch-size", "8", "--warmup-steps", "1", "--checkpoint-every", "0",
@@ -119,7 +119,7 @@ def test_malicious_training_state_never_executes(run_dir, tmp_path, capsys, reha
 
 
 def test_malicious_state_refused_by_the_library_too(run_dir, tmp_path):
-    from vitlens.checkpoint import load_training_state
+    from vitlens.models.checkpoint import load_training_state
 
     out = copy_run(run_dir, tmp_path)
     marker = tmp_path / "PWNED"
@@ -550,7 +550,7 @@ def test_hf_uri_options_are_allow_listed(hf_folder, capsys, monkeypatch):
 def test_trust_remote_code_only_through_the_environment(hf_folder, monkeypatch):
     import transformers
 
-    from vitlens.backbones import load_model
+    from vitlens.models import load_model
 
     seen = []
     real = transformers.AutoModelForImageClassification.from_pretrained

@@ -290,7 +290,7 @@ def test_explain_top_k_and_class_names_from_the_command_line(tmp_path, capsys, t
 
 
 def test_hub_uri_without_network_fails_in_one_line_naming_the_offline_ways(monkeypatch):
-    import vitlens.backbones as backbones
+    import vitlens.models as backbones
 
     monkeypatch.setattr(backbones, "hub_reachable", lambda host=backbones.HUB_HOST: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 
 from conftest import committed, tiny_timm
-from vitlens.backbones import adapt, load_model, upsample
+from vitlens.backbones import adapt, upsample
 from vitlens.data import collate, open_dataset
 from vitlens.errors import VitlensError
 from vitlens.explainers import Explanation, get_explainer
@@ -22,6 +22,7 @@ from vitlens.metrics import METRICS, Batch, boxes_from_map, get_metric
 from vitlens.metrics.localisation import average_precision, normalize_maps, threshold_sweep, thresholds_for
 from vitlens.metrics.perturbation import fill_images
 from vitlens.metrics.sanity import spearman
+from vitlens.models import load_model
 
 # --- helpers ----------------------------------------------------------------------------------------------
 

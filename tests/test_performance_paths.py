@@ -19,7 +19,7 @@ from conftest import make_timm
 from test_backbones_hf_tv import make as make_hf_tv
 from test_explainers_chefer import sharpen
 from vitlens import explain
-from vitlens.backbones import adapt, load_model
+from vitlens.backbones import adapt
 from vitlens.bench import bench, with_untrained_gates
 from vitlens.cli import main
 from vitlens.explainers.chefer import (
@@ -33,6 +33,7 @@ from vitlens.explainers.chefer import (
 from vitlens.explainers.perturbation import grid_to_pixels, keep_patches
 from vitlens.explainers.pm import patch_probabilities
 from vitlens.explainers.targets import Target
+from vitlens.models import load_model
 from vitlens.training import TrainConfig
 from vitlens.training.diffmask import DiffMaskTask
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from conftest import run_cli
 from vitlens import demo
-from vitlens.backbones import load_model
 from vitlens.cli import build_parser
 from vitlens.data import open_dataset
 from vitlens.errors import VitlensError
+from vitlens.models import load_model
 from vitlens.training.pm import PMTask, labelled_indices, pm_settings, select_mask_indices
 
 CLASSES = list("abcde")  # the tiny checkpoint's classes

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vitlens import VitlensError
-from vitlens.backbones import SCHEMES, parse_model_uri
 from vitlens.data import BOUNDS, DATASET_BOUNDS, DATASETS, SPLITS, DataSpec, parse_data_spec
 from vitlens.data.counting import COLOURS
 from vitlens.data.images import load_image, read_image
+from vitlens.models import SCHEMES, parse_model_uri
 from vitlens.options import parse_value
 
 # --- data specs ---------------------------------------------------------------------------------

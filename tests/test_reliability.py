@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import REPO, run_cli
 from vitlens import VitlensError
-from vitlens.checkpoint import STATE, WEIGHTS, load_checkpoint, read_config, save_checkpoint
+from vitlens.models.checkpoint import STATE, WEIGHTS, load_checkpoint, read_config, save_checkpoint
 
 
 @pytest.fixture(scope="module")

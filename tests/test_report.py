@@ -163,7 +163,7 @@ def test_bcos_colour_explanations_in_the_report(tmp_path):
     """A (tiny, random) B-cos ViT: its colour explanation is carried by the results file and shown."""
     pytest.importorskip("einops")
     from vitlens import load_model
-    from vitlens.checkpoint import save_checkpoint
+    from vitlens.models.checkpoint import save_checkpoint
 
     tiny = dict(img_size=32, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64, conv_stem=[8, 16, 32])
     ckpt = save_checkpoint(tmp_path / "bcos", load_model("bcos:bcos_vit_fashion?pretrained=0", **tiny), kind="bcos")

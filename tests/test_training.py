@@ -12,8 +12,8 @@ import torch
 
 from conftest import REPO
 from vitlens import VitlensError, load_model
-from vitlens.checkpoint import load_checkpoint, read_config, save_checkpoint
 from vitlens.data import open_dataset, parse_data_spec
+from vitlens.models.checkpoint import load_checkpoint, read_config, save_checkpoint
 from vitlens.training import ClassifierTask, TrainConfig, accuracy, build_classifier, train, train_classifier
 
 COUNTING = "counting:train:grid=2,n=2000"

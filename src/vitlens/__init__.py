@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ._version import __version__
 from .errors import VitlensError
-
-__version__ = "0.1.0"
 
 # public name → the module that defines it (imported on first use)
 _LAZY = {
     "Backbone": ".backbones",
-    "load_model": ".backbones",
+    "load_model": ".models",
     "explain": ".explainers",
     "Explanation": ".explainers",
     "TopK": ".explainers",
@@ -39,8 +38,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
-    from .backbones import Backbone, load_model
+    from .backbones import Backbone
     from .explainers import EmbeddingSimilarity, Explanation, TopK, explain
+    from .models import load_model
     from .viz import show
 
 

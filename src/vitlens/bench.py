@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbones import Backbone, load_model
+from .backbones import Backbone
 from .errors import VitlensError
 from .explainers import Explainer, get_explainer
+from .models import load_model
 
 
 def _trim_heap() -> None:

@@ -137,7 +137,7 @@ MODEL_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = _Parser(prog="vitlens", description="Explain the decisions of Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"vitlens {__version__}")
@@ -331,7 +331,7 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_info(a: argparse.Namespace) -> int:
     import json
 
-    from .backbones import load_model
+    from .models import load_model
 
     print(json.dumps(load_model(a.model).describe(), indent=2))
     return 0

@@ -135,9 +135,8 @@ def training_argv(command: str, root: Path) -> list[str]:
 
 
 def train_checkpoints(root: Path, log: Callable[[str], None]) -> Path:
-    """Run every :data:`TRAINING` command the demo needs; returns the folder of the new checkpoints."""
-    from .cli import main
-
+    """Run every :data:`TRAINING` command the demo needs, each in a process of its own (this interpreter, so
+    this installation); returns the folder of the new checkpoints."""
     names = needed([name for name, _ in RUNS])
     minutes = sum(TRAINING[n][1] for n in names)
     log(f"--train: re-creating {', '.join(names)} from scratch: about {minutes} min on a 2-core CPU")
@@ -146,11 +145,8 @@ def train_checkpoints(root: Path, log: Callable[[str], None]) -> Path:
             launcher, argv = split_launcher(command)[0], training_argv(command, root)
             line = shlex.join([*launcher, "-m", "vitlens", *argv] if launcher else ["vitlens", *argv])
             log(line)
-            if launcher:  # torchrun as a module of this interpreter, so it runs this installation
-                code = subprocess.call([sys.executable, "-m", "torch.distributed.run", *launcher[1:], "-m", "vitlens",
-                                        *argv])  # fmt: skip
-            else:
-                code = main(argv)
+            runner = ["-m", "torch.distributed.run", *launcher[1:]] if launcher else []
+            code = subprocess.call([sys.executable, *runner, "-m", "vitlens", *argv])
             if code != 0:
                 raise VitlensError(f"training {name} failed: {line}")
     return root / "checkpoints"

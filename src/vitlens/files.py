@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Backbone, load_model, upsample
+from .backbones import Backbone, upsample
 from .data.images import IMAGE_SUFFIXES, is_image_file, read_image, resize
 from .errors import VitlensError
 from .explainers import TopK, get_explainer, parse_target
 from .explainers.bcos import colour_picture
 from .io import atomic_save_npy, atomic_write_text, check_output_dir
+from .models import load_model
 from .viz import save_png
 from .viz.overlay import overlay
 

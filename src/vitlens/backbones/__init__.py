@@ -1,28 +1,17 @@
-"""The backbone layer: ``load_model`` turns any supported ViT, URI or checkpoint into a :class:`Backbone`.
+"""The backbone layer: :func:`adapt` gives any supported ViT module one view, a :class:`Backbone`.
 
-Model URIs::
-
-    timm:NAME[?pretrained=0&key=value...]      timm.create_model(NAME, **kwargs); pretrained by default
-    hf:NAME_OR_PATH                            transformers AutoModelForImageClassification
-    torchvision:NAME[?pretrained=0&key=value]  torchvision.models.get_model(NAME, weights=...)
-    bcos:NAME[?weights=PATH&pretrained=1&key=value]  vitlens' B-cos ViT; official B-cos-v2 weights load unchanged
-    vitlens:NAME                               a model shipped with vitlens (``vitlens models`` lists them)
-    PATH                                       a vitlens checkpoint directory
+One adapter per family (timm, Hugging Face, torchvision, vitlens' B-cos ViT), registered in
+:data:`ADAPTERS`; loading models by URI or from checkpoints is the layer above (:mod:`vitlens.models`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .._utils import require
 from ..errors import VitlensError
-from ..options import parse_options
 from .base import (
     Backbone,
     Preprocessing,
@@ -34,9 +23,8 @@ from .base import (
     to_grid,
     upsample,
 )
-from .bcos_vit import BcosViT, build_bcos, is_bcos_vit, load_bcos
+from .bcos_vit import BcosViT, is_bcos_vit
 from .hf_vit import HFViT, is_hf_vit
-from .presets import PRESETS, build_preset
 from .timm_vit import TimmViT, is_timm_vit
 from .torchvision_vit import TorchvisionViT, is_torchvision_vit
 
@@ -46,12 +34,8 @@ __all__ = [
     "Trace",
     "adapt",
     "boxes_to_mask",
-    "build_module",
-    "check_device",
     "explicit_attention",
     "gaussian_blur",
-    "load_model",
-    "parse_model_uri",
     "patch_coverage",
     "to_grid",
     "unwrap",
@@ -64,19 +48,6 @@ ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_torchvision_vit, TorchvisionViT),
     (is_bcos_vit, BcosViT),
 ]
-SCHEMES = ("timm", "hf", "torchvision", "bcos", "vitlens")
-EXPECTED = (
-    "expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME, vitlens:NAME or a vitlens checkpoint directory"
-)
-
-#: ``hf:`` URI options passed on to ``from_pretrained``; nothing else is (no ``trust_remote_code``: a folder's
-#: own Python code runs only with the environment variable ``VITLENS_TRUST_REMOTE_CODE=1``).
-HF_OPTIONS = ("revision", "subfolder", "local_files_only", "num_labels", "ignore_mismatched_sizes")
-
-
-def trust_remote_code() -> bool:
-    """Whether the user allowed Hugging Face models to run their own code (``VITLENS_TRUST_REMOTE_CODE=1``)."""
-    return os.environ.get("VITLENS_TRUST_REMOTE_CODE", "") == "1"
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, Preprocessing | None]:
@@ -134,217 +105,3 @@ def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=
         "(supported: timm VisionTransformer, transformers ViT/DeiT image classifiers, torchvision ViT, "
         "vitlens B-cos ViT)"
     )
-
-
-def parse_model_uri(uri: str) -> tuple[str, str, dict]:
-    """``"timm:vit_small_patch16_224?pretrained=0&num_classes=10"`` → ("timm", name, kwargs)."""
-    scheme, sep, rest = uri.partition(":")
-    if not sep or scheme not in SCHEMES:
-        raise VitlensError(f"unknown model {uri!r}: {EXPECTED}")
-    name, _, query = rest.partition("?")
-    if not name.strip():
-        raise VitlensError(f"model URI {uri!r} names no model")
-    kwargs = parse_options(filter(None, query.split("&")), what=f"option in model URI {uri!r}")
-    if "pretrained" in kwargs:
-        flag = kwargs["pretrained"]
-        if flag not in (0, 1):  # 0, 1, true, false (parse_value gives True/False for the words)
-            raise VitlensError(f"pretrained={flag} in model URI {uri!r}: expected 0, 1, true or false")
-        kwargs["pretrained"] = bool(flag)
-    return scheme, name, kwargs
-
-
-def build_module(spec: dict) -> tuple[nn.Module, Preprocessing | None]:
-    """Build a randomly initialised module from a checkpoint's ``model`` spec."""
-    source, name, kwargs = spec["source"], spec["name"], dict(spec.get("kwargs", {}))
-    if source == "preset":
-        if name not in PRESETS:
-            raise VitlensError(f"unknown architecture preset {name!r} (known: {', '.join(PRESETS)})")
-        return build_preset(name, **kwargs)
-    if source == "timm":
-        import timm
-
-        return timm.create_model(name, pretrained=False, **kwargs), None
-    if source == "torchvision":
-        import torchvision
-
-        return torchvision.models.get_model(name, weights=None, **kwargs), None
-    if source == "bcos":
-        return build_bcos(name, **kwargs)
-    if source == "hf":
-        transformers = require("transformers", extra="hf", what="a Hugging Face checkpoint")
-        config = transformers.AutoConfig.for_model(**spec["config"])
-        return getattr(transformers, name)(config), None
-    raise VitlensError(f"unknown model source {source!r} in checkpoint")
-
-
-def _load_uri(uri: str, options: dict) -> Backbone:
-    from ..checkpoint import check_model_sizes
-
-    scheme, name, kwargs = parse_model_uri(uri)
-    kwargs.update(options)
-    if scheme == "vitlens":
-        from ..checkpoint import load_checkpoint
-        from ..pretrained import path
-
-        if kwargs:
-            raise VitlensError(f"{uri}: a vitlens model takes no options (got {', '.join(sorted(kwargs))})")
-        return load_checkpoint(path(name))
-    check_model_sizes({"kwargs": kwargs}, f"model URI {uri!r}")  # depth, sizes, classes: bounded before building
-    try:
-        if scheme == "bcos":
-            backbone = load_bcos(name, **kwargs)
-        elif scheme == "timm":
-            import timm
-
-            pretrained = kwargs.pop("pretrained", True)
-            if name not in timm.list_models() and name not in timm.list_pretrained():
-                raise VitlensError(f"unknown timm model {name!r}")
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
-            backbone = adapt(model)
-            backbone.spec = {"source": "timm", "name": name, "kwargs": kwargs}
-        elif scheme == "torchvision":
-            import torchvision
-
-            pretrained = kwargs.pop("pretrained", True)
-            if name not in torchvision.models.list_models():
-                raise VitlensError(f"unknown torchvision model {name!r}")
-            model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-            backbone = adapt(model)
-            backbone.spec = {"source": "torchvision", "name": name, "kwargs": kwargs}
-        else:
-            transformers = require("transformers", extra="hf", what=uri)
-            unknown = sorted(set(kwargs) - set(HF_OPTIONS))
-            if unknown:
-                hint = (
-                    " (set VITLENS_TRUST_REMOTE_CODE=1 to run a model's own code)"
-                    if "trust_remote_code" in unknown
-                    else ""
-                )
-                raise VitlensError(
-                    f"option {', '.join(unknown)} not allowed in an hf: URI (allowed: {', '.join(HF_OPTIONS)}){hint}"
-                )
-            remote = {"trust_remote_code": trust_remote_code()}
-            bars = transformers.utils.logging.is_progress_bar_enabled()
-            transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for a local load
-            try:
-                model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs, **remote)
-            finally:
-                if bars:
-                    transformers.utils.logging.enable_progress_bar()
-            if not is_hf_vit(model):
-                adapt(model)  # raises: not a supported Vision Transformer
-            try:
-                processor = transformers.AutoImageProcessor.from_pretrained(name, **remote)
-            except (OSError, ValueError):
-                processor = None
-            from .hf_vit import hf_preprocessing
-
-            backbone = HFViT(model, hf_preprocessing(model, processor))
-            backbone.spec = {"source": "hf", "name": type(model).__name__, "config": model.config.to_dict()}
-    except VitlensError:
-        raise
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AssertionError, AttributeError, ImportError,
-            EOFError, pickle.UnpicklingError) as e:  # download, config, kwargs, a pickle refused  # fmt: skip
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VitlensError(f"could not load {uri}: {first[:200]}") from e
-    if backbone.num_classes < 1:
-        raise VitlensError(f"{uri}: the model has no classifier head (num_classes={backbone.num_classes})")
-    return backbone
-
-
-HUB_HOST = "huggingface.co"
-OFFLINE_HELP = (
-    "without a network, load weights from disk: hf:/path/to/saved/model, bcos:NAME?weights=PATH, a vitlens "
-    "checkpoint directory, or models already in the Hugging Face / torch hub cache (HF_HUB_OFFLINE=1)"
-)
-
-
-def hub_reachable(host: str = HUB_HOST) -> bool:
-    """Whether the model hub's host name resolves (a lookup, no connection): fails at once without a network."""
-    import socket
-
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def offline_hub() -> Iterator[None]:
-    """Hugging Face Hub calls answered from the local cache only (no retries against an unreachable hub)."""
-    try:
-        import huggingface_hub.constants as hub
-    except ImportError:  # pragma: no cover - timm and transformers depend on it
-        yield
-        return
-    saved = hub.HF_HUB_OFFLINE
-    hub.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = saved
-
-
-def _load_uri_offline_aware(uri: str, options: dict) -> Backbone:
-    """:func:`_load_uri`, answered from local files within seconds when the hub cannot be reached."""
-    if os.environ.get("HF_HUB_OFFLINE") or hub_reachable():
-        return _load_uri(uri, options)
-    with offline_hub():
-        try:
-            return _load_uri(uri, options)
-        except VitlensError as e:
-            raise VitlensError(f"{e} — no network: {OFFLINE_HELP}") from e
-
-
-def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **options) -> Backbone:
-    """Any supported model, URI or vitlens checkpoint directory → a :class:`Backbone`.
-
-    ``"vitlens:NAME"`` loads a model shipped with the package (``vitlens models`` lists them), e.g.
-    ``load_model("vitlens:fashion-vit-pm")``.
-
-    Models loaded from a URI or checkpoint are put in eval mode; a module passed in keeps its mode.
-    ``options`` are URI options given as keywords (``load_model("bcos:NAME", weights=PATH)``).
-    """
-    if options and not (isinstance(model, str | os.PathLike) and os.fspath(model).partition(":")[0] in SCHEMES):
-        raise VitlensError(f"options {', '.join(sorted(options))} only apply to a model URI")
-    if isinstance(model, nn.Module):
-        backbone = adapt(model)
-    elif isinstance(model, str | os.PathLike):
-        from ..checkpoint import is_checkpoint_dir, load_checkpoint
-
-        text = os.fspath(model)
-        if not text.strip():
-            raise VitlensError("empty model name: expected a model URI or a vitlens checkpoint directory")
-        if is_checkpoint_dir(text):
-            backbone = load_checkpoint(text)
-        elif text.partition(":")[0] in SCHEMES:
-            backbone = _load_uri_offline_aware(text, options)
-        else:
-            if os.path.exists(text):
-                what = f"{text!r} is a file, not a model"
-            elif os.sep in text or text.startswith("."):
-                what = f"no such checkpoint directory {text!r}"
-            else:
-                what = f"unknown model {text!r}"
-            raise VitlensError(f"{what}: {EXPECTED}")
-        backbone.eval()
-    else:
-        raise VitlensError(f"cannot load a model from a {type(model).__name__}")
-    return backbone.to(check_device(device)) if device is not None else backbone
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a :class:`torch.device`, or a one-line error for an unknown or missing one."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise VitlensError(f"unknown device {device!r} (expected cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VitlensError(f"device {device}: no CUDA device is available (use cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise VitlensError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise VitlensError(f"device {device}: MPS is not available (use cpu)")
-    return dev

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..backbones import Backbone, load_model
+from ..backbones import Backbone
 from ..errors import VitlensError
+from ..models import load_model
 from .explanation import SCALES, Explanation
 from .targets import Target, TopK, class_index, parse_target  # noqa: F401  (re-exported)
 

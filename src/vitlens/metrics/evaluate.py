@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..backbones import Backbone, load_model
+from ..backbones import Backbone
 from ..data import collate, open_dataset, parse_data_spec, resize
 from ..errors import VitlensError
 from ..explainers import EXPLAINERS, get_explainer
 from ..io import atomic_write_json, check_output_file
+from ..models import load_model
 from ..options import parse_finite
 from ..training.distributed import all_reduce_sum, setup, teardown
 from .base import METRICS, Batch, get_metric

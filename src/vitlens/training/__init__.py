@@ -115,8 +115,8 @@ def train_classifier(
     ``init`` starts from the weights of a model (URI or checkpoint) instead of a fresh ``arch`` — a
     second stage with a fresh optimizer and schedule, recorded as such in the checkpoint.
     """
-    from ..backbones import load_model
-    from ..checkpoint import load_checkpoint
+    from ..models import load_model
+    from ..models.checkpoint import load_checkpoint
 
     spec = parse_data_spec(data, default_split="train")
     if resume:
@@ -183,8 +183,8 @@ def train_pm(
     """
     from dataclasses import replace
 
-    from ..backbones import load_model
-    from ..checkpoint import load_checkpoint
+    from ..models import load_model
+    from ..models.checkpoint import load_checkpoint
     from .pm import check_pm_settings, describe_pool, labelled_indices, pm_settings, select_mask_indices
 
     if log is None:
@@ -256,9 +256,9 @@ def train_diffmask(
     The checkpoint holds the classifier unchanged plus the gates, so it loads as the classifier with
     the ``diffmask`` explainer attached.
     """
-    from ..backbones import load_model
-    from ..checkpoint import load_checkpoint
     from ..explainers.diffmask import load_gates
+    from ..models import load_model
+    from ..models.checkpoint import load_checkpoint
     from .diffmask import DiffMaskTask
 
     spec = parse_data_spec(data, default_split="train")

@@ -112,7 +112,7 @@ def train_bcos(
     """
     import sys
 
-    from ..checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
 
     cfg = dataclasses.replace(cfg, weight_decay=0.0, grad_clip=None)
     spec = parse_data_spec(data, default_split="train")

@@ -24,9 +24,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import CONFIG, STATE, WEIGHTS, load_training_state, read_config, recover, save_checkpoint
 from ..data import collate
 from ..errors import VitlensError
+from ..models.checkpoint import CONFIG, STATE, WEIGHTS, load_training_state, read_config, recover, save_checkpoint
 from . import distributed
 
 

@@ -25,10 +25,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .backbones import Backbone, Preprocessing, adapt, build_module
-from .errors import VitlensError
-from .io import atomic_replace_dir
+from .._utils import require
+from .._version import __version__
+from ..backbones import Backbone, Preprocessing, adapt
+from ..backbones.bcos_vit import build_bcos
+from ..backbones.presets import PRESETS, build_preset
+from ..errors import VitlensError
+from ..io import atomic_replace_dir
 
 FORMAT = "vitlens-checkpoint"
 FORMAT_VERSION = 1
@@ -361,7 +364,7 @@ def _check_extras(config: dict, extra: dict[str, torch.Tensor], where: str, bloc
     """The tensors a kind stores beyond the model (DiffMask's gates) must fit their config."""
     if config["kind"] != "diffmask":
         return
-    from .explainers.diffmask import DiffMaskGates
+    from ..explainers.diffmask import DiffMaskGates  # the method owns its gates' shapes
 
     settings = config["diffmask"]
     if settings["num_states"] != blocks + 2:
@@ -372,6 +375,30 @@ def _check_extras(config: dict, extra: dict[str, torch.Tensor], where: str, bloc
     gates = DiffMaskGates(settings["dim"], settings["num_states"], settings["scale"], settings["offset"])
     got = {k[len("gates.") :]: v for k, v in extra.items() if k.startswith("gates.")}
     check_tensors(got, gates.state_dict(), f"{where}: the DiffMask gates")
+
+
+def build_module(spec: dict) -> tuple[torch.nn.Module, Preprocessing | None]:
+    """Build a randomly initialised module from a checkpoint's ``model`` spec."""
+    source, name, kwargs = spec["source"], spec["name"], dict(spec.get("kwargs", {}))
+    if source == "preset":
+        if name not in PRESETS:
+            raise VitlensError(f"unknown architecture preset {name!r} (known: {', '.join(PRESETS)})")
+        return build_preset(name, **kwargs)
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs), None
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, **kwargs), None
+    if source == "bcos":
+        return build_bcos(name, **kwargs)
+    if source == "hf":
+        transformers = require("transformers", extra="hf", what="a Hugging Face checkpoint")
+        config = transformers.AutoConfig.for_model(**spec["config"])
+        return getattr(transformers, name)(config), None
+    raise VitlensError(f"unknown model source {source!r} in checkpoint")
 
 
 def _build(config: dict, path: str | os.PathLike, device: str | None = None) -> torch.nn.Module:
