@@ -155,18 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(pm)
     pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI, vitlens:NAME or directory)")
     pm.set_defaults(batch_size=None, lr=None, warmup_steps=None)  # None: chosen from the recipe (printed)
+    for action in pm._actions:
+        if action.dest in ("batch_size", "lr", "warmup_steps"):
+            action.help += " (default: chosen from the PM recipe for the data set, printed)"
     pm.add_argument(
         "--mask-fraction",
         type=_number(),
         help="use this share of the training images' masks (default: every labelled image)",
     )
-    pm.add_argument("--lambda", dest="lam", type=_number(strict=False), help="weight of the patch-level BCE (10)")
-    pm.add_argument("--pos-weight", type=_number(), help="weight of positive (object) patch targets (10)")
-    pm.add_argument("--mask-batch", type=_positive_int, help="masked images in every batch (8)")
+    pm.add_argument(
+        "--lambda", dest="lam", type=_number(strict=False), help="weight of the patch-level BCE (default: 10)"
+    )
+    pm.add_argument("--pos-weight", type=_number(), help="weight of positive (object) patch targets (default: 10)")
+    pm.add_argument("--mask-batch", type=_positive_int, help="masked images in every batch (default: 8)")
     pm.add_argument(
         "--composites",
         type=_non_negative_int,
-        help="2×2 composites of masked images in every batch, for class separation (24)",
+        help="2×2 composites of masked images in every batch, for class separation (default: 24, 0 with few labels)",
     )
     pm.add_argument(
         "--pseudo-masks",
@@ -241,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--target", choices=["label", "predicted"], default="label", help="class the maps explain")
     ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
-    ev.add_argument("--protocol", help="a reference protocol for every metric that has it: wsol, bcos, chefer, rise")
+    ev.add_argument("--protocol", help="a reference protocol for every metric that has it: wsol, bcos, chefer, "
+                    "rise (default: vitlens' own settings, see each metric's card)")  # fmt: skip
     ev.add_argument("--bootstrap", type=_non_negative_int, default=1000, metavar="N",
                     help="bootstrap replicates for the 95%% intervals and significance marks (0: none)")  # fmt: skip
     ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
