@@ -176,13 +176,17 @@ def test_training_into_a_finished_model_is_refused(tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_overwrite_replaces_a_model_when_asked(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("finished", [True, False])
+def test_overwrite_replaces_a_model_when_asked(run_dir, tmp_path, capsys, finished):
     out = tmp_path / "model"
     shutil.copytree(run_dir, out)
-    (out / STATE).unlink()  # a finished model without its training state
-    config = json.loads((out / "config.json").read_text())
-    del config["training_state_sha256"]
-    (out / "config.json").write_text(json.dumps(config))
+    if finished:  # a finished model without its training state
+        (out / STATE).unlink()
+        config = json.loads((out / "config.json").read_text())
+        del config["training_state_sha256"]
+        (out / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli([*TRAIN, "--out", str(out), "--max-steps", "1"], capsys)
+    one_line_error(code, err, "already holds a model" if finished else "already holds a training run")
     code, _, err = run_cli([*TRAIN, "--out", str(out), "--overwrite", "--max-steps", "1"], capsys)
     assert code == 0, err
     assert read_config(out)["training"]["step"] == 1

@@ -222,11 +222,14 @@ def check_training_out(out: str | Path, resume: bool = False, overwrite: bool = 
         if not (out / STATE).is_file():
             raise VitlensError(f"--resume: no training checkpoint in {out} (missing {STATE})")
         return
-    if (out / STATE).exists():
-        raise VitlensError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+    if (out / STATE).exists() and not overwrite:
+        raise VitlensError(
+            f"{out} already holds a training run: pass --resume to continue it or --overwrite to replace it"
+        )
     if (out / CONFIG).exists() and not overwrite:
         raise VitlensError(f"{out} already holds a model: pass --overwrite to replace it, or another --out")
-    others = [f.name for f in out.iterdir() if f.name not in (WEIGHTS, CONFIG, "metrics.jsonl")] if out.is_dir() else []
+    own = (WEIGHTS, CONFIG, STATE, "metrics.jsonl")
+    others = [f.name for f in out.iterdir() if f.name not in own] if out.is_dir() else []
     if others:
         names = ", ".join(sorted(others)[:3])
         raise VitlensError(f"--out {out} holds other files ({names}); give a new or empty folder")
