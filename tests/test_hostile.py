@@ -124,6 +124,9 @@ def test_malicious_state_refused_by_the_library_too(run_dir, tmp_path):
     marker = tmp_path / "PWNED"
     torch.save({"x": Payload(marker)}, out / STATE)  # torch.save pickles the payload object
     set_config(out, training_state_sha256=sha256(out / STATE))
+    torch.load(out / STATE, weights_only=False)  # the payload is live: an unsafe load runs it (here, on purpose)
+    assert marker.exists()
+    marker.unlink()
     with pytest.raises(VitlensError, match="not a vitlens training state"):
         load_training_state(out)
     assert not marker.exists()
