@@ -125,6 +125,9 @@ def test_malicious_state_refused_by_the_library_too(run_dir, tmp_path):
     marker = tmp_path / "PWNED"
     torch.save({"x": Payload(marker)}, out / STATE)  # torch.save pickles the payload object
     set_config(out, training_state_sha256=sha256(out / STATE))
+    torch.load(out / STATE, weights_only=False)  # the payload is live: an unsafe load runs it (here, on purpose)
+    assert marker.exists()
+    marker.unlink()
     with pytest.raises(VitlensError, match="not a vitlens training state"):
         load_training_state(out)
     assert not marker.exists()
@@ -177,13 +180,17 @@ def test_training_into_a_finished_model_is_refused(tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_overwrite_replaces_a_model_when_asked(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("finished", [True, False])
+def test_overwrite_replaces_a_model_when_asked(run_dir, tmp_path, capsys, finished):
     out = tmp_path / "model"
     shutil.copytree(run_dir, out)
-    (out / STATE).unlink()  # a finished model without its training state
-    config = json.loads((out / "config.json").read_text())
-    del config["training_state_sha256"]
-    (out / "config.json").write_text(json.dumps(config))
+    if finished:  # a finished model without its training state
+        (out / STATE).unlink()
+        config = json.loads((out / "config.json").read_text())
+        del config["training_state_sha256"]
+        (out / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli([*TRAIN, "--out", str(out), "--max-steps", "1"], capsys)
+    one_line_error(code, err, "already holds a model" if finished else "already holds a training run")
     code, _, err = run_cli([*TRAIN, "--out", str(out), "--overwrite", "--max-steps", "1"], capsys)
     assert code == 0, err
     assert read_config(out)["training"]["step"] == 1

@@ -91,7 +91,12 @@ def _decode(im: Image.Image, size: tuple[int, int] | None, path) -> tuple[np.nda
 
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """:func:`load_image` plus the image's own size ``(H, W)`` on disk (after EXIF orientation)."""
-    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+    if (
+        isinstance(path, str | os.PathLike)
+        and os.path.exists(path)
+        and not os.path.isdir(path)
+        and not os.path.isfile(path)
+    ):
         raise VitlensError(f"{path}: not a regular file")  # a FIFO or device would block or never end
     try:
         with warnings.catch_warnings(), Image.open(path) as im:

@@ -216,8 +216,9 @@ def release_out(out: str | Path) -> None:
         os.close(fd)
 
 
-def check_training_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse an ``--out`` that cannot take a new run (or, with ``resume``, holds none); lock it.
+def check_training_out(out: str | Path, resume: bool = False, overwrite: bool = False, lock: bool = True) -> None:
+    """Refuse an ``--out`` that cannot take a new run (or, with ``resume``, holds none); with ``lock``, lock it
+    (:func:`lock_out`; the caller releases it).
 
     A folder holding a model is only replaced with ``overwrite``; a folder with files of its own (not a
     vitlens run) never, since a checkpoint replaces its folder whole.
@@ -227,17 +228,21 @@ def check_training_out(out: str | Path, resume: bool = False, overwrite: bool = 
         raise VitlensError(f"--out {str(out)!r}: name a new folder (a checkpoint replaces its folder whole)")
     if out.exists() and not out.is_dir():
         raise VitlensError(f"--out {out} exists and is not a directory")
-    lock_out(out)
+    if lock:
+        lock_out(out)
     recover(out)  # a kill between the two renames of a checkpoint swap left the last checkpoint aside
     if resume:
         if not (out / STATE).is_file():
             raise VitlensError(f"--resume: no training checkpoint in {out} (missing {STATE})")
         return
-    if (out / STATE).exists():
-        raise VitlensError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+    if (out / STATE).exists() and not overwrite:
+        raise VitlensError(
+            f"{out} already holds a training run: pass --resume to continue it or --overwrite to replace it"
+        )
     if (out / CONFIG).exists() and not overwrite:
         raise VitlensError(f"{out} already holds a model: pass --overwrite to replace it, or another --out")
-    others = [f.name for f in out.iterdir() if f.name not in (WEIGHTS, CONFIG, "metrics.jsonl")] if out.is_dir() else []
+    own = (WEIGHTS, CONFIG, STATE, "metrics.jsonl")
+    others = [f.name for f in out.iterdir() if f.name not in own] if out.is_dir() else []
     if others:
         names = ", ".join(sorted(others)[:3])
         raise VitlensError(f"--out {out} holds other files ({names}); give a new or empty folder")
@@ -245,7 +250,7 @@ def check_training_out(out: str | Path, resume: bool = False, overwrite: bool = 
 
 def check_resumable(out: str | Path, data: str | None = None) -> None:
     """``out`` holds a run to resume; ``data`` (a data spec) must be the one it was trained on."""
-    check_training_out(out, resume=True)
+    check_training_out(out, resume=True, lock=False)  # train() (and the CLI before it) hold the lock
     recorded = (read_config(out).get("training") or {}).get("data")
     if data is not None and recorded is not None and str(recorded) != str(data):
         raise VitlensError(f"--resume: {out} was trained on --data {recorded}, not {data}")
@@ -292,11 +297,13 @@ def train(
     ``out`` with the same settings (a changed one is refused).
     """
     out = Path(out)
-    check_training_out(out, resume, overwrite)
+    held = str(out.absolute()) in _LOCKS  # taken by the caller (the CLI): the caller releases it
     try:
+        check_training_out(out, resume, overwrite)
         return _train(task, dataset, out, cfg, resume, provenance, evaluate)
     finally:
-        release_out(out)
+        if not held:
+            release_out(out)
 
 
 def _train(task, dataset, out: Path, cfg: TrainConfig, resume: bool, provenance: dict | None, evaluate) -> dict:
