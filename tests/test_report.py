@@ -23,7 +23,7 @@ from vitlens.errors import VitlensError
 from vitlens.metrics import evaluate
 from vitlens.viz.report import build_report, load_results, write_report
 
-SECTIONS = ("run", "gallery", "meanings", "bcos", "metrics", "curves", "cost", "per-class")
+SECTIONS = ("verdict", "run", "gallery", "meanings", "bcos", "metrics", "curves", "cost", "per-class")
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
@@ -221,3 +221,18 @@ def test_report_renders_in_chromium(results, tmp_path):
     dom = run_chromium(chromium(), page, "--dump-dom").stdout
     for text in ("What was run", "Gallery", "Metrics", "pointing-game", "rollout", "diffmask"):
         assert text in dom, text
+
+
+def test_verdict_opens_the_report(results):
+    runs = [load_results(p) for p in results]
+    page, _ = build_report(runs)
+    assert page.index('<section id="verdict">') < page.index('<section id="run">')
+    verdict = page.split('<section id="verdict">')[1].split("</section>")[0]
+    for key in runs[0]["best"]:
+        if "/" not in key:
+            assert key in verdict and (" is best on " in verdict or " tie for best on " in verdict)
+    for method, values in runs[0]["results"].items():
+        if values.get("sanity/pass") == 0.0:
+            assert f"{method} <b>fails</b> the sanity check" in verdict
+        elif values.get("sanity/pass") == 1.0:
+            assert f"{method} passes the sanity check" in verdict

@@ -583,6 +583,44 @@ def per_class_values(run: dict, method: str, metric: str) -> dict[int, tuple[flo
     return {k: (float(np.mean(v)), len(v)) for k, v in sorted(values.items())}
 
 
+def verdict_lines(run: dict) -> list[str]:
+    """Plain sentences for one run: the significant winner of each main metric, the ties, the sanity verdicts."""
+    lines = []
+    model = short(run["model"])
+    acc = run.get("accuracy")
+    head = esc(
+        f"{model} ({'accuracy ' + format(acc, '.3f') if isinstance(acc, float) else 'no single-label accuracy'})"
+    )
+    wins, ties = {}, {}
+    for key, b in (run.get("best") or {}).items():
+        if "/" in key:
+            continue
+        (wins if b.get("significant") else ties).setdefault(", ".join(b.get("best", [])), []).append(key)
+    for methods, keys in wins.items():
+        lines.append(f"{head}: <b>{esc(methods)}</b> is best on {esc(', '.join(keys))} (significant, paired).")
+    for methods, keys in ties.items():
+        lines.append(f"{head}: {esc(methods)} tie for best on {esc(', '.join(keys))} (differences not significant).")
+    for method, values in run["results"].items():
+        verdict = values.get("sanity/pass", "missing")
+        if verdict == "missing":
+            continue
+        word = {1.0: "passes", 0.0: "<b>fails</b>"}.get(verdict, "is undecided on")
+        full = values.get("sanity/full")
+        detail = f" (rank correlation {full:.2f} with every parameter randomised)" if isinstance(full, float) else ""
+        lines.append(f"{head}: {esc(method)} {word} the sanity check{detail}.")
+    return lines
+
+
+def section_verdict(runs: list[dict]) -> str:
+    """The first screen: which method does best at what on each model, and which fail the sanity check."""
+    lines = [line for run in runs for line in verdict_lines(run)]
+    if not lines:
+        body = '<p class="note">No paired bootstrap in these results (one method per run, or older files).</p>'
+    else:
+        body = "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"
+    return f'<section id="verdict"><h2>Verdict</h2>{body}</section>'
+
+
 def section_per_class(runs: list[dict]) -> str:
     """Per-class breakdown of the per-image metrics: one table per run and metric (classes × methods)."""
     parts = []
@@ -627,6 +665,7 @@ def build_report(runs: list[dict], title: str = "vitlens report") -> tuple[str, 
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{style}</style></head><body><main>'
         f'<h1>{esc(title)}</h1><p class="sub">{esc(models)} on {esc(data)}</p>'
+        + section_verdict(runs)
         + section_run(runs)
         + section_gallery(cols, rows)
         + section_meanings(cols)
