@@ -349,9 +349,17 @@ def sweep(batch: Batch, maps: Tensor, step: float, protocol: str = "vitlens") ->
 
 @register
 class PointingGame(Metric):
-    """Hit when the map's maximum (first in row-major order on ties) lies within ``tolerance`` pixels of
-    the object. Zhang et al. use 15 px on images of a few hundred pixels; ``tolerance=None`` scales that to
-    the image: 15 · min(H, W) / 224 (4.3 px at 64 px). Region ``auto``: the mask, else the boxes."""
+    """Hit when the map's maximum lies within ``tolerance`` pixels of the object; the share of hits.
+
+    Steps: upsample the map bilinearly to the image; take its maximum (the first in row-major order on
+    ties); a hit when some pixel of the region lies within ``tolerance`` (Euclidean, pixels) of it. Zhang et
+    al. use 15 px on images of a few hundred pixels; ``tolerance=None`` scales that to the image:
+    15 · min(H, W) / 224 (4.3 px at 64 px); ``tolerance=0`` asks for the maximum inside the region, as
+    Quantus' ``PointingGame`` (which counts a hit if any tied maximum is inside). Region ``auto``: the
+    object mask where the image has one, else the union of its boxes (``mask`` / ``box`` force one).
+    Images with a region count; the explained class is the target.
+    Reference: Zhang et al. 2018.
+    """
 
     name = "pointing-game"
     paper = "Zhang et al., Top-down Neural Attention by Excitation Backprop, IJCV 2018"
@@ -390,8 +398,13 @@ class PointingGame(Metric):
 
 @register
 class EnergyPointingGame(Metric):
-    """Share of the positive map mass (the upsampled map, clamped at 0) inside the union of the boxes;
-    0 when the map has no positive mass."""
+    """Share of the positive map mass inside the ground-truth region, mean over images.
+
+    Steps: upsample the map bilinearly to the image, clamp at 0, sum inside the region (the union of the
+    boxes by default; ``region=mask`` / ``auto`` as the pointing game) over the total; 0 when the map has no
+    positive mass. Images with a region count. Reference: Wang et al. 2020 (Score-CAM's energy-based
+    pointing game) as used by B-cos (Böhle et al. 2024).
+    """
 
     name = "energy-pointing-game"
     paper = "Wang et al., Score-CAM, CVPR-W 2020 (energy-based pointing game)"
@@ -684,9 +697,15 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
 
 @register
 class MIoU(Metric):
-    """Segmentation test of Chefer et al.: the normalised map thresholded at its mean gives foreground;
-    ``miou`` = mean over {background, foreground} of the data-set IoU, ``miou/pixel-accuracy``, and
-    ``miou/map`` = mean over images of the average precision of the two-class scores (1 − map, map)."""
+    """Segmentation test of Chefer et al. (``imagenet_seg_eval.py``), on the images with a mask.
+
+    Steps: upsample the map bilinearly, min-max normalise per image (constant → zeros); foreground = pixels
+    above the image's mean score. ``miou`` = mean over {background, foreground} of the data-set IoU
+    (intersections and unions summed over all images, ``ε`` added as their code does);
+    ``miou/pixel-accuracy`` = correct pixels over all pixels; ``miou/map`` = mean over images of the
+    average precision of the two-class scores (1 − map, map) against (background, foreground)
+    (scikit-learn's ``average_precision_score``; a constant map scores 0 in both channels).
+    """
 
     name = "miou"
     paper = "Chefer, Gur, Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021"
