@@ -627,3 +627,12 @@ def test_road_equals_grad_cam_road_combined(tiny_model):
     again.finish()
     assert np.array_equal(noisy.records["road"], again.records["road"])  # the noise is seeded
     assert not np.allclose(noisy.records["road"], m.records["road"], atol=1e-9)
+
+
+def test_road_runs_when_named_not_with_all():
+    from vitlens.data import open_dataset
+    from vitlens.metrics.evaluate import metric_names
+
+    data = open_dataset("counting:test")
+    assert "road" not in metric_names("all", data) and "deletion" in metric_names("all", data)
+    assert metric_names("road,deletion", data) == ["road", "deletion"]

@@ -116,6 +116,7 @@ class Metric:
     needs: tuple[str, ...] = ()
     higher_is_better: bool = True
     protocols: tuple[str, ...] = ()
+    in_all: bool = True  # part of ``--metrics all`` (False for the costly ones, run when named)
 
     def __init__(self, **options):
         unknown = set(options) - set(self.options())

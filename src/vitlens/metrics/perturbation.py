@@ -400,10 +400,12 @@ class Road(Metric):
     same on the negated map) pixels are imputed; the score is the softmax probability of the explained
     class. Values: ``road`` = mean over f of ``(LeRF_f − MoRF_f) / 2`` (grad-cam's ``ROADCombined``,
     higher is better); ``road/morf`` = mean MoRF probability (lower is better); ``road/lerf`` = mean LeRF
-    probability (higher is better). All images count; 18 batched forward passes per batch.
+    probability (higher is better). All images count; 18 batched forward passes per batch and 18 sparse
+    linear solves per image (seconds per image at 224 px), so ``--metrics all`` leaves it out: name it.
     """
 
     name = "road"
+    in_all = False  # 18 sparse solves per image: run when named
     paper = "Rong et al., A Consistent and Efficient Evaluation Strategy for Attribution Methods (ROAD), ICML 2022"
     needs = ("model",)
 
