@@ -406,6 +406,7 @@ def format_table(summary: dict) -> str:
             "",
             f"[lo, hi]: {round(100 * boot.get('level', 0.95))}% bootstrap interval over images "
             f"({boot.get('replicates')} replicates, paired between methods, seed {boot.get('seed')})",
-            "*: best, significantly better than every other method (paired);  =: tied for best (not significant)",
         ]
+    if best:
+        lines.append("*: best, significantly better than every other method (paired);  =: tied for best")
     return "\n".join(head + lines)
