@@ -371,7 +371,8 @@ def format_table(summary: dict) -> str:
         base = key.split("/")[0]
         if base not in METRICS:
             return key
-        return f"{key} {'↑' if METRICS[base].higher_is_better else '↓'}"
+        sign = METRICS[base]().direction(key)  # 0: not ranked (a verdict, a signed correlation, a share)
+        return f"{key} {'↑' if sign > 0 else '↓'}" if sign else key
 
     def number(v) -> str:
         return "—" if v is None else f"{v:.4f}"
