@@ -105,7 +105,7 @@ def test_sanity_curve_equals_an_independent_computation(method, images):
     assert result["sanity/signed"] == pytest.approx(judged.mean())
     assert result["sanity/full"] == pytest.approx(curve[-1])
     assert result["sanity/undefined"] == pytest.approx(np.isnan(want).mean())
-    assert result["sanity/pass"] == float(abs(curve[-1]) < 0.5)
+    assert result["sanity/pass"] == float(abs(curve[-1]) < 0.5 and np.abs(judged).mean() < 0.5)
 
 
 class StubExplainer:
@@ -155,3 +155,25 @@ def test_verdict_threshold_is_an_option(images):
     assert m.result()["sanity/pass"] == 1.0 or m.result()["sanity/pass"] is None
     with pytest.raises(VitlensError, match="threshold must be in"):
         get_metric("sanity", threshold=0)
+
+
+def test_a_map_broken_only_by_the_last_level_fails(images):
+    """Maps that survive every level but the patch embedding (as DiffMask's): decorrelated at the end, yet the
+    cascade's mean |ρ| stays high — the verdict is fail."""
+
+    class LastLevelOnly(StubExplainer):
+        def __init__(self, backbone):
+            super().__init__(backbone, "image")
+            self.patch = backbone.model.patch_embed.proj.weight.detach().clone()
+
+        def __call__(self, images, targets=None):
+            maps = super().__call__(images, targets)
+            head_intact = torch.equal(self.backbone.model.head.weight, self.head)
+            if not torch.equal(self.backbone.model.patch_embed.proj.weight, self.patch):
+                return maps.flip(-1).flip(-2) + torch.rand(maps.shape, generator=torch.Generator().manual_seed(0))
+            return maps if head_intact else maps + 1e-3 * maps.pow(2)  # the head changes values, not the order
+
+    m = run_sanity(LastLevelOnly(adapt(tiny_timm())), images, torch.zeros(3, dtype=torch.long))
+    result = m.result()
+    assert abs(result["sanity/full"]) < 0.5 and result["sanity"] >= 0.5
+    assert result["sanity/pass"] == 0.0

@@ -28,10 +28,13 @@ Protocol card (metric ``sanity``):
   better than none); ``sanity/full`` = ``ρ̄`` with every parameter randomised (the last level);
   ``sanity/signed`` = mean of ``ρ̄_ℓ`` over the seen levels; ``sanity/undefined`` = share of (image, level)
   pairs with a constant map; ``sanity/pass`` = the verdict (1 pass, 0 fail, ``None`` undecided).
-- **Verdict.** A method *passes* when, with every parameter randomised, its maps no longer resemble the
-  originals: ``|ρ̄_full| < threshold`` (option, default 0.5). It *fails* when ``|ρ̄_full| ≥ threshold`` or
-  when no level changes any map (the maps do not depend on the model). It is *undecided* when more than
-  half of the fully randomised maps are constant (the correlation is undefined for most images).
+- **Verdict.** A method *passes* when its maps stop resembling the originals as the model is randomised:
+  both the cascade's value ``sanity`` (mean ``|ρ̄_ℓ|`` over the seen levels) and ``|ρ̄_full|`` (every
+  parameter randomised) are below ``threshold`` (option, default 0.5). It *fails* when either is at or
+  above it — a map carried through most of the cascade and broken only by the last level (DiffMask's,
+  which its embedding-level gate carries down to the patch embedding) fails — or when no level changes
+  any map (the maps do not depend on the model). It is *undecided* when more than half of the fully
+  randomised maps are constant (the correlation is undefined for most images).
 
 Not included: re-training a trained explainer (DiffMask's gates, PM's fine-tuning) on the randomised
 model — the trained explainer is applied to the randomised model as it is.
@@ -198,7 +201,9 @@ class Sanity(Metric):
             return 0.0
         if undefined[-1] > 0.5 or np.isnan(mean[-1]):
             return None
-        return float(abs(mean[-1]) < float(self.settings["threshold"]))
+        judged = mean[seen & ~np.isnan(mean)]
+        threshold = float(self.settings["threshold"])
+        return float(abs(mean[-1]) < threshold and np.abs(judged).mean() < threshold)
 
     def result(self) -> dict[str, float]:
         keys = ("", "/full", "/signed", "/undefined", "/pass")
