@@ -90,6 +90,8 @@ def test_bootstrap_is_paired_and_seeded():
     intervals, samples = bootstrap(metrics, replicates=200, seed=0)
     again, _ = bootstrap(metrics, replicates=200, seed=0)
     assert intervals == again
+    counts = resample_counts(len(maps), replicates=200, seed=0)  # the draws, made in chunks of 100
+    assert np.array_equal(samples["good"]["miou"], metrics["good"]["miou"].statistic(counts)["miou"])
     for method in metrics:
         lo, hi = intervals[method]["miou"]
         assert lo <= metrics[method]["miou"].result()["miou"] <= hi

@@ -657,6 +657,10 @@ class PxAP(Metric):
             recall = tp / obj.sum(-1, keepdims=True)
         return precision, recall, nonzero
 
+    def per_image(self) -> dict[str, list]:
+        """The images scored (their score histograms stay in memory for the bootstrap, not in results files)."""
+        return {"index": self.index.tolist()} if len(self.index) else {}
+
     def statistic(self, weights):
         k = len(self.edges) - 1
         hist = self.records.get("histograms", np.zeros((0, 2, k)))

@@ -19,12 +19,17 @@ from .base import Metric
 
 REPLICATES = 1000
 LEVEL = 0.95
+CHUNK = 100  # replicates drawn and evaluated at once
 
 
 def resample_counts(n: int, replicates: int = REPLICATES, seed: int = 0) -> np.ndarray:
-    """How often each of ``n`` images is drawn in each replicate ``[replicates, n]`` (multinomial, seeded)."""
+    """How often each of ``n`` images is drawn in each replicate ``[replicates, n]`` (multinomial, seeded;
+    the draws :func:`bootstrap` makes, chunk by chunk)."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+    chunks = [
+        rng.multinomial(n, np.full(n, 1.0 / n), size=min(CHUNK, replicates - s)) for s in range(0, replicates, CHUNK)
+    ]
+    return np.concatenate(chunks).astype(np.float64)
 
 
 def _interval(values: np.ndarray, level: float) -> list[float] | None:
@@ -45,18 +50,22 @@ def bootstrap(
     if not indices or replicates < 1:
         return {m: {} for m in metrics}, {m: {} for m in metrics}
     images = np.unique(np.concatenate(indices))
-    counts = resample_counts(len(images), replicates, seed)
-    intervals: dict[str, dict] = {}
-    samples: dict[str, dict] = {}
-    for method, per in metrics.items():
-        intervals[method], samples[method] = {}, {}
-        for metric in per.values():
-            if not len(metric.index):
-                continue
-            stats = metric.statistic(counts[:, np.searchsorted(images, metric.index)])
-            for key, values in (stats or {}).items():
-                samples[method][key] = values
-                intervals[method][key] = _interval(values, level)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in metrics}
+    for start in range(0, replicates, CHUNK):  # bounded memory: CHUNK × images counts at a time
+        counts = rng.multinomial(
+            len(images), np.full(len(images), 1.0 / len(images)), size=min(CHUNK, replicates - start)
+        )
+        counts = counts.astype(np.float64)
+        for method, per in metrics.items():
+            for metric in per.values():
+                if not len(metric.index):
+                    continue
+                stats = metric.statistic(counts[:, np.searchsorted(images, metric.index)])
+                for key, values in (stats or {}).items():
+                    parts[method].setdefault(key, []).append(values)
+    samples = {m: {k: np.concatenate(v) for k, v in per.items()} for m, per in parts.items()}
+    intervals = {m: {k: _interval(v, level) for k, v in per.items()} for m, per in samples.items()}
     return intervals, samples
 
 
