@@ -137,7 +137,7 @@ def test_short_pm_finetuning_moves_the_map_onto_the_object(tmp_path):
     summary = train_pm(base_dir, data, out, cfg, mask_fraction=0.01, lam=10.0, eval_data=test)
     tuned = load_model(out)
     after = _energy_in_mask(explain(tuned, images, "pm", labels).maps, masks)
-    assert after > 1.5 * before  # the untuned read-out is near chance (NOTES.md); 30 masks and 60 steps move it
+    assert after > 1.5 * before  # the untuned read-out is near chance; 30 masks and 60 steps move it
     # no parameters added: same names and shapes
     shapes = {k: v.shape for k, v in tuned.model.state_dict().items()}
     assert shapes == {k: v.shape for k, v in base.model.state_dict().items()}

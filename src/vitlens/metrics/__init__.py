@@ -1,4 +1,4 @@
-"""Evaluation metrics by name (SPEC §5) and the ``vitlens evaluate`` driver.
+"""Evaluation metrics by name and the ``vitlens evaluate`` driver.
 
 ``vitlens.metrics.evaluate(model, methods, metrics, data)`` scores explanation methods; each metric is
 also usable on its own: ``m = METRICS["deletion"](fill="blur"); m.update(Batch(...), maps); m.finish();

@@ -1,4 +1,4 @@
-"""The metric contract (SPEC §5): ``update(batch, maps)`` per batch, ``result()`` once at the end.
+"""The metric contract: ``update(batch, maps)`` per batch, ``result()`` once at the end.
 
 In the spirit of torchmetrics: a metric keeps its state as float64 *sums* (counts, histograms, sums of
 scores) so that the states of several torchrun processes add up to the state of one process over the

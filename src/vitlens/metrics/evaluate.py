@@ -1,4 +1,4 @@
-"""``vitlens evaluate``: every metric for every method over a data set, batched and sharded (SPEC §5).
+"""``vitlens evaluate``: every metric for every method over a data set, batched and sharded.
 
 Classification accuracy is computed once; then, batch by batch, each method's maps for the batch's
 targets (the ground-truth class by default, as WSOL and the pointing games prescribe) go to every

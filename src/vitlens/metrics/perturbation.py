@@ -11,7 +11,7 @@ step of a batch is one batched forward pass; a curve has ``K + 1`` points from 0
 is the trapezoid rule on [0, 1] (RISE's ``auc``).
 
 Fills: ``mean`` (default) — each image's own per-channel mean colour: on the fashion canvases that is
-close to the background, so a removed region carries no trace of the object (NOTES.md: it separated
+close to the background, so a removed region carries no trace of the object (on them it separated
 methods best, where ``blur`` leaks the item's colour blob); ``blur`` — RISE's Gaussian blur (kernel 11,
 σ 5); ``zero`` — black, as Chefer et al. (0 before normalisation); ``noise`` — uniform noise, seeded by
 the data-set index so every run and every process sees the same noise. The mean is no neutral colour on

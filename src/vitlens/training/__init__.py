@@ -159,7 +159,7 @@ def train_pm(
     resume: bool = False,
     eval_data: str | None = None,
 ) -> dict:
-    """``vitlens train pm``: PM fine-tuning of a classifier (SPEC §3.1); reports accuracy before and after."""
+    """``vitlens train pm``: PM fine-tuning of a classifier; reports accuracy before and after."""
     from ..backbones import load_model
     from ..checkpoint import load_checkpoint
 
@@ -203,7 +203,7 @@ def train_diffmask(
     multiplier_lr: float = 0.3,
     resume: bool = False,
 ) -> dict:
-    """``vitlens train diffmask``: DiffMask gates for a frozen classifier (SPEC §3.3).
+    """``vitlens train diffmask``: DiffMask gates for a frozen classifier.
 
     The checkpoint holds the classifier unchanged plus the gates, so it loads as the classifier with
     the ``diffmask`` explainer attached.

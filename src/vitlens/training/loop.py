@@ -1,4 +1,4 @@
-"""The one training loop (SPEC §7): CPU, one GPU or many under torchrun; resumable and seeded.
+"""The one training loop: CPU, one GPU or many under torchrun; resumable and seeded.
 
 A :class:`Task` (classifier, PM, DiffMask, B-cos) contributes its trainable parameters, its loss and
 what it saves; the loop owns data order, schedule, logging, checkpoints and resume. The data order,

@@ -1,4 +1,4 @@
-"""PM fine-tuning (SPEC §3.1): cross-entropy on every image + λ · patch-level BCE on the few with masks.
+"""PM fine-tuning: cross-entropy on every image + λ · patch-level BCE on the few with masks.
 
 ``L = CE(cls_logits, y) + λ · L_pm``. ``L_pm`` is binary cross-entropy over all classes and patches of
 the images that carry a mask (or boxes, turned into a box mask): target = the fraction of the patch the
