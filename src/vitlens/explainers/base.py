@@ -284,7 +284,7 @@ def explain(
     """Explain ``images`` with ``method``: ``vitlens.explain(model, images, method="gae", target="Trouser")``.
 
     Args:
-        model: a :class:`~vitlens.Backbone`, a timm / Hugging Face / torchvision ViT module (also compiled,
+        model (Backbone | nn.Module | str | PathLike): a :class:`~vitlens.Backbone`, a timm / Hugging Face / torchvision ViT module (also compiled,
             ``DataParallel``-wrapped, ``Sequential(normalize, vit)`` or half precision), a model URI
             (``timm:NAME``, ``hf:NAME``, ``torchvision:NAME``, ``vitlens:NAME``) or a checkpoint directory.
         images: ``[B, 3, H, W]`` float in [0, 1] or uint8 in 0..255; one ``[3, H, W]`` image is a batch of one.
@@ -292,7 +292,7 @@ def explain(
         target: ``None`` (the predicted class), a class index or name, one per image, a list per image,
             ``vitlens.TopK(k)``, or a score function of the model's output ``[B, C] → [B]``.
         normalized: the images are already normalised with the model's mean/std.
-        **options: the method's options (``steps=64`` for ``ig``, …).
+        **options (object): the method's options (``steps=64`` for ``ig``, …).
 
     Returns:
         An :class:`Explanation`: ``.maps`` ``[B, gh, gw]`` (``[B, K, gh, gw]`` for several targets per
