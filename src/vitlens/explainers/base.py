@@ -284,9 +284,10 @@ def explain(
     """Explain ``images`` with ``method``: ``vitlens.explain(model, images, method="gae", target="Trouser")``.
 
     Args:
-        model (Backbone | nn.Module | str | PathLike): a :class:`~vitlens.Backbone`, a timm / Hugging Face / torchvision ViT module (also compiled,
-            ``DataParallel``-wrapped, ``Sequential(normalize, vit)`` or half precision), a model URI
-            (``timm:NAME``, ``hf:NAME``, ``torchvision:NAME``, ``vitlens:NAME``) or a checkpoint directory.
+        model (Backbone | nn.Module | str | PathLike): a :class:`~vitlens.Backbone`, a timm / Hugging Face /
+            torchvision ViT module (also compiled, ``DataParallel``-wrapped, ``Sequential(normalize, vit)`` or
+            half precision), a model URI (``timm:NAME``, ``hf:NAME``, ``torchvision:NAME``, ``vitlens:NAME``)
+            or a checkpoint directory.
         images: ``[B, 3, H, W]`` float in [0, 1] or uint8 in 0..255; one ``[3, H, W]`` image is a batch of one.
         method: a registered method (``vitlens methods`` lists them with their options).
         target: ``None`` (the predicted class), a class index or name, one per image, a list per image,
