@@ -111,8 +111,19 @@ def train_classifier(
 ) -> dict:  # fmt: skip
     """``vitlens train classifier``: train a classifier on ``data`` and report held-out accuracy.
 
-    ``init`` starts from the weights of a model (URI or checkpoint) instead of a fresh ``arch`` — a
-    second stage with a fresh optimizer and schedule, recorded as such in the checkpoint.
+    Args:
+        data: a data spec, e.g. ``"fashion-canvas:train"`` or ``"folder:/data/birds:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        arch: an architecture preset or a timm model name (default: the preset of the data set, or for
+            folder data a default sized to its images).
+        resume: continue the interrupted run in ``out``.
+        eval_data: held-out data spec (default: the test split of ``data``).
+        init: start from the weights of a model (URI or checkpoint) instead of a fresh ``arch`` — a second
+            stage with a fresh optimizer and schedule, recorded as such in the checkpoint.
+
+    Returns:
+        The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
     """
     from ..backbones import load_model
     from ..checkpoint import load_checkpoint
@@ -159,7 +170,25 @@ def train_pm(
     resume: bool = False,
     eval_data: str | None = None,
 ) -> dict:
-    """``vitlens train pm``: PM fine-tuning of a classifier; reports accuracy before and after."""
+    """``vitlens train pm``: PM fine-tuning of a classifier; reports accuracy before and after.
+
+    Args:
+        model (str | PathLike): the classifier to fine-tune (URI, ``vitlens:NAME`` or checkpoint directory).
+        data: a data spec whose images carry masks or boxes, e.g. ``"folder:/data/birds:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        mask_fraction: share of the training images whose masks (or boxes) are used.
+        lam: weight of the patch-level BCE.
+        pos_weight: weight of positive (object) patch targets.
+        mask_batch: masked images in every batch (they replace ordinary ones).
+        composites: 2×2 composites of masked images in every batch (class separation).
+        pseudo_rounds: self-training rounds with pseudo-masks.
+        resume: continue the interrupted run in ``out``.
+        eval_data: held-out data spec (default: the test split of ``data``).
+
+    Returns:
+        The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
+    """
     from ..backbones import load_model
     from ..checkpoint import load_checkpoint
 
@@ -207,6 +236,18 @@ def train_diffmask(
 
     The checkpoint holds the classifier unchanged plus the gates, so it loads as the classifier with
     the ``diffmask`` explainer attached.
+
+    Args:
+        model (str | PathLike): the frozen classifier (URI, ``vitlens:NAME`` or checkpoint directory).
+        data: a data spec, e.g. ``"counting:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        kl_margin: KL(p_orig || p_masked) allowed, in nats.
+        multiplier_lr: learning rate of the Lagrange multipliers.
+        resume: continue the interrupted run in ``out``.
+
+    Returns:
+        The run's summary (training seconds, held-out KL and share within the margin).
     """
     from ..backbones import load_model
     from ..checkpoint import load_checkpoint
