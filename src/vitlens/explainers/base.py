@@ -27,7 +27,14 @@ EXPLAINERS: dict[str, type[Explainer]] = {}
 
 
 def register(cls: type[Explainer]) -> type[Explainer]:
-    """Class decorator adding an explainer to the registry under ``cls.name``."""
+    """Class decorator adding an explainer to the registry :data:`EXPLAINERS` under ``cls.name``.
+
+    Args:
+        cls: an :class:`Explainer` subclass with ``name``, ``paper``, ``cost``, ``scale`` and ``meaning`` set.
+
+    Returns:
+        ``cls`` itself.
+    """
     if cls.scale not in SCALES:
         raise ValueError(f"{cls.__name__}.scale must be one of {SCALES}")
     EXPLAINERS[cls.name] = cls
@@ -270,7 +277,23 @@ def check_options(cls: type[Explainer], options: dict) -> None:
 
 
 def get_explainer(method: str, model, **options) -> Explainer:
-    """The explainer ``method`` for ``model`` with ``options`` (see ``vitlens methods``)."""
+    """The explainer ``method`` for ``model`` with ``options`` (see ``vitlens methods``).
+
+    Build it once to explain several batches with the same settings.
+
+    Args:
+        method: a registered method name.
+        model (object): anything :func:`vitlens.load_model` accepts.
+        **options (object): the method's options; unknown names are refused in one line.
+
+    Returns:
+        The :class:`Explainer`; call it as ``explainer(images, target)``.
+
+    Examples:
+        >>> ig = get_explainer("ig", model, steps=16)
+        >>> for images in batches:
+        ...     e = ig(images, target=vitlens.TopK(2))
+    """
     if method not in EXPLAINERS:
         raise VitlensError(f"unknown method {method!r} (known: {', '.join(sorted(EXPLAINERS))})")
     cls = EXPLAINERS[method]

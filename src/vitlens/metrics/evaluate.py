@@ -119,8 +119,24 @@ def evaluate(
     ``out`` writes the summary plus ``per_image`` values, ``curves``, the ``settings``, the run's
     ``classes``, ``versions`` and ``cost`` (seconds per image of each method's maps and their ratio to
     the plain forward pass of the same batches) and a ``gallery`` of ``gallery`` evaluated images with
-    every method's maps, as JSON (atomically): everything ``vitlens report`` needs. ``options`` maps a
-    method or metric name to its options.
+    every method's maps, as JSON (atomically): everything ``vitlens report`` needs.
+
+    Args:
+        model: anything :func:`vitlens.load_model` accepts.
+        methods: method names, as a list or ``"pm,gae"``.
+        metrics: metric names, or ``"all"`` for every metric that applies to ``data``.
+        data: a data spec (``"fashion-canvas:test"``, ``"folder:/data/birds:test"``).
+        limit: evaluate the first ``limit`` samples only.
+        batch_size: images per forward pass.
+        target: the class the maps explain: ``"label"`` (the ground truth) or ``"predicted"``.
+        options: ``{method or metric name: {option: value}}``, e.g. ``{"deletion": {"fill": "blur"}}``.
+        device: ``"cpu"`` or ``"cuda"`` (default: cuda when available).
+        out: write the full results (JSON) to this file.
+        progress: show a progress bar.
+        gallery: images (with every method's maps) kept in ``out`` for the report.
+
+    Returns:
+        The summary on the main process, ``None`` on the others.
     """
     if target not in TARGETS:
         raise VitlensError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
