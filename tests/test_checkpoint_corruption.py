@@ -62,8 +62,8 @@ def test_truncated_weights_are_refused(ckpt, keep):
     (ckpt / WEIGHTS).write_bytes(data[:keep] if keep >= 0 else data[:keep])
     _refused(ckpt, "corrupted")  # the recorded SHA-256 no longer matches
     config = _config(ckpt)
-    del config["weights_sha256"]  # a checkpoint written before hashes: safetensors itself must refuse it
-    _write_config(ckpt, config)
+    config["weights_sha256"] = hashlib.sha256((ckpt / WEIGHTS).read_bytes()).hexdigest()  # a forged hash:
+    _write_config(ckpt, config)  # safetensors itself must refuse the file
     message = _refused(ckpt, "truncated or corrupted")
     assert WEIGHTS in message
 
@@ -78,7 +78,7 @@ def test_flipped_bytes_in_the_data_are_caught_by_the_hash(ckpt):
 def test_garbage_weights_file(ckpt):
     (ckpt / WEIGHTS).write_bytes(b"\xff" * 64)
     config = _config(ckpt)
-    del config["weights_sha256"]
+    config["weights_sha256"] = hashlib.sha256(b"\xff" * 64).hexdigest()
     _write_config(ckpt, config)
     _refused(ckpt, "truncated or corrupted")
 
@@ -164,11 +164,18 @@ def test_config_not_json(ckpt):
 
 def test_missing_version_is_version_1(ckpt, images):
     config = _config(ckpt)
-    del config["format_version"], config["weights_sha256"]  # as written by early vitlens
+    del config["format_version"]  # as written by early vitlens
     _write_config(ckpt, config)
     assert read_config(ckpt)["format_version"] == 1
     assert load_checkpoint(ckpt)(images).shape == (3, 5)
     assert "format_version" not in _config(ckpt)  # loading never rewrites a checkpoint
+
+
+def test_missing_hash_is_refused(ckpt):
+    config = _config(ckpt)
+    del config["weights_sha256"]  # deleting the field must not switch the check off
+    _write_config(ckpt, config)
+    _refused(ckpt, "missing 'weights_sha256'")
 
 
 def test_wrong_kind(ckpt):

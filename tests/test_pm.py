@@ -134,7 +134,8 @@ def test_short_pm_finetuning_moves_the_map_onto_the_object(tmp_path):
     out = tmp_path / "pm"
     cfg = TrainConfig(max_steps=60, batch_size=32, lr=1e-3, warmup_steps=5, log_every=20)
     data, test = "fashion-canvas:train:n=3000", "fashion-canvas:test:n=200"
-    summary = train_pm(base_dir, data, out, cfg, mask_fraction=0.01, lam=10.0, eval_data=test)
+    summary = train_pm(base_dir, data, out, cfg, mask_fraction=0.01, lam=10.0, composites=0, pseudo_rounds=0,
+                       eval_data=test)  # fmt: skip
     tuned = load_model(out)
     after = _energy_in_mask(explain(tuned, images, "pm", labels).maps, masks)
     assert after > 1.5 * before  # the untuned read-out is near chance; 30 masks and 60 steps move it

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -352,9 +353,12 @@ def test_resume_after_kill_between_the_two_renames(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli([*TRAIN_ARGS[:7], "4", "--batch-size", "8", "--out", str(out)], capsys)
     assert code == 0, err
-    state = torch.load(out / STATE, weights_only=False)
-    state["step"] = 2  # pretend the run was cut at step 2 of 4 ...
+    state = torch.load(out / STATE, weights_only=True)
+    state["step"] = 2  # pretend the run was cut at step 2 of 4 (the recorded hash follows, as a writer's) ...
     torch.save(state, out / STATE)
+    config = json.loads((out / "config.json").read_text())
+    config["training_state_sha256"] = hashlib.sha256((out / STATE).read_bytes()).hexdigest()
+    (out / "config.json").write_text(json.dumps(config))
     os.replace(out, tmp_path / ".run.old")  # ... between the swap's two renames
     code, _, err = run_cli([*TRAIN_ARGS[:7], "4", "--batch-size", "8", "--out", str(out), "--resume"], capsys)
     assert code == 0, err

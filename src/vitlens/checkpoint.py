@@ -11,6 +11,7 @@ records, and every tensor's name and shape against the architecture before any w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -48,6 +49,71 @@ def _numbers(v: object) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(_number(x) for x in v)
 
 
+def _sha(v: object) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+MAX_SIDE = 4096  # pixels of a model input's side
+MAX_CLASSES = 100_000
+#: Upper bounds of the integer settings a model spec may hold (checked before anything is built, so a
+#: small config.json cannot ask for a model that exhausts memory or time).
+MODEL_BOUNDS = {
+    "depth": 256, "num_hidden_layers": 256,
+    "embed_dim": 16384, "hidden_size": 16384, "dim": 16384,
+    "num_heads": 1024, "num_attention_heads": 1024, "heads": 1024,
+    "intermediate_size": 131072, "mlp_ratio": 64,
+    "img_size": MAX_SIDE, "image_size": MAX_SIDE, "patch_size": MAX_SIDE,
+    "num_classes": MAX_CLASSES, "num_labels": MAX_CLASSES, "num_channels": 64, "in_chans": 64,
+}  # fmt: skip
+#: Hugging Face classes a checkpoint may name (the ones vitlens adapts); nothing else is looked up.
+HF_CLASSES = {
+    "ViTForImageClassification": "vit",
+    "DeiTForImageClassification": "deit",
+    "DeiTForImageClassificationWithTeacher": "deit",
+}
+
+
+#: Builder arguments that would read other files or fetch weights: never taken from a checkpoint.
+MODEL_DENIED = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "weights", "cache_dir")
+
+
+def check_model_sizes(spec: dict, where: str) -> None:
+    """Refuse model settings beyond :data:`MODEL_BOUNDS` (in ``kwargs`` and a Hugging Face ``config``)."""
+    for part in ("kwargs", "config"):
+        for key, value in (spec.get(part) or {}).items():
+            bound = MODEL_BOUNDS.get(key)
+            if bound is None:
+                continue
+            values = value if isinstance(value, list | tuple) else [value]
+            if not all(_number(v) and 0 <= v <= bound for v in values):
+                raise VitlensError(
+                    f"{where}: invalid 'model.{part}.{key}' = {json.dumps(value)[:60]} (expected 0..{bound})"
+                )
+    for key in ("id2label", "label2id"):
+        labels = (spec.get("config") or {}).get(key)
+        if labels is not None and (not isinstance(labels, dict) or len(labels) > MAX_CLASSES):
+            raise VitlensError(f"{where}: invalid 'model.config.{key}' (expected at most {MAX_CLASSES} labels)")
+
+
+def _model_bounds(spec: dict, where: str) -> None:
+    """A checkpoint's model spec: sizes bounded, no argument naming other files, only allowed HF classes."""
+    denied = [k for k in (spec.get("kwargs") or {}) if k in MODEL_DENIED]
+    if denied:
+        raise VitlensError(f"{where}: 'model.kwargs.{denied[0]}' is not allowed in a checkpoint")
+    check_model_sizes(spec, where)
+    if spec["source"] == "hf":
+        expected = HF_CLASSES.get(spec["name"])
+        if expected is None:
+            raise VitlensError(
+                f"{where}: unsupported Hugging Face class {spec['name'][:60]!r} (supported: {', '.join(HF_CLASSES)})"
+            )
+        if spec["config"].get("model_type") != expected:
+            raise VitlensError(
+                f"{where}: 'model.config.model_type' is {json.dumps(spec['config'].get('model_type'))[:40]}, "
+                f"but {spec['name']} needs {expected!r}"
+            )
+
+
 #: ``config.json``: dotted key → (required, check, what is expected). Parents come before children.
 SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     "format": (True, lambda v: v == FORMAT, repr(FORMAT)),
@@ -58,22 +124,41 @@ SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     "model.name": (True, lambda v: isinstance(v, str) and v != "", "a model name"),
     "model.kwargs": (False, lambda v: isinstance(v, dict), "an object"),
     "model.config": (False, lambda v: isinstance(v, dict), "an object"),
-    "classes": (True, lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v), "class names"),
+    "classes": (
+        True,
+        lambda v: (
+            isinstance(v, list) and 0 < len(v) <= MAX_CLASSES and all(isinstance(c, str) and len(c) <= 200 for c in v)
+        ),
+        f"1 to {MAX_CLASSES} class names of at most 200 characters",
+    ),
     "preprocessing": (True, lambda v: isinstance(v, dict), "an object"),
-    "preprocessing.input_size": (True, lambda v: isinstance(v, list) and len(v) == 2 and all(map(_int, v)), "[H, W]"),
-    "preprocessing.mean": (True, _numbers, "a list of numbers"),
-    "preprocessing.std": (True, lambda v: _numbers(v) and min(v) > 0, "a list of positive numbers"),
+    "preprocessing.input_size": (
+        True,
+        lambda v: isinstance(v, list) and len(v) == 2 and all(_int(x) and x <= MAX_SIDE for x in v),
+        f"[H, W], each 1..{MAX_SIDE}",
+    ),
+    "preprocessing.mean": (
+        True,
+        lambda v: _numbers(v) and len(v) <= 64 and max(map(abs, v)) <= 1e3,
+        "a list of numbers in [-1000, 1000]",
+    ),
+    "preprocessing.std": (
+        True,
+        lambda v: _numbers(v) and len(v) <= 64 and min(v) >= 1e-4 and max(v) <= 1e3,
+        "a list of numbers in [1e-4, 1000]",
+    ),
     "preprocessing.interpolation": (False, lambda v: isinstance(v, str), "a string"),
     "training": (False, lambda v: isinstance(v, dict), "an object"),
     "vitlens_version": (False, lambda v: isinstance(v, str), "a string"),
-    "weights_sha256": (False, lambda v: isinstance(v, str) and len(v) == 64, "a SHA-256 hex digest"),
+    "weights_sha256": (True, _sha, "a SHA-256 hex digest"),
+    "training_state_sha256": (False, _sha, "a SHA-256 hex digest"),
 }
 #: What each kind stores beyond the model (checked like :data:`SCHEMA`).
 KIND_SCHEMA: dict[str, dict[str, tuple[bool, Callable[[object], bool], str]]] = {
     "diffmask": {
         "diffmask": (True, lambda v: isinstance(v, dict), "an object"),
-        "diffmask.dim": (True, _int, "a positive integer"),
-        "diffmask.num_states": (True, lambda v: _int(v, 2), "an integer >= 2"),
+        "diffmask.dim": (True, lambda v: _int(v) and v <= 16384, "an integer in 1..16384"),
+        "diffmask.num_states": (True, lambda v: _int(v, 2) and v <= 258, "an integer in 2..258"),
         "diffmask.scale": (True, _number, "a number"),
         "diffmask.offset": (True, _number, "a number"),
     },
@@ -81,7 +166,8 @@ KIND_SCHEMA: dict[str, dict[str, tuple[bool, Callable[[object], bool], str]]] = 
 
 
 def _old(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
+    path = Path(os.path.abspath(path))  # "." and "/" have no name of their own
+    return path.with_name(f".{path.name}.old") if path.name else path / ".vitlens.old"
 
 
 def recover(path: str | os.PathLike) -> None:
@@ -166,9 +252,11 @@ def save_checkpoint(
 
     def fill(tmp: Path) -> None:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT})
-        (tmp / CONFIG).write_text(json.dumps({**config, "weights_sha256": _sha256(tmp / WEIGHTS)}, indent=2) + "\n")
-        if state is not None:
+        hashes = {"weights_sha256": _sha256(tmp / WEIGHTS)}
+        if state is not None:  # the hash lets --resume refuse a training state that was altered or cut short
             torch.save(state, tmp / STATE)
+            hashes["training_state_sha256"] = _sha256(tmp / STATE)
+        (tmp / CONFIG).write_text(json.dumps({**config, **hashes}, indent=2) + "\n")
         if path.is_dir():
             for f in path.iterdir():
                 if f.name not in (WEIGHTS, CONFIG, STATE) and not (tmp / f.name).exists():
@@ -197,7 +285,8 @@ def validate_config(config: object, where: str = CONFIG) -> dict:
         raise VitlensError(
             f"{where}: checkpoint format {version} is newer than this vitlens ({FORMAT_VERSION}); upgrade vitlens"
         )
-    rules = {**SCHEMA, **KIND_SCHEMA.get(config.get("kind"), {})}
+    kind = config.get("kind")
+    rules = {**SCHEMA, **(KIND_SCHEMA.get(kind, {}) if isinstance(kind, str) else {})}
     for key, (required, check, expected) in rules.items():
         present, value = _lookup(config, key)
         if not present and required:
@@ -208,6 +297,7 @@ def validate_config(config: object, where: str = CONFIG) -> dict:
         raise VitlensError(f"{where}: missing 'model.config' (a Hugging Face model needs its config)")
     if len(config["preprocessing"]["mean"]) != len(config["preprocessing"]["std"]):
         raise VitlensError(f"{where}: 'preprocessing.mean' and 'preprocessing.std' differ in length")
+    _model_bounds(config["model"], where)
     return {**config, "format_version": version}
 
 
@@ -221,8 +311,8 @@ def read_config(path: str | os.PathLike) -> dict:
         raise VitlensError(f"{path} is not a vitlens checkpoint (no {CONFIG})")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VitlensError(f"{file}: not valid JSON ({getattr(e, 'msg', e)})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise VitlensError(f"{file}: not valid JSON ({getattr(e, 'msg', e)!s:.100})") from e
     except OSError as e:
         raise VitlensError(f"{file}: cannot read ({e.strerror or e})") from e
     return validate_config(config, str(file))
@@ -233,8 +323,8 @@ def load_tensors(path: str | os.PathLike, config: dict | None = None) -> dict[st
     file = _resolve(Path(path)) / WEIGHTS
     if not file.is_file():
         raise VitlensError(f"{path}: missing {WEIGHTS}")
-    expected = (config or {}).get("weights_sha256")
-    if expected is not None and _sha256(file) != expected:
+    expected = (config or read_config(path))["weights_sha256"]
+    if _sha256(file) != expected:
         raise VitlensError(f"{file} is corrupted: its SHA-256 differs from the one recorded in {CONFIG}")
     try:
         tensors = load_file(file)
@@ -284,6 +374,48 @@ def _check_extras(config: dict, extra: dict[str, torch.Tensor], where: str, bloc
     check_tensors(got, gates.state_dict(), f"{where}: the DiffMask gates")
 
 
+def _build(config: dict, path: str | os.PathLike, device: str | None = None) -> torch.nn.Module:
+    """The randomly initialised module ``config`` names (on ``device``), or one line saying why not."""
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            module, _ = build_module(config["model"])
+    except VitlensError:
+        raise
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError, ImportError,
+            NotImplementedError, AssertionError, OverflowError, ZeroDivisionError) as e:  # fmt: skip
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        model = f"{config['model']['source']}:{config['model']['name']}"
+        raise VitlensError(f"{path}: cannot build the model {model} named in {CONFIG} ({first[:200]})") from e
+    return module
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """``training_state.pt`` of a run folder, checked against the SHA-256 its ``config.json`` records.
+
+    The file is read as plain tensors and containers (``weights_only``), never as arbitrary pickles, and
+    only once its hash matches, so an altered, truncated or foreign file is refused before it is parsed.
+    """
+    config = read_config(path)
+    file = _resolve(Path(path)) / STATE
+    expected = config.get("training_state_sha256")
+    if expected is None:
+        raise VitlensError(f"--resume: {path}/{CONFIG} records no 'training_state_sha256' ({STATE} cannot be checked)")
+    if not file.is_file():
+        raise VitlensError(f"--resume: no training checkpoint in {path} (missing {STATE})")
+    if _sha256(file) != expected:
+        raise VitlensError(f"{file} is corrupted: its SHA-256 differs from the one recorded in {CONFIG}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "not a training state"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VitlensError(f"{file} is not a vitlens training state ({first[:200]})") from e
+    fields = {"kind": str, "step": int, "total": int, "seconds": float | int, "optimizer": dict, "task": dict}
+    bad = [k for k, t in fields.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
+    if bad or not 0 <= state["step"] <= state["total"]:
+        raise VitlensError(f"{file} is not a vitlens training state (bad {', '.join(bad) or 'step'})")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Backbone:
     """Load a checkpoint directory as a :class:`Backbone` (eval mode) with ``.config`` attached.
 
@@ -294,20 +426,15 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Backbon
         raise VitlensError(f"{path} is a {config['kind']} checkpoint, but a {kind} checkpoint is needed")
     tensors = load_tensors(path, config)
     where = str(_resolve(Path(path)) / WEIGHTS)
-    try:
-        module, _ = build_module(config["model"])
-    except VitlensError:
-        raise
-    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:  # unknown name, bad kwargs
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        model = f"{config['model']['source']}:{config['model']['name']}"
-        raise VitlensError(f"{path}: cannot build the model {model} named in {CONFIG} ({first[:200]})") from e
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     stray = [k for k in tensors if not k.startswith(("model.", "extra."))]
     if stray:
         raise VitlensError(f"{where}: unexpected tensors {_few(stray)} (expected model.* and extra.*)")
-    check_tensors(state, module.state_dict(), f"{where}: the weights")
+    # The architecture is first built without memory (on the meta device) and compared with the weights,
+    # so a config.json asking for a model far larger than its weights costs nothing.
+    check_tensors(state, _build(config, path, "meta").state_dict(), f"{where}: the weights")
+    module = _build(config, path)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:  # dtype or other mismatch the name/shape check cannot see

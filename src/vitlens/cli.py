@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 
 from .errors import VitlensError
@@ -20,6 +22,24 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default is None or action.default is False or action.default == []:
             return text
         return f"{text} (default: %(default)s)"
+def one_line(message: str) -> str:
+    """A message on one line: line breaks (e.g. inside a file name) are shown escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def finite_json(obj: object) -> str:
+    """``json.dumps`` that writes NaN and infinities as ``null`` (strict JSON, never ``NaN``)."""
+
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,18 +48,18 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
-def _int_at_least(low: int, what: str):
-    """An argparse type: an integer >= ``low``, refused in one line naming ``what`` otherwise."""
+def _int_at_least(low: int, what: str, high: int | None = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``), refused in one line naming ``what`` otherwise."""
 
     def parse(v: str) -> int:
         try:
             n = int(v)
         except ValueError:
             n = low - 1
-        if n < low:
+        if n < low or (high is not None and n > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
         return n
 
@@ -95,7 +115,8 @@ def _train_options(p: argparse.ArgumentParser, lr: float = 1e-3) -> None:
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--autocast", choices=["bf16"],
                    help="mixed precision (float32 weights); fast on CPUs with AMX (default: float32)")  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (with the same settings)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model already in --out")
 
 
 def _train_config(a: argparse.Namespace):
@@ -131,18 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     pm = tsub.add_parser("pm", help="PM fine-tuning: patch-level mask prediction (Kang et al. 2025)")
     _train_options(pm)
     pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI, vitlens:NAME or directory)")
+    pm.set_defaults(batch_size=None, lr=None, warmup_steps=None)  # None: chosen from the recipe (printed)
     pm.add_argument(
-        "--mask-fraction", type=_number(), default=0.01, help="share of training images whose masks are used"
+        "--mask-fraction",
+        type=_number(),
+        help="use this share of the training images' masks (default: every labelled image)",
+    )
+    pm.add_argument("--lambda", dest="lam", type=_number(strict=False), help="weight of the patch-level BCE (10)")
+    pm.add_argument("--pos-weight", type=_number(), help="weight of positive (object) patch targets (10)")
+    pm.add_argument("--mask-batch", type=_positive_int, help="masked images in every batch (8)")
+    pm.add_argument(
+        "--composites",
+        type=_non_negative_int,
+        help="2×2 composites of masked images in every batch, for class separation (24)",
     )
     pm.add_argument(
-        "--lambda", dest="lam", type=_number(strict=False), default=10.0, help="weight of the patch-level BCE"
+        "--pseudo-masks",
+        type=_non_negative_int,
+        metavar="ROUNDS",
+        help="self-training rounds (default: 2 with fewer than 100 labelled images, else 0)",
     )
-    pm.add_argument("--pos-weight", type=_number(), default=1.0, help="weight of positive (object) patch targets")
-    pm.add_argument("--mask-batch", type=_positive_int, default=8, help="masked images in every batch")
-    pm.add_argument(
-        "--composites", type=int, default=0, help="2×2 composites of masked images in every batch (class separation)"
-    )
-    pm.add_argument("--pseudo-masks", type=_non_negative_int, default=0, metavar="ROUNDS", help="self-training rounds")
+    pm.epilog = ("Unset options follow the best fashion-canvas recipe (benchmarks/pm.md, run 9), scaled to the "
+                 "data set; the command prints what it chose.")  # fmt: skip
     pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
     bc = tsub.add_parser("bcos", help="train a B-cos ViT (Böhle et al. 2024): BCE, Adam, AGC; --weight-decay ignored")
     _train_options(bc)
@@ -180,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0", help=MODEL_HELP)
     bn.add_argument("--methods", default="pm,attention,rollout", help="comma-separated method names")
     bn.add_argument("--batch-size", type=_positive_int, default=16, help="images per timed batch")
-    bn.add_argument("--image-size", type=_positive_int, help="square input size (default: the model's own)")
+    bn.add_argument("--image-size", type=_int_at_least(1, "an image size in 1..4096", 4096),
+                    help="square input size (default: the model's own)")  # fmt: skip
     bn.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     bn.add_argument("--repeat", type=_positive_int, default=5, help="timed rounds; the median is reported")
     bn.add_argument("--autocast", choices=["bf16", "fp16"],
@@ -219,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    import json
 
     from .files import explain_files
     from .options import parse_options
@@ -232,8 +263,10 @@ def cmd_explain(a: argparse.Namespace) -> int:
                         batch_size=a.batch_size, options=options, device=a.device)  # fmt: skip
     try:
         for r in run:  # records are printed as they come (the --json list too)
+            if "error" not in r and not math.isfinite(r["probability"]):  # a model whose outputs overflow
+                r = {"image": r["image"], "error": f"{r['image']}: the model's output is not finite (NaN or Inf)"}
             if a.json:
-                print(("[\n" if done == 0 else ",\n") + json.dumps(r), end="", flush=True)
+                print(("[\n" if done == 0 else ",\n") + finite_json(r), end="", flush=True)
             elif "error" not in r:
                 shown = r["overlay"] if "overlay" in r else ", ".join(r["overlays"])
                 print(f"{r['image']}: {r['predicted_class']} ({r['probability']:.2f}) -> {shown}")
@@ -246,7 +279,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     if a.json and not done:
         print("[]")
     for error in failed:  # the bad files, reported at the end
-        print(f"vitlens: error: {error}", file=sys.stderr)
+        print(f"vitlens: error: {one_line(error)}", file=sys.stderr)
     if failed and done > 1:
         print(f"vitlens: error: {len(failed)} of {done} images could not be read (listed above); "
               f"{done - len(failed)} explained into {a.out}", file=sys.stderr)  # fmt: skip
@@ -297,7 +330,6 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    import json
 
     import torch
 
@@ -315,7 +347,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.autocast)
     record = bench(a.model, methods, batch_size=a.batch_size, image_size=a.image_size, device=a.device, repeat=a.repeat,
                    autocast=autocast)  # fmt: skip
-    print(json.dumps(record) if a.json else format_bench(record))
+    print(finite_json(record) if a.json else format_bench(record))
     return 0
 
 
@@ -332,27 +364,31 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from .io import check_replaceable, is_html_page
     from .viz.report import write_report
 
+    check_replaceable(a.out, "report output", "an HTML page", is_html_page)
     print(f"report: {write_report(a.results, a.out, title=a.title)}")
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    import json
 
+    from .io import check_replaceable, is_results_file
     from .metrics import evaluate, format_table, parse_options
 
+    if a.out is not None:
+        check_replaceable(a.out, "--out", "a vitlens results file", is_results_file)
     summary = evaluate(
         a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
         options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery,
     )  # fmt: skip
     if summary is None:  # the other torchrun processes
         return 0
-    print(json.dumps(summary) if a.json else format_table(summary))
+    print(finite_json(summary) if a.json else format_table(summary))
     skipped = summary.get("skipped", [])
     for s in skipped:  # samples that could not be read (folder data), reported at the end
-        print(f"vitlens: error: {s['error']}", file=sys.stderr)
+        print(f"vitlens: error: {one_line(s['error'])}", file=sys.stderr)
     if skipped:
         print(f"vitlens: error: {len(skipped)} samples could not be read (listed above); the scores leave them out",
               file=sys.stderr)  # fmt: skip
@@ -371,19 +407,30 @@ def cmd_metrics(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    import json
-
     from .io import check_output_dir
-    from .training import train_classifier
+    from .training.loop import check_training_out, release_out
 
     check_output_dir(a.out, "--out", create=False)
+    if a.resume and a.overwrite:
+        raise VitlensError("--resume and --overwrite exclude each other")
+    try:
+        check_training_out(a.out, resume=a.resume, overwrite=a.overwrite)  # before any work: refused in one line
+        return _train(a)
+    finally:
+        release_out(a.out)  # also when refused before the loop started
+
+
+def _train(a: argparse.Namespace) -> int:
+    import json
+
+    from .training import train_classifier
 
     if a.task == "diffmask":
         from .training import train_diffmask
 
         summary = train_diffmask(
             a.model, a.data, a.out, _train_config(a), kl_margin=a.kl_margin, multiplier_lr=a.multiplier_lr,
-            resume=a.resume,
+            resume=a.resume, overwrite=a.overwrite,
         )  # fmt: skip
     if a.task == "pm":
         from .training import train_pm
@@ -391,15 +438,23 @@ def cmd_train(a: argparse.Namespace) -> int:
         summary = train_pm(
             a.model, a.data, a.out, _train_config(a), mask_fraction=a.mask_fraction, lam=a.lam,
             pos_weight=a.pos_weight, mask_batch=a.mask_batch, composites=a.composites, pseudo_rounds=a.pseudo_masks,
-            resume=a.resume, eval_data=a.eval_data,
+            resume=a.resume, eval_data=a.eval_data, overwrite=a.overwrite,
         )  # fmt: skip
     if a.task == "bcos":
         from .training.bcos import train_bcos
 
-        summary = train_bcos(a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data)
+        summary = train_bcos(a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data,
+                             overwrite=a.overwrite)  # fmt: skip
     if a.task == "classifier":
         summary = train_classifier(
-            a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data, init=a.init
+            a.data,
+            a.out,
+            _train_config(a),
+            arch=a.arch,
+            resume=a.resume,
+            eval_data=a.eval_data,
+            init=a.init,
+            overwrite=a.overwrite,
         )
     print(json.dumps({"out": a.out, **summary}))
     return 0
@@ -424,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except VitlensError as e:
-        print(f"vitlens: error: {e}", file=sys.stderr)
+        print(f"vitlens: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vitlens: interrupted", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory", cr
     With ``create`` the directory is made and a probe file written in it; without, ``path`` must not be
     a file and its nearest existing ancestor must be a writable directory.
     """
+    if not os.fspath(path).strip():
+        raise VitlensError(f"{what} is empty; give a folder name")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise VitlensError(f"{what} {path} exists and is not a directory")
@@ -52,6 +55,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory", cr
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
     """Refuse, before any work is done, an output file path that is a directory or cannot be written."""
+    if not os.fspath(path).strip():
+        raise VitlensError(f"{what} is empty; give a file name")
     path = Path(path)
     if path.is_dir():
         raise VitlensError(f"{what} {path} is a directory; give a file name")
@@ -59,12 +64,66 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     return path
 
 
+def _claim_tmp(path: Path) -> tuple[int, str]:
+    """An open, locked temporary file beside ``path``: ``.NAME.tmp``, or a random name while another writer
+    holds that one.
+
+    A writer killed mid-write (even ``kill -9``) leaves ``.NAME.tmp`` behind unlocked; the next writer of
+    ``path`` takes it over, so stale temporaries do not pile up.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    for _ in range(3):
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another live writer of the same file
+            os.close(fd)
+            break
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:  # not renamed away by the writer we waited on
+                os.ftruncate(fd, 0)
+                return fd, str(tmp)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return fd, name
+
+
+def is_results_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``vitlens evaluate --out`` results file (JSON with ``results`` and ``model``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("results"), dict) and "model" in data
+
+
+def is_html_page(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like an HTML page (what ``vitlens report`` writes)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().lower().startswith((b"<!doctype html", b"<html"))
+    except OSError:
+        return False
+
+
+def check_replaceable(path: str | os.PathLike, what: str, kind: str, looks_like: Callable[[Path], bool]) -> None:
+    """Refuse to replace an existing, non-empty file at ``path`` unless it ``looks_like`` an output of ``kind``.
+
+    An output path mistyped onto a model's ``config.json`` or a README is refused, not overwritten.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > 0 and not looks_like(path):
+        raise VitlensError(f"{what} {path} exists and is not {kind}; remove it or give another name")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result onto ``path``; never leaves a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, tmp = _claim_tmp(path)
     try:
         write(tmp)
         _publish_mode(tmp)
@@ -73,6 +132,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        os.close(fd)  # the lock goes with it, after the rename
     return path
 
 

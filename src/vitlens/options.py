@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from .errors import VitlensError
@@ -20,6 +21,14 @@ def parse_value(text: str) -> object:
     return text
 
 
+def parse_finite(text: str, what: str = "option") -> object:
+    """:func:`parse_value`, refusing ``nan`` and ``inf`` (no setting takes them)."""
+    value = parse_value(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise VitlensError(f"bad {what}: {text!r} is not a finite number")
+    return value
+
+
 def parse_options(items: Iterable[str], what: str = "option") -> dict:
     """``["steps=16", "baseline=blur"]`` → ``{"steps": 16, "baseline": "blur"}``."""
     options = {}
@@ -27,5 +36,7 @@ def parse_options(items: Iterable[str], what: str = "option") -> dict:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise VitlensError(f"bad {what} {item!r}: expected key=value")
-        options[key] = parse_value(value)
+        if key in options:
+            raise VitlensError(f"{what} {key!r} given twice")
+        options[key] = parse_finite(value, f"{what} {item!r}")
     return options

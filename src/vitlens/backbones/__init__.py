@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Callable, Iterator
 
 import torch
@@ -67,6 +68,15 @@ SCHEMES = ("timm", "hf", "torchvision", "bcos", "vitlens")
 EXPECTED = (
     "expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME, vitlens:NAME or a vitlens checkpoint directory"
 )
+
+#: ``hf:`` URI options passed on to ``from_pretrained``; nothing else is (no ``trust_remote_code``: a folder's
+#: own Python code runs only with the environment variable ``VITLENS_TRUST_REMOTE_CODE=1``).
+HF_OPTIONS = ("revision", "subfolder", "local_files_only", "num_labels", "ignore_mismatched_sizes")
+
+
+def trust_remote_code() -> bool:
+    """Whether the user allowed Hugging Face models to run their own code (``VITLENS_TRUST_REMOTE_CODE=1``)."""
+    return os.environ.get("VITLENS_TRUST_REMOTE_CODE", "") == "1"
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, Preprocessing | None]:
@@ -168,6 +178,8 @@ def build_module(spec: dict) -> tuple[nn.Module, Preprocessing | None]:
 
 
 def _load_uri(uri: str, options: dict) -> Backbone:
+    from ..checkpoint import check_model_sizes
+
     scheme, name, kwargs = parse_model_uri(uri)
     kwargs.update(options)
     if scheme == "vitlens":
@@ -177,6 +189,7 @@ def _load_uri(uri: str, options: dict) -> Backbone:
         if kwargs:
             raise VitlensError(f"{uri}: a vitlens model takes no options (got {', '.join(sorted(kwargs))})")
         return load_checkpoint(path(name))
+    check_model_sizes({"kwargs": kwargs}, f"model URI {uri!r}")  # depth, sizes, classes: bounded before building
     try:
         if scheme == "bcos":
             backbone = load_bcos(name, **kwargs)
@@ -200,17 +213,28 @@ def _load_uri(uri: str, options: dict) -> Backbone:
             backbone.spec = {"source": "torchvision", "name": name, "kwargs": kwargs}
         else:
             transformers = require("transformers", extra="hf", what=uri)
+            unknown = sorted(set(kwargs) - set(HF_OPTIONS))
+            if unknown:
+                hint = (
+                    " (set VITLENS_TRUST_REMOTE_CODE=1 to run a model's own code)"
+                    if "trust_remote_code" in unknown
+                    else ""
+                )
+                raise VitlensError(
+                    f"option {', '.join(unknown)} not allowed in an hf: URI (allowed: {', '.join(HF_OPTIONS)}){hint}"
+                )
+            remote = {"trust_remote_code": trust_remote_code()}
             bars = transformers.utils.logging.is_progress_bar_enabled()
             transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for a local load
             try:
-                model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs)
+                model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs, **remote)
             finally:
                 if bars:
                     transformers.utils.logging.enable_progress_bar()
             if not is_hf_vit(model):
                 adapt(model)  # raises: not a supported Vision Transformer
             try:
-                processor = transformers.AutoImageProcessor.from_pretrained(name)
+                processor = transformers.AutoImageProcessor.from_pretrained(name, **remote)
             except (OSError, ValueError):
                 processor = None
             from .hf_vit import hf_preprocessing
@@ -219,9 +243,12 @@ def _load_uri(uri: str, options: dict) -> Backbone:
             backbone.spec = {"source": "hf", "name": type(model).__name__, "config": model.config.to_dict()}
     except VitlensError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:  # download, config, kwargs
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AssertionError, AttributeError, ImportError,
+            EOFError, pickle.UnpicklingError) as e:  # download, config, kwargs, a pickle refused  # fmt: skip
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VitlensError(f"could not load {uri}: {first}") from e
+        raise VitlensError(f"could not load {uri}: {first[:200]}") from e
+    if backbone.num_classes < 1:
+        raise VitlensError(f"{uri}: the model has no classifier head (num_classes={backbone.num_classes})")
     return backbone
 
 
@@ -308,6 +335,8 @@ def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **o
         from ..checkpoint import is_checkpoint_dir, load_checkpoint
 
         text = os.fspath(model)
+        if not text.strip():
+            raise VitlensError("empty model name: expected a model URI or a vitlens checkpoint directory")
         if is_checkpoint_dir(text):
             backbone = load_checkpoint(text)
         elif text.partition(":")[0] in SCHEMES:

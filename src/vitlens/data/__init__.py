@@ -17,6 +17,7 @@ from .counting import Counting
 from .fashion import FashionCanvas, FashionGrid
 from .folder import Folder
 from .images import load_image, resize
+from .shapes import Shapes
 
 __all__ = ["DataSpec", "collate", "load_image", "open_dataset", "parse_data_spec", "resize"]
 
@@ -25,6 +26,7 @@ DATASETS: dict[str, tuple[Callable[..., torch.utils.data.Dataset], dict[str, typ
     "fashion-canvas": (FashionCanvas, {"n": int, "seed": int, "size": int}),
     "fashion-grid": (FashionGrid, {"n": int, "seed": int, "size": int, "grid": int}),
     "counting": (Counting, {"n": int, "seed": int, "colour": str, "grid": int, "cell": int}),
+    "shapes": (Shapes, {"n": int, "seed": int, "size": int, "objects": int}),
     "folder": (Folder, {}),
 }
 # Allowed ranges of integer options, (low, high) inclusive; None = unbounded. A canvas holds a 20-36 px
@@ -34,6 +36,7 @@ DATASET_BOUNDS: dict[str, dict[str, tuple[int, int | None]]] = {
     "fashion-canvas": {"size": (36, 1024)},
     "fashion-grid": {"size": (36, 1024), "grid": (1, 3)},
     "counting": {"grid": (1, 16)},
+    "shapes": {"size": (32, 1024), "objects": (1, 6)},
 }
 
 
@@ -85,6 +88,8 @@ def parse_data_spec(spec: str, default_split: str = "test") -> DataSpec:
             if key not in allowed:
                 known = ", ".join(allowed) or "none"
                 raise VitlensError(f"unknown option {key!r} for {name} (known: {known})")
+            if key in options:
+                raise VitlensError(f"option {key!r} given twice in {spec!r}")
             try:
                 options[key] = allowed[key](value)
             except ValueError as e:

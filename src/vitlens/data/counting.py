@@ -44,6 +44,14 @@ class Counting(torch.utils.data.Dataset):
         self.target = np.array(COLOURS[colour], dtype=np.float32)
         self.target_hue = colorsys.rgb_to_hsv(*self.target)[0]
         self.size = self.grid * self.cell
+        if self.size > 2048:  # one float image of 2048² is 50 MB already
+            raise VitlensError(
+                f"counting images of grid {self.grid} × cell {self.cell} = {self.size} px (at most 2048)"
+            )
+
+    def labelled_indices(self) -> range:
+        """Every image carries its mask and boxes."""
+        return range(self.n)
 
     def __len__(self) -> int:
         return self.n

@@ -124,9 +124,12 @@ class FashionCanvas(torch.utils.data.Dataset):
 
     Sample ``i`` is the ``i``-th item of the Fashion-MNIST split (cycled if ``n`` is larger) and is
     generated from ``(seed, i)`` alone, so the data set is deterministic and order-independent. Images
-    are quantised to 8 bits like real ones; rendered samples are kept in memory (about 16 kB each) so
+    are quantised to 8 bits like real ones; rendered samples are kept in memory (about 16 kB each at
+    64 px, up to :attr:`cache_bytes` in all; larger canvases beyond it are rendered again when read) so
     later epochs cost nothing.
     """
+
+    cache_bytes = 1 << 30  # the whole 60,000-image training split at 64 px fits
 
     name = "fashion-canvas"
     classes = CLASSES
@@ -138,6 +141,11 @@ class FashionCanvas(torch.utils.data.Dataset):
         if self.n <= 0:
             raise VitlensError(f"fashion-canvas needs n >= 1, got {self.n}")
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._cached = 0  # bytes held by the cache
+
+    def labelled_indices(self) -> range:
+        """Every image carries its mask and boxes."""
+        return range(self.n)
 
     def __len__(self) -> int:
         return self.n
@@ -148,11 +156,16 @@ class FashionCanvas(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        if i not in self._cache:
+        sample = self._cache.get(i)
+        if sample is None:
             rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
             image, mask, box = render_canvas(self.items[i % len(self.items)], rng, self.size)
-            self._cache[i] = (np.round(image * 255).astype(np.uint8), mask, box)
-        image, mask, box = self._cache[i]
+            sample = (np.round(image * 255).astype(np.uint8), mask, box)
+            size = sum(a.nbytes for a in sample)
+            if self._cached + size <= self.cache_bytes:
+                self._cache[i] = sample
+                self._cached += size
+        image, mask, box = sample
         return {
             "image": torch.from_numpy(image).float().div_(255),
             "label": self.label(i),
@@ -198,6 +211,10 @@ class FashionGrid(torch.utils.data.Dataset):
             raise VitlensError(f"fashion-grid size {self.size} is not divisible by grid {self.grid}")
         labels = self.canvas.item_labels[: len(self.canvas)]
         self.by_class = [np.nonzero(labels == c)[0] for c in range(len(CLASSES))]
+
+    def labelled_indices(self) -> range:
+        """Every image carries its mask and boxes."""
+        return range(self.n)
 
     def __len__(self) -> int:
         return self.n

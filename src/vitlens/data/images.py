@@ -41,10 +41,13 @@ def _high_depth(im: Image.Image, size: tuple[int, int] | None, path) -> Image.Im
     """16-bit / 32-bit integer and float grey images → a float (mode ``F``) image in [0, 1], resized in float.
 
     Integer modes are read as 16-bit (``value / 65535``); float images as [0, 1] when their values lie
-    in it, else on PIL's 0..255 scale. Values outside the range are clipped.
+    in it, else on PIL's 0..255 scale. Values outside the range are clipped. Integer images are resized
+    before the conversion, so a large 16-bit image never exists as a full-resolution float array.
     """
-    arr = np.asarray(im, dtype=np.float32)
     scale = HIGH_DEPTH[im.mode]
+    if scale is not None and size is not None:
+        im = _resample(im, size)  # PIL resizes 16/32-bit integer images itself (to within 1e-5 of float)
+    arr = np.asarray(im, dtype=np.float32)
     if scale is None:
         if not np.isfinite(arr).all():
             raise VitlensError(f"{path}: image contains NaN or Inf values")
@@ -88,6 +91,8 @@ def _decode(im: Image.Image, size: tuple[int, int] | None, path) -> tuple[np.nda
 
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """:func:`load_image` plus the image's own size ``(H, W)`` on disk (after EXIF orientation)."""
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise VitlensError(f"{path}: not a regular file")  # a FIFO or device would block or never end
     try:
         with warnings.catch_warnings(), Image.open(path) as im:
             warnings.simplefilter("ignore")  # PIL warns about corrupt metadata; the file is still read or refused

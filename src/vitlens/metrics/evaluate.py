@@ -23,7 +23,7 @@ from ..data import collate, open_dataset, parse_data_spec, resize
 from ..errors import VitlensError
 from ..explainers import EXPLAINERS, get_explainer
 from ..io import atomic_write_json, check_output_file
-from ..options import parse_value
+from ..options import parse_finite
 from ..training.distributed import all_reduce_sum, setup, teardown
 from .base import METRICS, Batch, get_metric
 from .gallery import gallery_payload, pick_indices
@@ -62,7 +62,9 @@ def parse_options(items: Sequence[str]) -> dict[str, dict]:
         key, eq, value = rest.partition("=")
         if not (dot and eq and name and key):
             raise VitlensError(f"bad option {item!r}: expected NAME.KEY=VALUE, e.g. deletion.fill=blur")
-        options.setdefault(name, {})[key] = parse_value(value)
+        if key in options.get(name, {}):
+            raise VitlensError(f"option {name}.{key} given twice")
+        options.setdefault(name, {})[key] = parse_finite(value, f"option {item!r}")
     return options
 
 
@@ -173,6 +175,10 @@ def _run(backbone, model, methods, metrics, data, limit, batch_size, target, opt
     size = backbone.preprocessing.input_size
     spec = parse_data_spec(data) if isinstance(data, str) else data
     dataset = open_dataset(spec, size=size)
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) > backbone.num_classes:  # labels the model has no output for
+        raise VitlensError(f"{spec}: the data has {len(classes)} classes, but the model has {backbone.num_classes} "
+                           "outputs")  # fmt: skip
     method_list = parse_names(methods, EXPLAINERS, "method")
     metric_list = metric_names(metrics, dataset)
     for name in options:

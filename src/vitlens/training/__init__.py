@@ -30,7 +30,8 @@ __all__ = [
     "train_pm",
 ]
 
-DEFAULT_ARCH = {"fashion-canvas": "fashion-vit", "fashion-grid": "fashion-vit", "counting": "counting-vit"}
+DEFAULT_ARCH = {"fashion-canvas": "fashion-vit", "fashion-grid": "fashion-vit", "counting": "counting-vit",
+                "shapes": "fashion-vit"}  # fmt: skip
 
 
 def folder_input_size(dataset, sample: int = 32) -> int:
@@ -107,7 +108,7 @@ def _command() -> str:
 
 def train_classifier(
     data: str, out: str | Path, cfg: TrainConfig, arch: str | None = None, resume: bool = False,
-    eval_data: str | None = None, init: str | None = None,
+    eval_data: str | None = None, init: str | None = None, overwrite: bool = False,
 ) -> dict:  # fmt: skip
     """``vitlens train classifier``: train a classifier on ``data`` and report held-out accuracy.
 
@@ -121,6 +122,7 @@ def train_classifier(
         eval_data: held-out data spec (default: the test split of ``data``).
         init: start from the weights of a model (URI or checkpoint) instead of a fresh ``arch`` — a second
             stage with a fresh optimizer and schedule, recorded as such in the checkpoint.
+        overwrite: replace a model already in ``out`` instead of refusing.
 
     Returns:
         The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
@@ -130,7 +132,7 @@ def train_classifier(
 
     spec = parse_data_spec(data, default_split="train")
     if resume:
-        check_resumable(out)
+        check_resumable(out, str(spec))
         backbone = load_checkpoint(out)
     elif init is not None:
         backbone = load_model(init)
@@ -152,7 +154,15 @@ def train_classifier(
     elif resume:  # keep the original run's provenance
         provenance = {k: v for k, v in backbone.config["training"].items() if k in (*provenance, "init")}
     task = ClassifierTask(backbone)
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out))
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out),
+                 overwrite=overwrite)  # fmt: skip
+
+
+def _labels(dataset, indices: list[int]) -> set[int]:
+    """The classes of some images: from the data set's ``label(i)`` when it has one, else by reading them."""
+    if hasattr(dataset, "label"):
+        return {int(dataset.label(i)) for i in indices}
+    return {int(s["label"]) for s in map(dataset.__getitem__, indices) if "error" not in s}
 
 
 def train_pm(
@@ -161,23 +171,32 @@ def train_pm(
     out: str | Path,
     cfg: TrainConfig,
     *,
-    mask_fraction: float = 0.01,
-    lam: float = 10.0,
-    pos_weight: float = 1.0,
-    mask_batch: int = 8,
-    composites: int = 0,
-    pseudo_rounds: int = 0,
+    mask_fraction: float | None = None,
+    lam: float | None = None,
+    pos_weight: float | None = None,
+    mask_batch: int | None = None,
+    composites: int | None = None,
+    pseudo_rounds: int | None = None,
     resume: bool = False,
     eval_data: str | None = None,
+    overwrite: bool = False,
+    log=None,
 ) -> dict:
     """``vitlens train pm``: PM fine-tuning of a classifier; reports accuracy before and after.
+
+    Only images that carry a mask or a box are supervised: all of them, or ``mask_fraction`` of the
+    training set drawn from them. Every setting left ``None`` (here and in ``cfg``: ``batch_size``,
+    ``lr``, ``warmup_steps``, ``max_steps`` with ``epochs``) comes from the best fashion-canvas recipe,
+    scaled to the data set (:func:`vitlens.training.pm.pm_settings`); what was chosen and why goes to
+    ``log`` (default: stderr, on the main process).
 
     Args:
         model (str | PathLike): the classifier to fine-tune (URI, ``vitlens:NAME`` or checkpoint directory).
         data: a data spec whose images carry masks or boxes, e.g. ``"folder:/data/birds:train"``.
         out: the checkpoint directory to write.
         cfg: the loop's settings.
-        mask_fraction: share of the training images whose masks (or boxes) are used.
+        mask_fraction: share of the training set supervised with its mask or box (default: every image
+            that has one).
         lam: weight of the patch-level BCE.
         pos_weight: weight of positive (object) patch targets.
         mask_batch: masked images in every batch (they replace ordinary ones).
@@ -185,21 +204,33 @@ def train_pm(
         pseudo_rounds: self-training rounds with pseudo-masks.
         resume: continue the interrupted run in ``out``.
         eval_data: held-out data spec (default: the test split of ``data``).
+        overwrite: replace a model already in ``out`` instead of refusing.
+        log (Callable[[str], None] | None): where the chosen settings are reported (one line each).
 
     Returns:
         The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
+
+    Raises:
+        VitlensError: no image of ``data`` carries a mask or a box and no pseudo-mask rounds were asked for.
     """
+    from dataclasses import replace
+
     from ..backbones import load_model
     from ..checkpoint import load_checkpoint
+    from .pm import check_pm_settings, describe_pool, labelled_indices, pm_settings, select_mask_indices
+
+    if log is None:
+        main = int(os.environ.get("RANK", "0")) == 0
+
+        def log(line: str) -> None:
+            if main:
+                print(f"vitlens: pm: {line}", file=sys.stderr, flush=True)
 
     spec = parse_data_spec(data, default_split="train")
     held_out = _held_out(spec, eval_data)
-    if not 0 < mask_fraction <= 1:
-        raise VitlensError(f"--mask-fraction must be in (0, 1], got {mask_fraction}")
-    if composites < 0:
-        raise VitlensError(f"--composites must be 0 or more, got {composites}")
+    check_pm_settings(mask_fraction, composites)
     if resume:
-        check_resumable(out)
+        check_resumable(out, str(spec))
         backbone = load_checkpoint(out, kind="pm")
         before = backbone.config["training"].get("accuracy_before")
         source = backbone.config["training"].get("base_model")
@@ -209,17 +240,36 @@ def train_pm(
             raise VitlensError("PM fine-tuning needs a model loaded from a URI or a vitlens checkpoint")
         before, source = None, str(model)
     dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    labelled = labelled_indices(dataset)
+    if not labelled and not pseudo_rounds:
+        raise VitlensError(
+            f"{spec}: no training image carries a mask or a box (folder data: boxes in localization.txt or "
+            "masks/); PM needs some, or pass --pseudo-masks ROUNDS to train from pseudo-masks alone"
+        )
+    used = select_mask_indices(labelled, mask_fraction, cfg.seed, n=len(dataset))
+    log(describe_pool(len(dataset), len(labelled), len(used), mask_fraction))
+    classes_used = len(_labels(dataset, used[:2000]))
+    given = {"batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "epochs": cfg.epochs, "lr": cfg.lr,
+             "warmup_steps": cfg.warmup_steps, "lam": lam, "pos_weight": pos_weight, "mask_batch": mask_batch,
+             "composites": composites, "pseudo_rounds": pseudo_rounds}  # fmt: skip
+    settings, why = pm_settings(len(dataset), len(used), classes_used, given)
+    if why:
+        log("chosen (the best fashion-canvas recipe, run 9 of benchmarks/pm.md, scaled; flags override): "
+            + "; ".join(why))  # fmt: skip
+    cfg = replace(cfg, **{k: settings[k] for k in ("batch_size", "max_steps", "epochs", "lr", "warmup_steps")})
     if before is None:
         test = open_dataset(held_out, size=backbone.preprocessing.input_size)
         before = round(accuracy(backbone.to(cfg.device or "cpu"), test), 4)
     task = PMTask(
-        backbone, dataset, mask_fraction=mask_fraction, lam=lam, pos_weight=pos_weight, mask_batch=mask_batch,
-        composites=composites, pseudo_rounds=pseudo_rounds, seed=cfg.seed,
+        backbone, dataset, mask_fraction=mask_fraction, labelled=labelled, lam=settings["lam"],
+        pos_weight=settings["pos_weight"], mask_batch=settings["mask_batch"], composites=settings["composites"],
+        pseudo_rounds=settings["pseudo_rounds"], seed=cfg.seed,
         total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))),
     )  # fmt: skip
     provenance = {"command": _command(), "data": str(spec), "eval_data": str(held_out), "base_model": source,
                   "accuracy_before": before}  # fmt: skip
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out))
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=_test_accuracy(held_out),
+                 overwrite=overwrite)  # fmt: skip
 
 
 def train_diffmask(
@@ -231,6 +281,7 @@ def train_diffmask(
     kl_margin: float = 0.1,
     multiplier_lr: float = 0.3,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """``vitlens train diffmask``: DiffMask gates for a frozen classifier.
 
@@ -245,6 +296,7 @@ def train_diffmask(
         kl_margin: KL(p_orig || p_masked) allowed, in nats.
         multiplier_lr: learning rate of the Lagrange multipliers.
         resume: continue the interrupted run in ``out``.
+        overwrite: replace a model already in ``out`` instead of refusing.
 
     Returns:
         The run's summary (training seconds, held-out KL and share within the margin).
@@ -256,7 +308,7 @@ def train_diffmask(
 
     spec = parse_data_spec(data, default_split="train")
     if resume:
-        check_resumable(out)
+        check_resumable(out, str(spec))
         backbone = load_checkpoint(out, kind="diffmask")
         task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, gates=load_gates(backbone))
         source = backbone.config["training"].get("base_model")
@@ -284,4 +336,4 @@ def train_diffmask(
             "held_out_within_margin": round((kl <= kl_margin).float().mean().item(), 4),
         }
 
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate)
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate, overwrite=overwrite)

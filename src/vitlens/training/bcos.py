@@ -104,7 +104,7 @@ def build_bcos(arch: str | None, spec: DataSpec, dataset) -> BcosViT:
 
 def train_bcos(
     data: str, out: str | Path, cfg: TrainConfig, arch: str | None = None, resume: bool = False,
-    eval_data: str | None = None,
+    eval_data: str | None = None, overwrite: bool = False,
 ) -> dict:  # fmt: skip
     """``vitlens train bcos``: train a B-cos ViT on ``data`` and report held-out accuracy.
 
@@ -117,7 +117,7 @@ def train_bcos(
     cfg = dataclasses.replace(cfg, weight_decay=0.0, grad_clip=None)
     spec = parse_data_spec(data, default_split="train")
     if resume:
-        check_resumable(out)
+        check_resumable(out, str(spec))
         backbone = load_checkpoint(out, kind="bcos")
         dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     else:
@@ -142,4 +142,5 @@ def train_bcos(
             return {}
         return {"test_accuracy": round(accuracy(bb, test, d), 4), "test_n": len(test)}
 
-    return train(BcosTask(backbone), dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate)
+    return train(BcosTask(backbone), dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate,
+                 overwrite=overwrite)  # fmt: skip

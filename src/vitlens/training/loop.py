@@ -9,8 +9,10 @@ same path as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import STATE, recover, save_checkpoint
+from ..checkpoint import CONFIG, STATE, WEIGHTS, load_training_state, read_config, recover, save_checkpoint
 from ..data import collate
 from ..errors import VitlensError
 from . import distributed
@@ -174,19 +176,121 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue  # a line cut by a kill
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(at, int | float) and at <= step:
+            keep.append(line)
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def check_resumable(out: str | Path) -> None:
+_LOCKS: dict[str, tuple[int, Path]] = {}  # run folder → (open lock file, its path), held by this process
+#: Settings a resumed run must share with the run it continues (the data order and schedule follow them).
+SAME_ON_RESUME = ("batch_size", "lr", "weight_decay", "warmup_steps", "epochs", "max_steps", "seed", "grad_clip",
+                  "autocast")  # fmt: skip
+
+
+def lock_out(out: str | Path) -> None:
+    """Hold ``.NAME.lock`` beside the run folder ``out`` until :func:`release_out` (or the process ends).
+
+    Only the main process of a run (torchrun rank 0, the one that writes) takes it, so a second training
+    into the same folder is refused in one line instead of racing the first one's checkpoint swaps.
+    """
+    out = Path(out)
+    key = str(out.absolute())
+    if key in _LOCKS or int(os.environ.get("RANK", "0")) != 0:
+        return
+    file = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise VitlensError(f"{out}: another training is writing into this folder (it holds {file})") from None
+            try:
+                if os.stat(file).st_ino == os.fstat(fd).st_ino:
+                    break  # still the file at that path (not one a finishing run just removed)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as e:
+        raise VitlensError(f"--out {out} cannot be written ({e.strerror or e})") from e
+    _LOCKS[key] = (fd, file)
+
+
+def release_out(out: str | Path) -> None:
+    """Give up the lock :func:`lock_out` took (the lock file is removed)."""
+    held = _LOCKS.pop(str(Path(out).absolute()), None)
+    if held is not None:
+        fd, file = held
+        with contextlib.suppress(OSError):
+            os.unlink(file)
+        os.close(fd)
+
+
+def check_training_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an ``--out`` that cannot take a new run (or, with ``resume``, holds none); lock it.
+
+    A folder holding a model is only replaced with ``overwrite``; a folder with files of its own (not a
+    vitlens run) never, since a checkpoint replaces its folder whole.
+    """
+    out = Path(out)
+    if out.name in ("", ".", "..") or out.absolute() == Path.cwd():
+        raise VitlensError(f"--out {str(out)!r}: name a new folder (a checkpoint replaces its folder whole)")
+    if out.exists() and not out.is_dir():
+        raise VitlensError(f"--out {out} exists and is not a directory")
+    lock_out(out)
     recover(out)  # a kill between the two renames of a checkpoint swap left the last checkpoint aside
-    if not (Path(out) / STATE).is_file():
-        raise VitlensError(f"--resume: no training checkpoint in {out} (missing {STATE})")
+    if resume:
+        if not (out / STATE).is_file():
+            raise VitlensError(f"--resume: no training checkpoint in {out} (missing {STATE})")
+        return
+    if (out / STATE).exists():
+        raise VitlensError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+    if (out / CONFIG).exists() and not overwrite:
+        raise VitlensError(f"{out} already holds a model: pass --overwrite to replace it, or another --out")
+    others = [f.name for f in out.iterdir() if f.name not in (WEIGHTS, CONFIG, "metrics.jsonl")] if out.is_dir() else []
+    if others:
+        names = ", ".join(sorted(others)[:3])
+        raise VitlensError(f"--out {out} holds other files ({names}); give a new or empty folder")
+
+
+def check_resumable(out: str | Path, data: str | None = None) -> None:
+    """``out`` holds a run to resume; ``data`` (a data spec) must be the one it was trained on."""
+    check_training_out(out, resume=True)
+    recorded = (read_config(out).get("training") or {}).get("data")
+    if data is not None and recorded is not None and str(recorded) != str(data):
+        raise VitlensError(f"--resume: {out} was trained on --data {recorded}, not {data}")
+
+
+def _check_data_fits(dataset, backbone) -> None:
+    """The data's classes and image size must be the model's (else the loss fails mid-run, or is wrong)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and len(classes) != backbone.num_classes:
+        raise VitlensError(f"the data has {len(classes)} classes, but the model has {backbone.num_classes} outputs")
+    sample = dataset[0] if len(dataset) else {}
+    if "image" in sample and tuple(sample["image"].shape[-2:]) != tuple(backbone.preprocessing.input_size):
+        raise VitlensError(f"the data's images are {tuple(sample['image'].shape[-2:])} pixels, but the model takes "
+                           f"{tuple(backbone.preprocessing.input_size)}")  # fmt: skip
+
+
+def _check_same_settings(out: Path, cfg: TrainConfig) -> None:
+    """The settings of a resumed run must be those of the run it continues; one line names the changed ones."""
+    recorded = (read_config(out).get("training") or {}).get("config")
+    if not isinstance(recorded, dict):
+        return
+    defaults = TrainConfig()
+    changed = [f"{k} {recorded.get(k, getattr(defaults, k))} → {getattr(cfg, k)}" for k in SAME_ON_RESUME
+               if recorded.get(k, getattr(defaults, k)) != getattr(cfg, k)]  # fmt: skip
+    if changed:
+        raise VitlensError(f"--resume: settings differ from the run in {out} ({'; '.join(changed)}); "
+                           "repeat its command with --resume")  # fmt: skip
 
 
 def train(
@@ -198,34 +302,48 @@ def train(
     resume: bool = False,
     provenance: dict | None = None,
     evaluate=None,
+    overwrite: bool = False,
 ) -> dict:
-    """Run the loop; returns the final summary (also stored in the checkpoint's ``training``)."""
+    """Run the loop; returns the final summary (also stored in the checkpoint's ``training``).
+
+    A new run refuses an ``out`` that holds a model unless ``overwrite``; ``resume`` continues the run in
+    ``out`` with the same settings (a changed one is refused).
+    """
     out = Path(out)
-    recover(out)
+    check_training_out(out, resume, overwrite)
+    try:
+        return _train(task, dataset, out, cfg, resume, provenance, evaluate)
+    finally:
+        release_out(out)
+
+
+def _train(task, dataset, out: Path, cfg: TrainConfig, resume: bool, provenance: dict | None, evaluate) -> dict:
     d = distributed.setup(cfg.device)
     total = cfg.total_steps(len(dataset), d.world)
+    warmup, note = fit_warmup(cfg.warmup_steps, total)
+    cfg = replace(cfg, warmup_steps=warmup)  # the record keeps the schedule that ran
     start, state = 0, None
     if resume:
-        check_resumable(out)
-        state = torch.load(out / STATE, map_location="cpu", weights_only=False)
+        _check_same_settings(out, cfg)
+        state = load_training_state(out)
         if state["kind"] != task.kind:
             raise VitlensError(f"--resume: {out} holds a {state['kind']} run, not {task.kind}")
         start, total = state["step"], state["total"]
-    elif (out / STATE).exists():
-        raise VitlensError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
-    warmup, note = fit_warmup(cfg.warmup_steps, total)
-    if note and d.main:
-        print(note, file=sys.stderr, flush=True)
-    cfg = replace(cfg, warmup_steps=warmup)  # the record keeps the schedule that ran
 
+    _check_data_fits(dataset, task.backbone)
+    if note and d.main and not resume:
+        print(note, file=sys.stderr, flush=True)
     backbone = task.backbone.to(d.device)
     module = task.modules().to(d.device)
     optimizer = task.optimizer(cfg)
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
     if state is not None:
-        task.load_state_dict(state["task"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            task.load_state_dict(state["task"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise VitlensError(f"--resume: {out / STATE} does not fit this model and optimizer ({e!s:.200})") from e
         elapsed0 = state["seconds"]
     else:
         elapsed0 = 0.0

@@ -1,10 +1,11 @@
-"""PM fine-tuning: cross-entropy on every image + λ · patch-level BCE on the few with masks.
+"""PM fine-tuning: cross-entropy on every image + λ · patch-level BCE on the images with masks.
 
 ``L = CE(cls_logits, y) + λ · L_pm``. ``L_pm`` is binary cross-entropy over all classes and patches of
 the images that carry a mask (or boxes, turned into a box mask): target = the fraction of the patch the
-object covers for the true class, 0 for every other class. Those images are a fixed, seeded fraction of
-the training set (default 1%); ``mask_batch`` of them take the place of ordinary images in every batch,
-so a step costs the same as a classifier step. ``composites`` more slots hold 2×2 tiles of four masked
+object covers for the true class, 0 for every other class. Only images that carry a mask or a box are
+ever supervised: by default all of them, or a fixed, seeded ``mask_fraction`` of the training set drawn
+from them (the paper's < 1% setting); ``mask_batch`` of them take the place of ordinary images in every
+batch, so a step costs the same as a classifier step. ``composites`` more slots hold 2×2 tiles of four masked
 images at half size, each object's patches the target of its own class only: they teach the map to
 separate the classes of several objects in one image (no CE on them, no extra labels). Optional
 pseudo-mask rounds (self-training) add confidently, correctly classified training images whose current
@@ -12,6 +13,8 @@ PM map, thresholded, becomes their target.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from torch import nn
 from ..backbones import Backbone, boxes_to_mask, patch_coverage
 from ..data import collate
 from ..data.fashion import compose_grid
+from ..errors import VitlensError
 from ..explainers.pm import patch_probabilities
 from .augment import flip_shift
 from .loop import Task
@@ -63,10 +67,63 @@ class PMForward(nn.Module):
         return trace.logits, trace.to_grid(patch_logits).permute(0, 3, 1, 2)
 
 
-def select_mask_indices(n: int, fraction: float, seed: int) -> list[int]:
-    """The fixed, seeded subset of training images whose masks are used (at least one)."""
-    k = max(1, round(fraction * n))
-    return sorted(np.random.default_rng([seed, 7]).choice(n, size=k, replace=False).tolist())
+def is_labelled(sample: dict) -> bool:
+    """Whether a sample carries localisation: a mask, or at least one box."""
+    return "error" not in sample and ("mask" in sample or len(sample.get("boxes", ())) > 0)
+
+
+def labelled_indices(dataset) -> list[int]:
+    """Indices of the images that carry a mask or a box.
+
+    Data sets that know it cheaply say so with a ``labelled_indices()`` method (every generated data set
+    is fully labelled; folder data reads ``localization.txt`` and ``masks/``); any other data set is read
+    once.
+    """
+    if hasattr(dataset, "labelled_indices"):
+        return list(dataset.labelled_indices())
+    return [i for i in range(len(dataset)) if is_labelled(dataset[i])]
+
+
+def select_mask_indices(
+    labelled: Sequence[int] | int, fraction: float | None, seed: int, n: int | None = None
+) -> list[int]:
+    """The fixed, seeded subset of labelled images whose masks are used.
+
+    Args:
+        labelled: indices of the images with a mask or a box (or their number ``n``: ``range(n)``).
+        fraction: ``None`` for all of them, else this share of the ``n`` training images (at least one,
+            at most every labelled image), drawn from the labelled ones.
+        seed: the run's seed.
+        n: the number of training images (default: ``len(labelled)``).
+
+    Returns:
+        Sorted indices into the data set.
+    """
+    labelled = list(range(labelled)) if isinstance(labelled, int) else list(labelled)
+    if fraction is None or not labelled:
+        return sorted(labelled)
+    k = min(len(labelled), max(1, round(fraction * (len(labelled) if n is None else n))))
+    pick = np.random.default_rng([seed, 7]).choice(len(labelled), size=k, replace=False)
+    return sorted(labelled[j] for j in pick.tolist())
+
+
+def sample_target_mask(sample: dict) -> torch.Tensor | None:
+    """A sample's object mask: its mask, else the union of its boxes; ``None`` when it has neither.
+
+    Boxes that fall outside the image give no mask (``None``): they are never an all-zero target.
+    """
+    if "error" in sample:
+        return None
+    if "mask" in sample:
+        return sample["mask"].bool()
+    boxes = sample.get("boxes")
+    if boxes is None or len(boxes) == 0:
+        return None
+    mask = boxes_to_mask(boxes, tuple(sample["image"].shape[-2:]))
+    return mask if mask.any() else None
+
+
+POOL_BYTES = 512 * 2**20  # masked images kept in memory up to this size; beyond it they are read per step
 
 
 class PMTask(Task):
@@ -77,7 +134,8 @@ class PMTask(Task):
         backbone: Backbone,
         dataset,
         *,
-        mask_fraction: float = 0.01,
+        mask_fraction: float | None = None,
+        labelled: Sequence[int] | None = None,
         lam: float = 10.0,
         pos_weight: float = 1.0,
         mask_batch: int = 8,
@@ -96,7 +154,8 @@ class PMTask(Task):
         self.composites = composites
         self.label_smoothing, self.seed = label_smoothing, seed
         self.mask_fraction = mask_fraction
-        self.mask_indices = select_mask_indices(len(dataset), mask_fraction, seed)
+        self.labelled = labelled_indices(dataset) if labelled is None else list(labelled)
+        self.mask_indices = select_mask_indices(self.labelled, mask_fraction, seed, n=len(dataset))
         self.pseudo_rounds, self.pseudo_pool = pseudo_rounds, pseudo_pool
         self.pseudo_threshold, self.pseudo_confidence = pseudo_threshold, pseudo_confidence
         self.round_steps = {total_steps * (r + 1) // (pseudo_rounds + 1) for r in range(pseudo_rounds)}
@@ -106,39 +165,91 @@ class PMTask(Task):
         self._load_pool()
 
     def _load_pool(self) -> None:
-        """The images with real masks (or box masks), kept in memory with their labels."""
-        batch = collate([self.dataset[i] for i in self.mask_indices])
-        masks = batch["mask"]
-        for j, has in enumerate(batch["has_mask"].tolist()):
-            if not has:
-                masks[j] = boxes_to_mask(batch["boxes"][j], tuple(masks.shape[-2:]))
-        self.pool = {"image": batch["image"], "label": batch["label"], "mask": masks}
+        """The masked images: kept in memory when they fit in ``POOL_BYTES``, else read at every step.
+
+        An image that cannot be read or turns out to carry no mask or box is dropped from the pool
+        (never trained towards an all-zero target).
+        """
+        self.pool = None
+        h, w = self.backbone.preprocessing.input_size
+        if len(self.mask_indices) * (3 * 4 + 1) * h * w > POOL_BYTES:
+            return
+        images, labels, masks, kept = [], [], [], []
+        for i in self.mask_indices:
+            sample = self.dataset[i]
+            mask = sample_target_mask(sample)
+            if mask is None:
+                continue
+            images.append(sample["image"])
+            labels.append(int(sample["label"]))
+            masks.append(mask)
+            kept.append(i)
+        self.mask_indices = kept
+        if kept:
+            self.pool = {"image": torch.stack(images), "label": torch.tensor(labels), "mask": torch.stack(masks)}
+
+    def _pool_items(self, picks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, labels and masks of the pool entries ``picks`` (positions in ``mask_indices``)."""
+        if self.pool is not None:
+            return self.pool["image"][picks], self.pool["label"][picks], self.pool["mask"][picks]
+        images, labels, masks = [], [], []
+        for p in picks:
+            while True:  # an image that fails to read leaves the pool; another one takes its place
+                p %= len(self.mask_indices)
+                sample = self.dataset[self.mask_indices[p]]
+                mask = sample_target_mask(sample)
+                if mask is not None:
+                    break
+                self.mask_indices.pop(p)
+                if not self.mask_indices:
+                    raise VitlensError("PM: none of the masked images could be read")
+                p = int(torch.randint(0, len(self.mask_indices), ()).item())
+            images.append(sample["image"])
+            labels.append(int(sample["label"]))
+            masks.append(mask)
+        return torch.stack(images), torch.tensor(labels), torch.stack(masks)
 
     def _mask_batch(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``mask_batch`` images from the real pool and the pseudo-mask pool, with their BCE targets."""
+        if not self.mask_indices and not self.pseudo_indices:
+            self.pseudo_label_round()  # no real masks (pseudo-masks only): the first round comes first
+            if not self.pseudo_indices:
+                raise VitlensError(
+                    "PM: no labelled images and the pseudo-mask round found no confident, correctly "
+                    f"classified image with a map above {self.pseudo_threshold}"
+                )
         n_real, n_pseudo = len(self.mask_indices), len(self.pseudo_indices)
         pick = torch.randint(0, n_real + n_pseudo, (self.mask_batch,)).tolist()
         real = [i for i in pick if i < n_real]
-        images, masks = flip_shift(self.pool["image"][real], self.pool["mask"][real])
-        labels = self.pool["label"][real]
-        targets = pm_targets(masks.to(device), labels.to(device), self.backbone.num_classes, self.grid)
         pseudo = [i - n_real for i in pick if i >= n_real]
-        if pseudo:
-            extra = collate([self.dataset[self.pseudo_indices[i]] for i in pseudo])
-            flip = torch.rand(len(pseudo)) < 0.5
+        parts_img, parts_lab, parts_tgt = [], [], []
+        if real:
+            images, labels, masks = self._pool_items(real)
+            images, masks = flip_shift(images, masks)
+            parts_img.append(images)
+            parts_lab.append(labels)
+            parts_tgt.append(pm_targets(masks.to(device), labels.to(device), self.backbone.num_classes, self.grid))
+        samples = [(i, self.dataset[self.pseudo_indices[i]]) for i in pseudo]
+        samples = [(i, smp) for i, smp in samples if "error" not in smp]
+        if samples:
+            keep = [i for i, _ in samples]
+            extra = collate([smp for _, smp in samples])
+            flip = torch.rand(len(keep)) < 0.5
             img = torch.where(flip[:, None, None, None], extra["image"].flip(-1), extra["image"])
-            tgt = self.pseudo_targets[pseudo]
+            tgt = self.pseudo_targets[keep]
             tgt = torch.where(flip[:, None, None, None], tgt.flip(-1), tgt)
-            images, labels = torch.cat([images, img]), torch.cat([labels, extra["label"]])
-            targets = torch.cat([targets, tgt.to(device)])
-        return images.to(device), labels.to(device), targets
+            parts_img.append(img)
+            parts_lab.append(extra["label"])
+            parts_tgt.append(tgt.to(device))
+        return torch.cat(parts_img).to(device), torch.cat(parts_lab).to(device), torch.cat(parts_tgt)
 
     def _composite_batch(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``composites`` 2×2 tiles of four pool images each, with every object's target for its class."""
-        pick = torch.randint(0, len(self.mask_indices), (4 * self.composites,))
-        images, masks = flip_shift(self.pool["image"][pick], self.pool["mask"][pick])
+        pick = torch.randint(0, len(self.mask_indices), (4 * self.composites,)).tolist()
+        images, labels, masks = self._pool_items(pick)
+        images, masks = flip_shift(images, masks)
         tiles, object_masks = compose_grid(images, masks, grid=2)
-        labels = self.pool["label"][pick].view(-1, 4)
+        labels = labels.view(-1, 4)
         targets = pm_targets(object_masks.to(device), labels.to(device), self.backbone.num_classes, self.grid)
         return tiles.to(device), targets
 
@@ -150,7 +261,7 @@ class PMTask(Task):
         x, y = flip_shift(batch["image"])[0], batch["label"]
         mx, my, targets = self._mask_batch(x.device)
         parts, n_patch = [mx], len(mx)
-        if self.composites:
+        if self.composites and self.mask_indices:
             tiles, tile_targets = self._composite_batch(x.device)
             parts, targets, n_patch = [mx, tiles], torch.cat([targets, tile_targets]), n_patch + len(tiles)
         keep = max(0, len(x) - n_patch)  # masked images and composites replace ordinary ones: same batch size
@@ -176,13 +287,16 @@ class PMTask(Task):
         for start in range(0, min(len(candidates), self.pseudo_pool), 256):
             chunk = candidates[start : start + 256]
             b = collate([self.dataset[i] for i in chunk])
+            if "image" not in b:
+                continue
+            chunk = b["index"].tolist()
             trace = self.backbone.run(b["image"].to(device))
             probs = trace.logits.softmax(1)
             conf, pred = probs.max(1)
             ok = (pred.cpu() == b["label"]) & (conf.cpu() >= self.pseudo_confidence)
             volume = patch_probabilities(self.backbone, trace)
             hard = (volume[torch.arange(len(pred)), pred] > self.pseudo_threshold).float()
-            for j in torch.nonzero(ok).flatten().tolist():
+            for j in torch.nonzero(ok & hard.flatten(1).any(1).cpu()).flatten().tolist():  # never an empty target
                 t = torch.zeros_like(volume[j])
                 t[b["label"][j]] = hard[j]
                 new_idx.append(int(chunk[j]))
@@ -204,7 +318,8 @@ class PMTask(Task):
         return {}, {
             "pm": {
                 "mask_fraction": self.mask_fraction,
-                "mask_indices": self.mask_indices,
+                "labelled": len(self.labelled),
+                **({"mask_indices": self.mask_indices} if len(self.mask_indices) <= 10000 else {}),
                 "masks_used": len(self.mask_indices),
                 "lambda": self.lam,
                 "pos_weight": self.pos_weight,
@@ -214,3 +329,90 @@ class PMTask(Task):
                 "pseudo_labelled": len(self.pseudo_indices),
             }
         }
+
+
+# The best fashion-canvas run (run 9 in benchmarks/pm.md): 64 images under cross-entropy per step (56
+# ordinary + 8 masked) and 24 composites, λ = 10, positive weight 10, lr 2e-4 with 100 warm-up steps,
+# 4,500 steps (about 4.8 epochs of its 60,000 images).
+RECIPE = {"ce_images": 64, "composites": 24, "mask_batch": 8, "lam": 10.0, "pos_weight": 10.0, "lr": 2e-4,
+          "warmup_steps": 100, "epochs": 4.8, "max_steps": 4500, "min_steps": 500}  # fmt: skip
+FEW_LABELS = 100  # fewer labelled images than this: pseudo-mask rounds start by themselves
+AUTO_PSEUDO_ROUNDS = 2
+
+
+def pm_settings(n_images: int, n_used: int, n_classes_used: int, given: dict) -> tuple[dict, list[str]]:
+    """PM's settings: the flags ``given`` (non-``None`` values), the rest from :data:`RECIPE`, scaled.
+
+    Args:
+        n_images: training images.
+        n_used: labelled images whose masks are used.
+        n_classes_used: classes among them.
+        given: ``batch_size``, ``max_steps``, ``epochs``, ``lr``, ``warmup_steps``, ``lam``, ``pos_weight``,
+            ``mask_batch``, ``composites``, ``pseudo_rounds``, each ``None`` when not given.
+
+    Returns:
+        (settings with every key of ``given`` resolved, except ``epochs``/``max_steps``: exactly one is
+        set; one short line per chosen setting saying why).
+    """
+    s, why = dict(given), []
+    r = RECIPE
+    if s["composites"] is None:
+        if n_used < 8 or n_classes_used < 2:
+            s["composites"] = 0
+            why.append(f"composites 0: 2×2 composites need 8+ labelled images of 2+ classes ({n_used}, "
+                       f"{n_classes_used} classes)")  # fmt: skip
+        elif s["batch_size"] is not None:
+            s["composites"] = max(1, round(r["composites"] * s["batch_size"] / (r["ce_images"] + r["composites"])))
+            why.append(f"composites {s['composites']}: run 9's share of the batch (24 of 88) of --batch-size "
+                       f"{s['batch_size']}")  # fmt: skip
+        else:
+            s["composites"] = r["composites"]
+            why.append("composites 24: class separation as in run 9")
+    if s["batch_size"] is None:
+        s["batch_size"] = r["ce_images"] + s["composites"]
+        why.append(f"batch {s['batch_size']}: 64 images under cross-entropy + {s['composites']} composites")
+    if s["mask_batch"] is None:
+        s["mask_batch"] = r["mask_batch"]
+        why.append("8 masked images per step (run 9)")
+    if s["max_steps"] is None and s["epochs"] is None:
+        ce = max(1, s["batch_size"] - s["composites"])
+        natural = round(r["epochs"] * n_images / ce)
+        s["max_steps"] = min(r["max_steps"], max(r["min_steps"], natural))
+        why.append(f"{s['max_steps']} steps: run 9's 4.8 epochs would be {natural:,} steps of {ce} images, kept "
+                   f"within {r['min_steps']:,}..{r['max_steps']:,}")  # fmt: skip
+    steps = s["max_steps"] if s["max_steps"] is not None else max(1, round(s["epochs"] * n_images / s["batch_size"]))
+    if s["warmup_steps"] is None:
+        s["warmup_steps"] = min(r["warmup_steps"], steps // 10)
+        why.append(f"{s['warmup_steps']} warm-up steps")
+    for key, flag in (("lr", "lr"), ("lam", "lambda"), ("pos_weight", "pos-weight")):
+        if s[key] is None:
+            s[key] = r[key]
+            why.append(f"{flag} {s[key]:g} (run 9)")
+    if s["pseudo_rounds"] is None:
+        unlabelled = n_images - n_used
+        if n_used < FEW_LABELS and unlabelled >= FEW_LABELS:
+            s["pseudo_rounds"] = AUTO_PSEUDO_ROUNDS
+            why.append(f"{AUTO_PSEUDO_ROUNDS} pseudo-mask rounds: only {n_used} labelled images (fewer than "
+                       f"{FEW_LABELS}), {unlabelled:,} others to pseudo-label")  # fmt: skip
+        else:
+            s["pseudo_rounds"] = 0
+    return s, why
+
+
+def check_pm_settings(mask_fraction: float | None, composites: int | None) -> None:
+    """One-line errors for impossible PM settings."""
+    if mask_fraction is not None and not 0 < mask_fraction <= 1:
+        raise VitlensError(f"--mask-fraction must be in (0, 1], got {mask_fraction}")
+    if composites is not None and composites < 0:
+        raise VitlensError(f"--composites must be 0 or more, got {composites}")
+
+
+def describe_pool(n_images: int, n_labelled: int, n_used: int, mask_fraction: float | None) -> str:
+    """The one line on labelled images: how many exist and how many are used."""
+    if not n_used:
+        how = "none (pseudo-masks only)"
+    elif mask_fraction is None:
+        how = "all of them"
+    else:
+        how = f"{n_used:,} (--mask-fraction {mask_fraction:g})"
+    return f"{n_labelled:,} of {n_images:,} training images carry a mask or a box; PM uses {how}"

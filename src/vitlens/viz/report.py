@@ -13,9 +13,11 @@ each method as a ratio to one forward pass.
 from __future__ import annotations
 
 import base64
+import binascii
 import html
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from PIL import Image, ImageDraw
 from .._utils import require
 from ..backbones import upsample
 from ..errors import VitlensError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_output_file
 from ..metrics import METRICS, boxes_from_map
 from ..metrics.localisation import normalize_maps
 from .colormaps import colormap
@@ -100,18 +102,169 @@ dl{background:#fff;padding:10px 16px;border:1px solid #e2e2e6}dt{font-weight:700
 """
 
 
+MAX_PICTURE_PIXELS = 1 << 22  # a gallery picture is one model input: at most 2048² pixels are decoded
+MAX_GALLERY = 1000  # images in one results file's gallery
+MAX_MAP_CELLS = 1 << 16  # cells of one gallery map (256²)
+
+
+def _num(v: object, finite: bool = False) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and (not finite or math.isfinite(v))
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _nums(v: object, finite: bool = False) -> bool:
+    return isinstance(v, list) and all(_num(x, finite) for x in v)
+
+
+def _box(b: object) -> bool:
+    """``[x0, y0, x1, y1]``: finite, x0 <= x1 and y0 <= y1."""
+    return _nums(b, True) and len(b) == 4 and b[0] <= b[2] and b[1] <= b[3]
+
+
+def _map(v: object) -> bool:
+    """A 2-D, rectangular, non-empty list of finite numbers, at most :data:`MAX_MAP_CELLS` cells."""
+    if not (isinstance(v, list) and v and isinstance(v[0], list) and v[0] and len(v) * len(v[0]) <= MAX_MAP_CELLS):
+        return False
+    return all(_nums(r, True) and len(r) == len(v[0]) for r in v)
+
+
+def picture_size(b64: object, where: str) -> tuple[int, int]:
+    """(width, height) of a base64 PNG from its header alone; refuses a non-PNG or one over the pixel bound."""
+    try:
+        data = base64.b64decode(b64, validate=True) if isinstance(b64, str) else b""
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:  # reads the header, decodes nothing
+            size = im.size
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as e:
+        raise VitlensError(f"{where}: not a base64 PNG picture ({str(e)[:80] or type(e).__name__})") from None
+    if size[0] * size[1] > MAX_PICTURE_PIXELS:
+        raise VitlensError(f"{where}: picture too large ({size[0]}×{size[1]} pixels; at most {MAX_PICTURE_PIXELS})")
+    return size
+
+
+def check_results(data: object, where: str) -> dict:
+    """Check a parsed results file field by field before any work (types, lengths, picture sizes).
+
+    Args:
+        data: the parsed JSON.
+        where: the file, for the messages.
+
+    Returns:
+        ``data``, unchanged. A field of the wrong type raises :class:`VitlensError` naming it.
+    """
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise VitlensError(f"{where}: invalid {key!r} (expected {expected})")
+
+    need(isinstance(data, dict), "(top level)", "a JSON object written by `vitlens evaluate --out`")
+    assert isinstance(data, dict)
+    if "format" in data:
+        need(data["format"] == "vitlens-results", "format", "'vitlens-results'")
+    need(isinstance(data.get("model"), str), "model", "a string")
+    need(isinstance(data.get("data"), str), "data", "a string")
+    need(_int(data.get("n")), "n", "an integer >= 0")
+    need(data.get("accuracy") is None or _num(data["accuracy"]), "accuracy", "a number or null")
+    results = data.get("results")
+    need(isinstance(results, dict) and all(isinstance(v, dict) for v in results.values()), "results",
+         "an object of methods, each an object of metric values")  # fmt: skip
+    for method, values in results.items():
+        need(all(v is None or _num(v) for v in values.values()), f"results.{method}", "numbers or null")
+    need(isinstance(data.get("used", {}), dict) and all(map(_int, data.get("used", {}).values())), "used",
+         "an object of image counts")  # fmt: skip
+    need(
+        data.get("classes") is None
+        or (isinstance(data["classes"], list) and all(isinstance(c, str) for c in data["classes"])),
+        "classes",
+        "class names",
+    )
+    for key in ("settings", "versions"):
+        need(data.get(key) is None or isinstance(data[key], dict), key, "an object")
+    for key in ("device", "threads", "date"):
+        need(data.get(key) is None or isinstance(data[key], str | int) and not isinstance(data[key], bool), key,
+             "a string")  # fmt: skip
+    cost = data.get("cost")
+    need(cost is None or (isinstance(cost, dict) and isinstance(cost.get("methods", {}), dict)), "cost", "an object")
+    for method, c in ((cost or {}).get("methods") or {}).items():
+        need(isinstance(c, dict) and _num(c.get("seconds_per_image"), True) and
+             (c.get("ratio_to_forward") is None or _num(c["ratio_to_forward"], True) and c["ratio_to_forward"] >= 0),
+             f"cost.methods.{method}", "seconds_per_image and ratio_to_forward numbers")  # fmt: skip
+    curves = data.get("curves")
+    need(curves is None or (isinstance(curves, dict) and all(isinstance(v, dict) for v in curves.values())),
+         "curves", "an object of methods")  # fmt: skip
+    for method, per_metric in (curves or {}).items():
+        for metric, c in per_metric.items():
+            key = f"curves.{method}.{metric}"
+            need(isinstance(c, dict), key, "an object")
+            if metric in CURVES and c:
+                quantity = CURVES[metric][0]
+                need(_nums(c.get("fraction")) and _nums(c.get(quantity)) and len(c["fraction"]) == len(c[quantity]),
+                     key, f"lists 'fraction' and '{quantity}' of equal length")  # fmt: skip
+            elif metric == "maxboxacc" and c:
+                need(_nums(c.get("threshold")) and isinstance(c.get("accuracy"), list) and c["accuracy"]
+                     and _nums(c["accuracy"][0]) and len(c["accuracy"][0]) == len(c["threshold"])
+                     and _nums(c.get("best_threshold")) and c["best_threshold"],
+                     key, "'threshold', 'accuracy' and 'best_threshold' lists")  # fmt: skip
+            elif metric == "sanity" and c:
+                need(
+                    isinstance(c.get("levels"), list)
+                    and _nums(c.get("spearman"))
+                    and len(c["levels"]) == len(c["spearman"]),
+                    key,
+                    "lists 'levels' and 'spearman' of equal length",
+                )
+    gallery = data.get("gallery")
+    need(gallery is None or isinstance(gallery, dict), "gallery", "an object or null")
+    if gallery:
+        index = gallery.get("index")
+        need(isinstance(index, list) and len(index) <= MAX_GALLERY and all(map(_int, index)), "gallery.index",
+             f"a list of at most {MAX_GALLERY} image indices")  # fmt: skip
+        k = len(index)
+        lists = {"image": lambda v: isinstance(v, str), "label": _int, "predicted": _int,
+                 "probability": lambda v: _num(v, True),
+                 "boxes": lambda v: isinstance(v, list) and all(_box(b) for b in v)}  # fmt: skip
+        for key, check in lists.items():
+            value = gallery.get(key)
+            need(isinstance(value, list) and len(value) == k and all(map(check, value)), f"gallery.{key}",
+                 f"a list of {k} valid entries")  # fmt: skip
+        maps = gallery.get("maps")
+        need(isinstance(maps, dict), "gallery.maps", "an object of methods")
+        for method, m in maps.items():
+            need(isinstance(m, list) and len(m) == k and all(map(_map, m)), f"gallery.maps.{method}",
+                 f"{k} rectangular maps of finite numbers, at most {MAX_MAP_CELLS} cells each")  # fmt: skip
+        pictures = gallery.get("pictures") or {}
+        need(isinstance(pictures, dict) and all(isinstance(p, dict) for p in pictures.values()), "gallery.pictures",
+             "an object of methods")  # fmt: skip
+        for i, b64 in enumerate(gallery["image"]):
+            picture_size(b64, f"{where}: gallery.image[{i}]")
+        for method, named in pictures.items():
+            for name, values in named.items():
+                need(isinstance(values, list) and len(values) == k, f"gallery.pictures.{method}.{name}",
+                     f"a list of {k} pictures")  # fmt: skip
+                for i, b64 in enumerate(values):
+                    picture_size(b64, f"{where}: gallery.pictures.{method}.{name}[{i}]")
+    return data
+
+
 def load_results(path: str | os.PathLike) -> dict:
-    """A ``vitlens evaluate --out`` file, checked to have what the report needs."""
+    """A ``vitlens evaluate --out`` file, checked (:func:`check_results`) to have what the report needs."""
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise VitlensError(f"results file {os.fspath(path)!r} is not a regular file")  # a FIFO would block
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise VitlensError(f"results file {os.fspath(path)!r} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VitlensError(f"cannot read results file {os.fspath(path)!r}: {e}") from None
+    except IsADirectoryError:
+        raise VitlensError(f"results file {os.fspath(path)!r} is a directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise VitlensError(f"cannot read results file {os.fspath(path)!r}: {first}") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or "model" not in data:
         raise VitlensError(f"{os.fspath(path)!r} is not a `vitlens evaluate --out` results file")
-    return data
+    return check_results(data, repr(os.fspath(path)))
 
 
 # --- merging results files into columns -------------------------------------------------------------
@@ -170,7 +323,13 @@ def data_uri(picture: Image.Image) -> str:
 
 
 def decode_png(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGBA")
+    """A base64 PNG as an RGBA image; its size is checked from the header before anything is decoded."""
+    picture_size(b64, "gallery picture")
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(b64)), formats=["PNG"]) as im:
+            return im.convert("RGBA")
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise VitlensError(f"gallery picture: cannot decode ({str(e)[:80] or type(e).__name__})") from None
 
 
 def image_tensor(b64: str) -> torch.Tensor:
@@ -329,7 +488,7 @@ def section_run(runs: list[dict]) -> str:
         s = r.get("settings") or {}
         metrics = ", ".join(f"{k} ({n})" for k, n in r.get("used", {}).items())
         rows.append(
-            f"<tr><td class=l>{esc(r['model'])}</td><td class=l>{esc(r['data'])}</td><td>{r['n']}</td>"
+            f"<tr><td class=l>{esc(r['model'])}</td><td class=l>{esc(r['data'])}</td><td>{esc(r['n'])}</td>"
             f"<td>{fmt(r.get('accuracy'))}</td><td class=l>{esc(s.get('target', '—'))}</td>"
             f"<td class=l>{esc(', '.join(r['results']))}</td><td class=l>{esc(metrics)}</td>"
             f"<td class=l>{esc(r.get('device', '—'))}, {esc(r.get('threads', '?'))} threads</td>"
@@ -362,9 +521,9 @@ def section_gallery(cols: list[Column], rows: list[GalleryRow]) -> str:
             for m, (k, p) in row.predictions.items()
         )
         first = (
-            f'<td class="first"><img alt="image {row.key[1]}" style="margin:0 auto" '
+            f'<td class="first"><img alt="image {esc(row.key[1])}" style="margin:0 auto" '
             f'src="{data_uri(plain(row.image, boxes=row.boxes, size=CELL))}"><div class="lab">'
-            f"<b>{esc(class_name(row.classes, row.label))}</b> · #{row.key[1]}<br>{preds}</div></td>"
+            f"<b>{esc(class_name(row.classes, row.label))}</b> · #{esc(row.key[1])}<br>{preds}</div></td>"
         )
         cells = "".join(
             f'<td><img alt="{esc(c.label)}" src="{data_uri(row.cells[c.label])}"></td>' if c.label in row.cells
@@ -450,7 +609,7 @@ def metric_table(cols: list[Column], keys: list[str]) -> str:
         arrow = (" ↑" if METRICS[base].higher_is_better else " ↓") if base in METRICS else ""
         ns = sorted({c.used[base] for c in cols if base in c.used and key in c.results})
         n = "" if not ns else f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
-        return f'<th>{esc(key)}{arrow}<span class="note" style="display:block;font-weight:400">{n}</span></th>'
+        return f'<th>{esc(key)}{arrow}<span class="note" style="display:block;font-weight:400">{esc(n)}</span></th>'
 
     best = {k: best_values(cols, k) for k in keys}
     rows = []
@@ -492,7 +651,7 @@ def section_cost(cols: list[Column], runs: list[dict]) -> str:
     costed = [c for c in cols if c.cost and c.cost.get("ratio_to_forward") is not None]
     if not costed:
         return '<section id="cost"><h2>Cost</h2><p class="note">No cost in these results.</p></section>'
-    top = max(c.cost["ratio_to_forward"] for c in costed)
+    top = max(1e-12, *(c.cost["ratio_to_forward"] for c in costed))
     rows = "".join(
         f"<tr><td class='l m'><b>{esc(c.method)}</b> <span class=note>{esc(short(c.model))}</span></td>"
         f"<td>{c.cost['seconds_per_image'] * 1000:.2f}</td><td>{c.cost['ratio_to_forward']:.2f}×</td>"
@@ -541,5 +700,6 @@ def write_report(
     """Read ``vitlens evaluate --out`` files and write the self-contained report to ``out`` (atomically)."""
     if Path(out).is_dir():
         raise VitlensError(f"report output {os.fspath(out)} is a directory (give the HTML file to write)")
+    check_output_file(out, "report output")  # refused before the work, not after it
     page, _ = build_report([load_results(p) for p in results], title)
     return atomic_write_text(out, page)
