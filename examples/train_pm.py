@@ -55,7 +55,8 @@ with tempfile.TemporaryDirectory() as tmp:
 
     # The same run as `vitlens train pm --model vitlens:fashion-vit --data folder:ROOT:train --out OUT
     # --mask-fraction 0.2 --mask-batch 6 --max-steps 20 --batch-size 8 --lr 2e-3 --warmup-steps 2`:
-    # 10 of the 50 images carry their mask, and 6 of every 8 images in a batch are masked ones.
+    # PM supervises 10 of the 50 images with their masks, 6 of them in every batch of 8; the settings
+    # left out (composites, lambda, pos-weight) come from vitlens' recipe, which it reports on stderr.
     out = Path(tmp) / "fashion-vit-pm-mine"
     cfg = TrainConfig(max_steps=20, batch_size=8, lr=2e-3, warmup_steps=2, log_every=10)
     summary = train_pm(BASE, f"folder:{root}:train", out, cfg, mask_fraction=0.2, mask_batch=6)
