@@ -34,8 +34,8 @@ def test_no_references_to_documents_outside_the_repository():
     internal = ["SPEC" + ".md", "SPEC" + " §", "NOTES" + ".md", "ARCHITECTURE" + ".md"]
     found = [
         f"{path.relative_to(ROOT)}: {word}"
-        for folder in ("src", "tests", "examples", "docs")
-        for path in (ROOT / folder).rglob("*")
+        for folder in ("src", "tests", "examples", "docs", "benchmarks")
+        for path in [*(ROOT / folder).rglob("*"), *ROOT.glob("*.md")]
         if path.suffix in (".py", ".md")
         for word in internal
         if word in path.read_text(encoding="utf-8")
