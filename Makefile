@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 BENCH_METHODS ?= pm,attention,rollout
 
-.PHONY: install data browser test test-all wheel-check demo lint bench clean
+.PHONY: install data browser test test-all wheel-check demo docs lint bench clean
 
 install: $(STAMP) data browser
 
@@ -46,6 +46,15 @@ test-all: install
 wheel-check: install
 	.ci/wheel-check $(VENV)
 
+# The documentation site (mkdocs.yml, docs/): API reference from the docstrings; warnings are errors.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
 demo: install
 	$(VENV)/bin/vitlens demo --out demo-out
 
@@ -57,4 +66,4 @@ bench: install
 	$(VENV)/bin/vitlens bench --methods $(BENCH_METHODS)
 
 clean:
-	rm -rf $(VENV) demo-out vitlens-out .pytest_cache
+	rm -rf $(VENV) demo-out vitlens-out site .pytest_cache

@@ -270,7 +270,7 @@ def test_unit_output_never_exceeds_the_input_norm(b, max_out):
     y = torch.randn(2, 4, 7, 7)
     patch_norms = F.unfold(y, 3, padding=1).norm(dim=1).reshape(2, 1, 7, 7)
     assert (conv(y).abs() <= patch_norms * (1 + 1e-5) + 1e-6).all()
-    if b == 2 and max_out == 1:  # SPEC: (ŵᵀx)·|ŵᵀx| / ‖x‖
+    if b == 2 and max_out == 1:  # B-cos with B=2: (ŵᵀx)·|ŵᵀx| / ‖x‖
         w = lin.linear.weight / lin.linear.weight.norm(dim=1, keepdim=True)
         lin_out = x @ w.T
         torch.testing.assert_close(out, lin_out * lin_out.abs() / bound, rtol=1e-5, atol=1e-7)

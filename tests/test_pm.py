@@ -138,7 +138,7 @@ def test_short_pm_finetuning_moves_the_map_onto_the_object(tmp_path):
                        eval_data=test)  # fmt: skip
     tuned = load_model(out)
     after = _energy_in_mask(explain(tuned, images, "pm", labels).maps, masks)
-    assert after > 1.5 * before  # the untuned read-out is near chance (NOTES.md); 30 masks and 60 steps move it
+    assert after > 1.5 * before  # the untuned read-out is near chance; 30 masks and 60 steps move it
     # no parameters added: same names and shapes
     shapes = {k: v.shape for k, v in tuned.model.state_dict().items()}
     assert shapes == {k: v.shape for k, v in base.model.state_dict().items()}

@@ -118,7 +118,7 @@ def needed(names: list[str]) -> list[str]:
 
 def split_launcher(command: str) -> tuple[list[str], list[str]]:
     """A documented command as (launcher, ``vitlens`` arguments): ``vitlens ARGS`` → ``([], ARGS)``,
-    ``torchrun OPTS -m vitlens ARGS`` (several processes, SPEC §7) → ``(["torchrun", *OPTS], ARGS)``."""
+    ``torchrun OPTS -m vitlens ARGS`` (several processes) → ``(["torchrun", *OPTS], ARGS)``."""
     args = shlex.split(command)
     if args[:1] == ["vitlens"]:
         return [], args[1:]

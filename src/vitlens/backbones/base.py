@@ -1,4 +1,4 @@
-"""The backbone contract: one view of any Vision Transformer (SPEC §2).
+"""The backbone contract: one view of any Vision Transformer.
 
 Every explainer, metric and trainer talks to a :class:`Backbone`, never to a timm / Hugging Face /
 torchvision module directly. A backbone takes images in ``[0, 1]`` at the model's input size; the

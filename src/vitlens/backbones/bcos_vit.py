@@ -1,4 +1,4 @@
-"""Adapter for vitlens' own B-cos ViT (SPEC §3.2): no prefix tokens, mean-pooled readout.
+"""Adapter for vitlens' own B-cos ViT: no prefix tokens, mean-pooled readout.
 
 The B-cos head normalises *after* pooling (``norm(mean(tokens))``), so the trace's "final-normed" tokens
 are the last block's output itself (``final_norm`` is the identity) and :meth:`BcosViT.head` /

@@ -1,9 +1,9 @@
 """Named architectures that vitlens trains itself (timm ``VisionTransformer`` instances).
 
-``fashion-vit`` follows the study in NOTES.md: a convolutional stem (as in ViT-C, Xiao et al. 2021)
-instead of patchify removes the long chance-level plateau on the 64×64 fashion canvases, while its
-8×8 token grid keeps one token per 8×8 cell for localisation. Two 3×3 convs per stem stage instead of one
-raised test accuracy from about 84.5% to 87.0% within an hour of CPU training (checkpoints/README.md);
+``fashion-vit`` has a convolutional stem (as in ViT-C, Xiao et al. 2021): instead of patchify it removes
+the long chance-level plateau that a plain ViT shows on the 64×64 fashion canvases, while its 8×8 token
+grid keeps one token per 8×8 cell for localisation. Two 3×3 convs per stem stage instead of one raised
+test accuracy from about 84.5% to 87.0% within an hour of CPU training (docs/pretrained.md);
 ``fashion-vit-1conv`` keeps the first design, so the earlier records can be re-run.
 """
 

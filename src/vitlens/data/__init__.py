@@ -1,4 +1,4 @@
-"""Data sets addressed by a spec string ``NAME[:SPLIT][:key=value,...]`` (SPEC §6).
+"""Data sets addressed by a spec string ``NAME[:SPLIT][:key=value,...]``.
 
 Examples: ``fashion-canvas:test``, ``counting:train:colour=blue,grid=4``, ``folder:/data/birds:train``,
 ``fashion-canvas:test:n=500,seed=1``. Every sample is a dict with ``image`` ([3, H, W] in [0, 1]),

@@ -1,4 +1,4 @@
-"""Fashion-MNIST and the data sets built from it (SPEC §6): ``fashion-canvas`` and ``fashion-grid``."""
+"""Fashion-MNIST and the data sets built from it: ``fashion-canvas`` and ``fashion-grid``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""User data: ``ROOT/SPLIT/<class name>/<image>`` with optional boxes and masks (SPEC §6)."""
+"""User data: ``ROOT/SPLIT/<class name>/<image>`` with optional boxes and masks."""
 
 from __future__ import annotations
 

@@ -28,7 +28,14 @@ EXPLAINERS: dict[str, type[Explainer]] = {}
 
 
 def register(cls: type[Explainer]) -> type[Explainer]:
-    """Class decorator adding an explainer to the registry under ``cls.name``."""
+    """Class decorator adding an explainer to the registry :data:`EXPLAINERS` under ``cls.name``.
+
+    Args:
+        cls: an :class:`Explainer` subclass with ``name``, ``paper``, ``cost``, ``scale`` and ``meaning`` set.
+
+    Returns:
+        ``cls`` itself.
+    """
     if cls.scale not in SCALES:
         raise ValueError(f"{cls.__name__}.scale must be one of {SCALES}")
     EXPLAINERS[cls.name] = cls
@@ -271,7 +278,23 @@ def check_options(cls: type[Explainer], options: dict) -> None:
 
 
 def get_explainer(method: str, model, **options) -> Explainer:
-    """The explainer ``method`` for ``model`` with ``options`` (see ``vitlens methods``)."""
+    """The explainer ``method`` for ``model`` with ``options`` (see ``vitlens methods``).
+
+    Build it once to explain several batches with the same settings.
+
+    Args:
+        method: a registered method name.
+        model (object): anything :func:`vitlens.load_model` accepts.
+        **options (object): the method's options; unknown names are refused in one line.
+
+    Returns:
+        The :class:`Explainer`; call it as ``explainer(images, target)``.
+
+    Examples:
+        >>> ig = get_explainer("ig", model, steps=16)
+        >>> for images in batches:
+        ...     e = ig(images, target=vitlens.TopK(2))
+    """
     if method not in EXPLAINERS:
         raise VitlensError(f"unknown method {method!r} (known: {', '.join(sorted(EXPLAINERS))})")
     cls = EXPLAINERS[method]
@@ -285,15 +308,16 @@ def explain(
     """Explain ``images`` with ``method``: ``vitlens.explain(model, images, method="gae", target="Trouser")``.
 
     Args:
-        model: a :class:`~vitlens.Backbone`, a timm / Hugging Face / torchvision ViT module (also compiled,
-            ``DataParallel``-wrapped, ``Sequential(normalize, vit)`` or half precision), a model URI
-            (``timm:NAME``, ``hf:NAME``, ``torchvision:NAME``, ``vitlens:NAME``) or a checkpoint directory.
+        model (Backbone | nn.Module | str | PathLike): a :class:`~vitlens.Backbone`, a timm / Hugging Face /
+            torchvision ViT module (also compiled, ``DataParallel``-wrapped, ``Sequential(normalize, vit)`` or
+            half precision), a model URI (``timm:NAME``, ``hf:NAME``, ``torchvision:NAME``, ``vitlens:NAME``)
+            or a checkpoint directory.
         images: ``[B, 3, H, W]`` float in [0, 1] or uint8 in 0..255; one ``[3, H, W]`` image is a batch of one.
         method: a registered method (``vitlens methods`` lists them with their options).
         target: ``None`` (the predicted class), a class index or name, one per image, a list per image,
             ``vitlens.TopK(k)``, or a score function of the model's output ``[B, C] → [B]``.
         normalized: the images are already normalised with the model's mean/std.
-        **options: the method's options (``steps=64`` for ``ig``, …).
+        **options (object): the method's options (``steps=64`` for ``ig``, …).
 
     Returns:
         An :class:`Explanation`: ``.maps`` ``[B, gh, gw]`` (``[B, K, gh, gw]`` for several targets per

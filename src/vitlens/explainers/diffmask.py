@@ -52,7 +52,7 @@ class HardConcrete:
 class Probe(nn.Module):
     """Weight-normalised Linear(2D → D/4) → tanh → Linear(D/4 → 1) → tanh, × scale, + learned offset.
 
-    Gates must start open (SPEC §3.3). With PyTorch's default init, the last layer's bias shifts all gate
+    Gates must start open. With PyTorch's default init, the last layer's bias shifts all gate
     logits of a state at once and ``tanh × scale`` can outweigh the offset, so for some seeds whole states
     started shut; a shut Hard Concrete gate passes no gradient and training collapsed (KL > 3 on held-out
     images for 1 of 8 seeds). So the last layer starts with a zero bias and half the default weight norm:

@@ -29,6 +29,7 @@ def register(cls: type[Metric]) -> type[Metric]:
 
 
 def get_metric(name: str, **options) -> Metric:
+    """A fresh metric by name, with options (``vitlens metrics`` lists them); a one-line error for unknown names."""
     if name not in METRICS:
         raise VitlensError(f"unknown metric {name!r} (known: {', '.join(sorted(METRICS))})")
     return METRICS[name](**options)

@@ -139,6 +139,27 @@ def evaluate(
     (seeded by ``seed``, the same for every method: paired) give ``intervals`` ``{method: {key: [lo,
     hi]}}`` (95 %) and ``best`` ``{key: {"best": [methods], "significant": bool, "versus": …}}``: the
     best method and those not significantly different from it. ``replicates=0`` skips both.
+
+    Args:
+        model: anything :func:`vitlens.load_model` accepts.
+        methods: method names, as a list or ``"pm,gae"``.
+        metrics: metric names, or ``"all"`` for every metric that applies to ``data``.
+        data: a data spec (``"fashion-canvas:test"``, ``"folder:/data/birds:test"``).
+        limit: evaluate the first ``limit`` samples only.
+        batch_size: images per forward pass.
+        target: the class the maps explain: ``"label"`` (the ground truth) or ``"predicted"``.
+        options: ``{method or metric name: {option: value}}``, e.g. ``{"deletion": {"fill": "blur"}}``.
+        device: ``"cpu"`` or ``"cuda"`` (default: cuda when available).
+        out: write the full results (JSON) to this file.
+        progress: show a progress bar.
+        gallery: images (with every method's maps) kept in ``out`` for the report.
+        protocol: a reference protocol for every chosen metric that has it (``wsol``, ``bcos``, ``rise``,
+            ``chefer``).
+        replicates: bootstrap resamples for the intervals (0: none).
+        seed: seed of the bootstrap.
+
+    Returns:
+        The summary on the main process, ``None`` on the others.
     """
     if target not in TARGETS:
         raise VitlensError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")

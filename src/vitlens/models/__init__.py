@@ -190,7 +190,28 @@ def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **o
     ``load_model("vitlens:fashion-vit-pm")``.
 
     Models loaded from a URI or checkpoint are put in eval mode; a module passed in keeps its mode.
-    ``options`` are URI options given as keywords (``load_model("bcos:NAME", weights=PATH)``).
+
+    Args:
+        model: a model URI (``timm:NAME[?key=value&…]``, ``hf:NAME_OR_PATH``, ``torchvision:NAME``,
+            ``bcos:NAME``, ``vitlens:NAME``), a vitlens checkpoint directory, a timm / Hugging Face /
+            torchvision ViT module (compiled, ``DataParallel``-wrapped and ``Sequential(Normalize, vit)``
+            modules are unwrapped) or a :class:`Backbone` (returned as is).
+        device (str | torch.device | None): move the model there (``"cpu"``, ``"cuda"``, ``"cuda:N"``);
+            default: where it is.
+        **options (object): URI options given as keywords (``load_model("bcos:NAME", weights=PATH)``).
+
+    Returns:
+        The :class:`Backbone`: a ``torch.nn.Module`` whose forward takes images in [0, 1] and returns
+        logits, with the model's ``classes``, ``preprocessing`` and patch grid.
+
+    Raises:
+        VitlensError: an unknown model or URI, an unsupported architecture, a missing extra, a missing
+            device, or a checkpoint that fails its checks (one line saying which).
+
+    Examples:
+        >>> model = vitlens.load_model("vitlens:fashion-vit")
+        >>> model = vitlens.load_model("timm:vit_small_patch16_224?pretrained=0&num_classes=10")
+        >>> model = vitlens.load_model(my_timm_vit)  # the same module and weights, seen by vitlens
     """
     if options and not (isinstance(model, str | os.PathLike) and os.fspath(model).partition(":")[0] in SCHEMES):
         raise VitlensError(f"options {', '.join(sorted(options))} only apply to a model URI")

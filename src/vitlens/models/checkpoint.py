@@ -1,4 +1,4 @@
-"""vitlens checkpoints: a directory with ``model.safetensors`` and ``config.json`` (SPEC §2).
+"""vitlens checkpoints: a directory with ``model.safetensors`` and ``config.json``.
 
 A checkpoint is written whole into a temporary directory and swapped in place, so an interrupted
 write (even ``kill -9``) leaves the previous complete checkpoint: readers fall back to it while a swap

@@ -112,8 +112,20 @@ def train_classifier(
 ) -> dict:  # fmt: skip
     """``vitlens train classifier``: train a classifier on ``data`` and report held-out accuracy.
 
-    ``init`` starts from the weights of a model (URI or checkpoint) instead of a fresh ``arch`` — a
-    second stage with a fresh optimizer and schedule, recorded as such in the checkpoint.
+    Args:
+        data: a data spec, e.g. ``"fashion-canvas:train"`` or ``"folder:/data/birds:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        arch: an architecture preset or a timm model name (default: the preset of the data set, or for
+            folder data a default sized to its images).
+        resume: continue the interrupted run in ``out``.
+        eval_data: held-out data spec (default: the test split of ``data``).
+        init: start from the weights of a model (URI or checkpoint) instead of a fresh ``arch`` — a second
+            stage with a fresh optimizer and schedule, recorded as such in the checkpoint.
+        overwrite: replace a model already in ``out`` instead of refusing.
+
+    Returns:
+        The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
     """
     from ..models import load_model
     from ..models.checkpoint import load_checkpoint
@@ -177,6 +189,26 @@ def train_pm(
     ``lr``, ``warmup_steps``, ``max_steps`` with ``epochs``) comes from the best fashion-canvas recipe,
     scaled to the data set (:func:`vitlens.training.pm.pm_settings`); what was chosen and why goes to
     ``log`` (default: stderr, on the main process).
+
+    Args:
+        model (str | PathLike): the classifier to fine-tune (URI, ``vitlens:NAME`` or checkpoint directory).
+        data: a data spec whose images carry masks or boxes, e.g. ``"folder:/data/birds:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        mask_fraction: share of the training set supervised with its mask or box (default: every image
+            that has one).
+        lam: weight of the patch-level BCE.
+        pos_weight: weight of positive (object) patch targets.
+        mask_batch: masked images in every batch (they replace ordinary ones).
+        composites: 2×2 composites of masked images in every batch (class separation).
+        pseudo_rounds: self-training rounds with pseudo-masks.
+        resume: continue the interrupted run in ``out``.
+        eval_data: held-out data spec (default: the test split of ``data``).
+        overwrite: replace a model already in ``out`` instead of refusing.
+        log (Callable[[str], None] | None): where the chosen settings are reported (one line each).
+
+    Returns:
+        The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
 
     Raises:
         VitlensError: no image of ``data`` carries a mask or a box and no pseudo-mask rounds were asked for.
@@ -251,10 +283,23 @@ def train_diffmask(
     resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
-    """``vitlens train diffmask``: DiffMask gates for a frozen classifier (SPEC §3.3).
+    """``vitlens train diffmask``: DiffMask gates for a frozen classifier.
 
     The checkpoint holds the classifier unchanged plus the gates, so it loads as the classifier with
     the ``diffmask`` explainer attached.
+
+    Args:
+        model (str | PathLike): the frozen classifier (URI, ``vitlens:NAME`` or checkpoint directory).
+        data: a data spec, e.g. ``"counting:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        kl_margin: KL(p_orig || p_masked) allowed, in nats.
+        multiplier_lr: learning rate of the Lagrange multipliers.
+        resume: continue the interrupted run in ``out``.
+        overwrite: replace a model already in ``out`` instead of refusing.
+
+    Returns:
+        The run's summary (training seconds, held-out KL and share within the margin).
     """
     from ..explainers.diffmask import load_gates
     from ..models import load_model

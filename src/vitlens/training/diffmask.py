@@ -1,4 +1,4 @@
-"""Training Vision DiffMask gates on a frozen classifier (SPEC §3.3).
+"""Training Vision DiffMask gates on a frozen classifier.
 
 Per step: sample a state ℓ per image, sample Hard Concrete gates for states 0..ℓ and multiply them
 (a patch can be dropped at any depth), replace closed patches by the placeholder at the embedding level,

@@ -1,4 +1,4 @@
-"""The one training loop (SPEC §7): CPU, one GPU or many under torchrun; resumable and seeded.
+"""The one training loop: CPU, one GPU or many under torchrun; resumable and seeded.
 
 A :class:`Task` (classifier, PM, DiffMask, B-cos) contributes its trainable parameters, its loss and
 what it saves; the loop owns data order, schedule, logging, checkpoints and resume. The data order,
@@ -32,6 +32,24 @@ from . import distributed
 
 @dataclass
 class TrainConfig:
+    """The loop's settings, shared by every ``vitlens train`` command.
+
+    Attributes:
+        batch_size: images per step and process.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay (not applied to norms, biases, position embeddings and tokens).
+        warmup_steps: linear warm-up before the cosine schedule (shortened to half the run if longer).
+        epochs: run length in passes over the data (default 1 when ``max_steps`` is not given).
+        max_steps: run length in steps; takes precedence over ``epochs``.
+        seed: seeds the initial weights, the data order and augmentation.
+        checkpoint_every_s: seconds between atomic checkpoints (the training state for ``resume``).
+        log_every: steps between lines of ``metrics.jsonl``.
+        num_workers: data-loader worker processes.
+        grad_clip: maximum gradient norm (``None``: no clipping).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (default: cuda when available, else cpu).
+        autocast: ``"bf16"`` for mixed precision (float32 weights and optimizer state), ``None`` for float32.
+    """
+
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05

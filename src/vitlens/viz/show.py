@@ -43,7 +43,7 @@ def show(
         max_images: draw at most this many rows.
 
     Returns:
-        ``(fig, axes)``, the matplotlib figure and its 2-D array of axes.
+        figure_and_axes (tuple): ``(fig, axes)``, the matplotlib figure and its 2-D array of axes.
 
     Examples:
         >>> gae = vitlens.explain(model, images, method="gae")
