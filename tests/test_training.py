@@ -71,7 +71,7 @@ def test_checkpoint_round_trip(tiny_checkpoint, images):
     again = load_checkpoint(again_dir)
     with torch.no_grad():
         torch.testing.assert_close(again(images), bb(images), rtol=0, atol=0)
-    assert torch.equal(again.extra_tensors["probe.w"], torch.arange(3.0)) and again.config["note"] == 1
+    assert torch.equal(again.checkpoint.tensors["probe.w"], torch.arange(3.0)) and again.config["note"] == 1
     assert not list(again_dir.parent.glob(".again*"))  # no temporary left behind
 
 

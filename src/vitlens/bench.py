@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .backbones import Backbone
+from .backbones.base import CheckpointRecord
 from .errors import VitlensError
 from .explainers import Explainer, get_explainer
 from .models import load_model
@@ -155,14 +156,15 @@ def with_untrained_gates(backbone: Backbone, seed: int = 0) -> Backbone:
         for p, flag in zip(backbone.parameters(), flags, strict=True):
             p.requires_grad_(flag)
     view = copy.copy(backbone)
-    view.config = {**(getattr(backbone, "config", None) or {}), **extra, "kind": "diffmask"}
-    view.extra_tensors = {k: v.to(backbone.mean.device) for k, v in tensors.items() if k.startswith("gates.")}
+    config = {**(backbone.config or {}), **extra, "kind": "diffmask"}
+    gates = {k: v.to(backbone.mean.device) for k, v in tensors.items() if k.startswith("gates.")}
+    view.checkpoint = CheckpointRecord(config, gates)
     return view
 
 
 def make_explainer(name: str, backbone: Backbone, options: dict | None = None, seed: int = 0) -> Explainer:
     """The explainer ``bench`` times: ``diffmask`` gets untrained gates when the model has none."""
-    if name == "diffmask" and (getattr(backbone, "config", None) or {}).get("kind") != "diffmask":
+    if name == "diffmask" and (backbone.config or {}).get("kind") != "diffmask":
         backbone = with_untrained_gates(backbone, seed)
     return get_explainer(name, backbone, **(options or {}))
 

@@ -127,6 +127,21 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
     return probs @ v, probs
 
 
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a vitlens checkpoint records beside a model's weights.
+
+    Attributes:
+        config: its ``config.json`` (kind, classes, preprocessing, training provenance, a method's settings).
+        tensors: the tensors a trainable method stores with the model (DiffMask's gates: ``gates.*``).
+        path: the checkpoint directory.
+    """
+
+    config: dict
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    path: str | None = None
+
+
 class Backbone(nn.Module):
     """One view of a ViT, whatever library built it.
 
@@ -137,6 +152,13 @@ class Backbone(nn.Module):
     family: str = "?"
     #: How to rebuild the architecture (a checkpoint's ``model`` entry); ``None`` when unknown.
     spec: dict | None = None
+    #: The checkpoint the model was loaded from (``None`` for a module or a URI).
+    checkpoint: CheckpointRecord | None = None
+
+    @property
+    def config(self) -> dict | None:
+        """The ``config.json`` of the checkpoint the model was loaded from, ``None`` otherwise."""
+        return None if self.checkpoint is None else self.checkpoint.config
 
     def __init__(self, model: nn.Module, preprocessing: Preprocessing, classes: Sequence[str] | None = None):
         super().__init__()

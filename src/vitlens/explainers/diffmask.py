@@ -112,7 +112,7 @@ class DiffMaskGates(nn.Module):
 
 def load_gates(backbone: Backbone) -> DiffMaskGates:
     """The DiffMask gates stored in a ``vitlens train diffmask`` checkpoint."""
-    config = getattr(backbone, "config", {}) or {}
+    config = backbone.config or {}
     if config.get("kind") != "diffmask":
         raise VitlensError(
             "method 'diffmask' needs a DiffMask checkpoint (train one with `vitlens train diffmask`); "
@@ -120,7 +120,7 @@ def load_gates(backbone: Backbone) -> DiffMaskGates:
         )
     settings = config["diffmask"]
     gates = DiffMaskGates(settings["dim"], settings["num_states"], settings["scale"], settings["offset"])
-    state = {k[len("gates.") :]: v for k, v in backbone.extra_tensors.items() if k.startswith("gates.")}
+    state = {k[len("gates.") :]: v for k, v in backbone.checkpoint.tensors.items() if k.startswith("gates.")}
     gates.load_state_dict(state)
     return gates.to(backbone.mean.device).eval()
 

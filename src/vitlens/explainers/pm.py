@@ -36,7 +36,7 @@ def pm_maps(backbone: Backbone, trace: Trace, target: Tensor) -> Tensor:
 
 def is_pm_trained(backbone: Backbone) -> bool:
     """Whether ``backbone`` comes from a ``vitlens train pm`` checkpoint."""
-    return (getattr(backbone, "config", None) or {}).get("kind") == "pm"
+    return (backbone.config or {}).get("kind") == "pm"
 
 
 @register

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .._utils import require
 from .._version import __version__
 from ..backbones import Backbone, Preprocessing, adapt
+from ..backbones.base import CheckpointRecord
 from ..backbones.bcos_vit import build_bcos
 from ..backbones.presets import PRESETS, build_preset
 from ..errors import VitlensError
@@ -444,9 +445,10 @@ def load_training_state(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Backbone:
-    """Load a checkpoint directory as a :class:`Backbone` (eval mode) with ``.config`` attached.
+    """Load a checkpoint directory as a :class:`Backbone` (eval mode).
 
-    Methods that store extra tensors (DiffMask probes, …) find them in ``backbone.extra_tensors``.
+    Its :class:`~vitlens.backbones.base.CheckpointRecord` (``backbone.checkpoint``) holds the validated
+    ``config.json``, the tensors a method stores beside the weights (DiffMask's gates) and the path.
     """
     config = read_config(path)
     if kind is not None and config["kind"] != kind:
@@ -474,7 +476,5 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Backbon
         )
     _check_extras(config, extra, where, len(backbone.blocks))
     backbone.spec = config["model"]
-    backbone.config = config
-    backbone.extra_tensors = extra
-    backbone.checkpoint_path = str(path)
+    backbone.checkpoint = CheckpointRecord(config, extra, str(path))
     return backbone.eval()

@@ -150,7 +150,7 @@ def train_classifier(
         "arch": backbone.spec.get("name"),
     }
     if init is not None:
-        provenance["init"] = {"model": str(init), "training": getattr(backbone, "config", {}).get("training", {})}
+        provenance["init"] = {"model": str(init), "training": (backbone.config or {}).get("training", {})}
     elif resume:  # keep the original run's provenance
         provenance = {k: v for k, v in backbone.config["training"].items() if k in (*provenance, "init")}
     task = ClassifierTask(backbone)
@@ -316,7 +316,7 @@ def train_diffmask(
         backbone = load_model(model)
         if backbone.spec is None:
             raise VitlensError("DiffMask needs a model loaded from a URI or a vitlens checkpoint")
-        if getattr(backbone, "config", {}).get("kind") == "diffmask":
+        if (backbone.config or {}).get("kind") == "diffmask":
             raise VitlensError(f"{model} is already a DiffMask checkpoint; pass the classifier it was trained on")
         task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, seed=cfg.seed)
         source = str(model)
