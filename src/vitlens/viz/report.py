@@ -218,6 +218,44 @@ def check_results(data: object, where: str) -> dict:
                     key,
                     "lists 'levels' and 'spearman' of equal length",
                 )
+    images = data.get("images")
+    need(images is None or isinstance(images, dict), "images", "an object of per-image lists")
+    if images:
+        index = images.get("index")
+        need(isinstance(index, list) and all(map(_int, index)), "images.index", "a list of image indices")
+        for key in ("label", "predicted"):
+            value = images.get(key)
+            need(value is None or (isinstance(value, list) and len(value) == len(index) and all(map(_int, value))),
+                 f"images.{key}", f"a list of {len(index)} class indices")  # fmt: skip
+    per_image = data.get("per_image")
+    need(per_image is None or (isinstance(per_image, dict) and all(isinstance(v, dict) for v in per_image.values())),
+         "per_image", "an object of methods, each an object of metrics")  # fmt: skip
+    for method, metrics in (per_image or {}).items():
+        for metric, record in metrics.items():
+            key = f"per_image.{method}.{metric}"
+            need(isinstance(record, dict), key, "an object of equal-length lists")
+            index = record.get("index")
+            need(index is None or (isinstance(index, list) and all(map(_int, index))), f"{key}.index",
+                 "a list of image indices")  # fmt: skip
+            for name, values in record.items():
+                need(isinstance(values, list) and (index is None or len(values) == len(index)), f"{key}.{name}",
+                     "a list as long as its index")  # fmt: skip
+                if name != "index":
+                    need(all(v is None or _num(v) or isinstance(v, list) for v in values), f"{key}.{name}",
+                         "numbers or null")  # fmt: skip
+    intervals = data.get("intervals")
+    need(intervals is None or (isinstance(intervals, dict) and all(isinstance(v, dict) for v in intervals.values())),
+         "intervals", "an object of methods")  # fmt: skip
+    for method, per_key in (intervals or {}).items():
+        for key, pair in per_key.items():
+            ok = pair is None or (isinstance(pair, list) and len(pair) == 2 and all(v is None or _num(v) for v in pair))
+            need(ok, f"intervals.{method}.{key}", "[low, high]")
+    best = data.get("best")
+    need(best is None or isinstance(best, dict), "best", "an object of metrics")
+    for key, b in (best or {}).items():
+        need(isinstance(b, dict) and isinstance(b.get("best", []), list)
+             and all(isinstance(m, str) for m in b.get("best", [])) and isinstance(b.get("significant", False), bool),
+             f"best.{key}", "an object with 'best' (method names) and 'significant' (true or false)")  # fmt: skip
     gallery = data.get("gallery")
     need(gallery is None or isinstance(gallery, dict), "gallery", "an object or null")
     if gallery:
