@@ -4,6 +4,7 @@ optional dependencies as extras with one-line errors, the embedded colour maps, 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -192,7 +193,8 @@ def test_version_is_single_sourced():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "vitlens.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "vitlens._version.__version__"}
+    assert vitlens.__version__ == importlib.import_module("vitlens._version").__version__
     code = python("from vitlens.cli import main; main(['--version'])")
     assert code.stdout.strip() == f"vitlens {vitlens.__version__}"
 
