@@ -163,6 +163,13 @@ def test_half_precision_models_are_explained_in_float32_and_left_as_they_were(im
     assert torch.corrcoef(torch.stack([e.maps.flatten(), reference.flatten()]))[0, 1] > 0.99
 
 
+def test_half_precision_model_at_another_size(images):
+    low = make_timm("vit").half()
+    e = explain(low, torch.rand(1, 3, 48, 40), "ig", steps=4)
+    assert e.maps.shape == (1, 6, 5) and torch.isfinite(e.maps).all()
+    assert all(p.dtype == torch.float16 for p in low.parameters())
+
+
 def test_other_input_sizes_interpolate_position_embeddings_and_restore_the_model():
     model = make_timm("vit")  # built for 32x32, 8x8 patches
     bb = adapt(model)

@@ -100,7 +100,6 @@ def prepare_images(images: object, backbone: Backbone, normalized: bool = False)
     images = images.detach().to(device, dtype)
     if not torch.isfinite(images).all():
         raise VitlensError("images contain NaN or Inf values")
-    check_size(backbone, tuple(images.shape[-2:]))
     if normalized:
         return images * backbone.std.to(dtype) + backbone.mean.to(dtype)
     lo, hi = images.min().item(), images.max().item()
@@ -205,6 +204,7 @@ class Explainer:
         images = prepare_images(images, self.backbone, normalized)
         plan = parse_target(target, len(images), self.backbone.classes)
         with float32_compute(self.backbone), frozen_eval(self.backbone):
+            check_size(self.backbone, tuple(images.shape[-2:]))
             if any(t.is_function for t in plan) and not (self.accepts_functions and self.class_specific):
                 why = "its map does not depend on the target" if not self.class_specific else "it explains classes"
                 raise VitlensError(f"method {self.name!r} cannot explain a score function: {why}")
