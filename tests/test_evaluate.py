@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, committed
 from conftest import run_cli as run
-from vitlens import load_model
+from vitlens import VitlensError, load_model
 from vitlens.data import open_dataset
 from vitlens.metrics import METRICS, evaluate, format_table
 
@@ -185,3 +185,68 @@ def test_accuracy_only_for_one_label_per_image():
     with torch.no_grad():
         expected = (model(images).argmax(1) == torch.tensor([data[i]["label"] for i in range(16)])).float().mean()
     assert canvas["accuracy"] == pytest.approx(expected.item())
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_results(tmp_path, monkeypatch):
+    """Ctrl-C after two batches keeps their state; --resume continues with the third and gives exactly the results
+    (summary, per-image values, curves) of an uninterrupted run, then removes the state file."""
+    import importlib
+
+    from vitlens.metrics import evaluate
+
+    ev = importlib.import_module("vitlens.metrics.evaluate")  # the module (the package exports the function)
+    from vitlens.metrics.progress import partial_path
+
+    args = dict(model=committed("counting-vit"), methods="rollout,gradcam", data="counting:test", limit=24,
+                metrics="pointing-game,maxboxacc-v2,pxap,deletion,sanity", batch_size=6, progress=False, gallery=0,
+                replicates=50)  # fmt: skip
+    whole = evaluate(**args, out=tmp_path / "whole.json")
+    fit_to, calls = ev.fit_to, []
+
+    def interrupted(batch, size):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fit_to(batch, size)
+
+    monkeypatch.setattr(ev, "fit_to", interrupted)
+    out = tmp_path / "resumed.json"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(**args, out=out, checkpoint_every_s=0)
+    assert not out.exists() and partial_path(out, 0).is_file()
+    monkeypatch.setattr(ev, "fit_to", fit_to)
+    with pytest.raises(VitlensError, match="settings differ from the interrupted run"):
+        evaluate(**{**args, "limit": 18}, out=out, resume=True)
+    resumed = evaluate(**args, out=out, resume=True)
+    assert resumed["results"] == whole["results"] and resumed["intervals"] == whole["intervals"]
+    a, b = json.loads((tmp_path / "whole.json").read_text()), json.loads(out.read_text())
+    assert a["per_image"] == b["per_image"] and a["curves"] == b["curves"] and a["images"] == b["images"]
+    assert not partial_path(out, 0).exists()
+    with pytest.raises(VitlensError, match="no interrupted evaluation"):
+        evaluate(**args, out=out, resume=True)
+
+
+def test_evaluate_resume_from_the_command_line(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    ev = importlib.import_module("vitlens.metrics.evaluate")
+    fit_to, calls = ev.fit_to, []
+
+    def interrupted(batch, size):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit_to(batch, size)
+
+    monkeypatch.setattr(ev, "fit_to", interrupted)
+    monkeypatch.setattr(ev.evaluate, "__kwdefaults__", {**ev.evaluate.__kwdefaults__, "checkpoint_every_s": 0.0})
+    args = ["evaluate", "--model", committed("counting-vit"), "--methods", "rollout", "--metrics", "pointing-game",
+            "--data", "counting:test", "--limit", "8", "--batch-size", "4",
+            "--out", str(tmp_path / "r.json")]  # fmt: skip
+    code, _, err = run(args, capsys)
+    messages = [line for line in err.replace("\r", "\n").splitlines() if "vitlens:" in line]
+    assert code == 130 and len(messages) == 1 and "--resume" in messages[0] and "Traceback" not in err
+    monkeypatch.setattr(ev, "fit_to", fit_to)
+    code, out, err = run([*args, "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["used"]["pointing-game"] == 8

@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file (default: none)")
     ev.add_argument("--gallery", type=_non_negative_int, default=8, help="images (with every map) kept in --out")
+    ev.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run of this command (state kept beside --out)")  # fmt: skip
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     sub.add_parser("metrics", help="list the evaluation metrics")
@@ -393,11 +395,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.out is not None:
         check_replaceable(a.out, "--out", "a vitlens results file", is_results_file)
-    summary = evaluate(
-        a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
-        options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery, protocol=a.protocol,
-        replicates=a.bootstrap,
-    )  # fmt: skip
+    try:
+        summary = evaluate(
+            a.model, a.methods, a.metrics, a.data, limit=a.limit, batch_size=a.batch_size, target=a.target,
+            options=parse_options(a.option), device=a.device, out=a.out, gallery=a.gallery, protocol=a.protocol,
+            replicates=a.bootstrap, resume=a.resume,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if a.out is not None:
+            print("vitlens: interrupted; the work up to the last saved batch is kept: run the same command with "
+                  "--resume to continue", file=sys.stderr)  # fmt: skip
+            return 130
+        raise
     if summary is None:  # the other torchrun processes
         return 0
     print(finite_json(summary) if a.json else format_table(summary))

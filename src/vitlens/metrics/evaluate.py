@@ -9,6 +9,7 @@ back into data-set order, so a sharded run equals a single-process one up to flo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from ..io import atomic_write_json, check_output_file
 from ..models import load_model
 from ..options import parse_finite
 from ..training.distributed import all_reduce_sum, setup, teardown
+from . import progress as progress_state
 from .base import METRICS, Batch, get_metric
 from .gallery import gallery_payload, pick_indices
 from .uncertainty import LEVEL, best_methods, bootstrap
@@ -120,6 +122,8 @@ def evaluate(
     protocol: str | None = None,
     replicates: int = 1000,
     seed: int = 0,
+    resume: bool = False,
+    checkpoint_every_s: float = 30.0,
 ) -> dict | None:
     """Score ``methods`` with ``metrics`` on ``data``; returns the summary on the main process, ``None`` on
     the others.
@@ -157,6 +161,9 @@ def evaluate(
             ``chefer``).
         replicates: bootstrap resamples for the intervals (0: none).
         seed: seed of the bootstrap.
+        resume: continue the interrupted run that was writing ``out`` (same settings), from the state it
+            saved at its last batch boundary (:mod:`vitlens.metrics.progress`).
+        checkpoint_every_s: with ``out``, save the state for ``resume`` at most this often (seconds).
 
     Returns:
         The summary on the main process, ``None`` on the others.
@@ -171,12 +178,14 @@ def evaluate(
         raise VitlensError(f"gallery must be 0 or more images, got {gallery}")
     if replicates < 0:
         raise VitlensError(f"bootstrap replicates must be 0 or more, got {replicates}")
+    if resume and out is None:
+        raise VitlensError("--resume continues an evaluation that writes --out: give the same --out")
     joined = dist.is_initialized()
     d = setup(device)
     try:
         return _evaluate(
             model, methods, metrics, data, limit, batch_size, target, options or {}, d, out, progress, gallery,
-            protocol, (replicates, seed),
+            protocol, (replicates, seed), (resume, checkpoint_every_s),
         )  # fmt: skip
     finally:
         if not joined:
@@ -184,15 +193,16 @@ def evaluate(
 
 
 def _evaluate(
-    model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol, boot
-):
+    model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol, boot,
+    saving,
+):  # fmt: skip
     backbone = load_model(model).to(d.device)
     was_training = backbone.training
     backbone.eval()
     try:
         return _run(
             backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery,
-            protocol, boot,
+            protocol, boot, saving,
         )  # fmt: skip
     finally:
         backbone.train(was_training)
@@ -200,7 +210,7 @@ def _evaluate(
 
 def _run(
     backbone, model, methods, metrics, data, limit, batch_size, target, options, d, out, progress, gallery, protocol,
-    boot,
+    boot, saving,
 ):  # fmt: skip
     size = backbone.preprocessing.input_size
     spec = parse_data_spec(data) if isinstance(data, str) else data
@@ -223,20 +233,37 @@ def _run(
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     indices = list(range(d.rank, n, d.world))
+    run = {
+        "seconds": dict.fromkeys(method_list, 0.0),
+        "explain_seconds": dict.fromkeys(["forward", *method_list], 0.0),  # the maps alone, and the plain forward
+        "timed": 0,  # images in those times: the first batch (lazy initialisation) is left out when there are more
+        "counts": torch.zeros(2, dtype=torch.float64),
+        "several_objects": False,  # multi-object samples (fashion-grid): one label per image is not the answer
+        "skipped": [],  # samples that could not be read (folder data): left out, reported
+        "seen": [],  # (index, label, predicted) of every evaluated image, for per-class views
+    }
+    resume, every = saving
+    signature = {"model": str(model), "methods": method_list, "metrics": metric_list, "data": str(spec), "n": n,
+                 "batch_size": batch_size, "target": target, "options": json.loads(json.dumps(options, default=str)),
+                 "world": d.world, "rank": d.rank}  # fmt: skip
+    done = 0
+    if resume:
+        done, saved, states = progress_state.load(out, d.rank, signature)
+        run.update(saved)
+        for m, per in scores.items():
+            for k, metric in per.items():
+                progress_state.restore(metric, (states.get(m) or {}).get(k, {}), f"{out} (resumed state)")
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate_batch
+        torch.utils.data.Subset(dataset, indices[done * batch_size :]), batch_size=batch_size, collate_fn=collate_batch
     )
-    seconds = dict.fromkeys(method_list, 0.0)
-    explain_seconds = dict.fromkeys(["forward", *method_list], 0.0)  # the maps alone, and the plain forward
-    timed = 0  # images in those times: the first batch (lazy initialisation) is left out when there are more
-    counts = torch.zeros(2, dtype=torch.float64)
-    several_objects = False  # multi-object samples (fashion-grid): one label per image is not the answer
-    skipped: list[dict] = []  # samples that could not be read (folder data): left out, reported
-    seen: list[tuple[int, int, int]] = []  # (index, label, predicted) of every evaluated image, for per-class views
+    seconds, explain_seconds, counts = run["seconds"], run["explain_seconds"], run["counts"]
+    skipped, seen = run["skipped"], run["seen"]
     from tqdm import tqdm
 
     bar = tqdm(total=len(indices), desc="evaluate", unit="img", file=sys.stderr, disable=not (progress and d.main))
-    for step, raw in enumerate(loader):
+    bar.update(min(done * batch_size, len(indices)))
+    last_save = time.monotonic()
+    for step, raw in enumerate(loader, done):
         skipped.extend(raw["errors"])
         if "image" not in raw:
             continue
@@ -248,10 +275,12 @@ def _run(
             logits = backbone(images)
         if clock:
             explain_seconds["forward"] += time.perf_counter() - start
-            timed += len(images)
+            run["timed"] += len(images)
         labels = b["label"]
-        seen += zip(b["index"].tolist(), labels.tolist(), logits.argmax(1).cpu().tolist(), strict=True)
-        several_objects = several_objects or "labels" in b
+        seen += [
+            list(s) for s in zip(b["index"].tolist(), labels.tolist(), logits.argmax(1).cpu().tolist(), strict=True)
+        ]
+        run["several_objects"] = run["several_objects"] or "labels" in b
         counts += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)], dtype=torch.float64)
         targets = labels if target == "label" else logits.argmax(1).cpu()
         extra = {k: b[k] for k in ("labels", "cells", "sources") if k in b}
@@ -271,7 +300,12 @@ def _run(
                 metric.update(batch, maps)
             seconds[m] += time.perf_counter() - start
         bar.update(len(images))
+        if out is not None and time.monotonic() - last_save >= every:
+            progress_state.save(out, d.rank, signature, step + 1, run, scores)
+            last_save = time.monotonic()
     bar.close()
+    timed, several_objects = run["timed"], run["several_objects"]
+    seen = [tuple(s) for s in seen]
 
     correct, total = all_reduce_sum(counts.to(d.device)).cpu().tolist()
     if dist.is_initialized():
@@ -290,6 +324,8 @@ def _run(
         for metric in per_method.values():
             metric.finish()
     if not d.main:
+        if out is not None:
+            progress_state.remove(out, d.rank)
         return None
     first = scores[method_list[0]]
     summary = {
@@ -347,6 +383,7 @@ def _run(
                 "images": {key: [s[i] for s in seen] for i, key in enumerate(("index", "label", "predicted"))},
             },
         )
+        progress_state.remove(out, d.rank)  # finished: nothing left to resume
     return summary
 
 
