@@ -250,3 +250,44 @@ def test_evaluate_resume_from_the_command_line(tmp_path, capsys, monkeypatch):
     code, out, err = run([*args, "--resume"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["used"]["pointing-game"] == 8
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s.replace('"format": "vitlens-evaluation-state"', '"format": "other"'),
+        lambda s: s.replace('"tensor": "float64"', '"tensor": "complex128"', 1),
+        lambda s: s.replace('"done": ', '"done": -', 1),
+        lambda s: s[: len(s) // 2],
+        lambda s: json.dumps({**json.loads(s), "metrics": {"rollout": {"pointing-game": {"sums": {"dict": {
+            "n": {"value": "x"}}}}}}}),  # fmt: skip
+        lambda s: json.dumps({**json.loads(s), "metrics": {"rollout": {"pointing-game": {"_index": {"list": [
+            {"value": "a"}]}}}}}),  # fmt: skip
+        lambda s: json.dumps({**json.loads(s), "metrics": {"rollout": {"pointing-game": {"result": {"value": 1}}}}}),
+    ],
+)
+def test_a_damaged_evaluation_state_is_refused_in_one_line(tmp_path, monkeypatch, damage):
+    import importlib
+
+    from vitlens.metrics.progress import partial_path
+
+    ev = importlib.import_module("vitlens.metrics.evaluate")
+    fit_to, calls = ev.fit_to, []
+
+    def interrupted(batch, size):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit_to(batch, size)
+
+    args = dict(model=committed("counting-vit"), methods="rollout", metrics="pointing-game", data="counting:test",
+                limit=8, batch_size=4, progress=False, gallery=0, replicates=0, out=tmp_path / "r.json")  # fmt: skip
+    monkeypatch.setattr(ev, "fit_to", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(**args, checkpoint_every_s=0)
+    monkeypatch.setattr(ev, "fit_to", fit_to)
+    state = partial_path(tmp_path / "r.json", 0)
+    state.write_text(damage(state.read_text()))
+    with pytest.raises(VitlensError) as err:
+        evaluate(**args, resume=True)
+    assert "\n" not in str(err.value)

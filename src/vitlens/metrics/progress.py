@@ -123,7 +123,46 @@ def restore(metric, state: object, where: str) -> None:
     for key, value in state.items():
         if not key.isidentifier() or key.startswith("__") or key == "settings" or hasattr(type(metric), key):
             raise VitlensError(f"{where}: unknown state {key!r} for metric {metric.name}")
-        setattr(metric, key, decode(value, where))
+        decoded = decode(value, where)
+        if not fits(decoded, getattr(metric, key, None)) or not base_state_fits(key, decoded):
+            raise VitlensError(f"{where}: state {key!r} of metric {metric.name} does not fit this run")
+        setattr(metric, key, decoded)
+
+
+def base_state_fits(key: str, value: object) -> bool:
+    """The base :class:`~vitlens.metrics.base.Metric` state: float64 sums, int64 index parts, array records."""
+    if key == "sums":
+        return all(torch.is_tensor(v) and v.dtype == torch.float64 for v in value.values())
+    if key == "_index":
+        return all(isinstance(v, np.ndarray) and v.dtype == np.int64 and v.ndim == 1 for v in value)
+    if key == "_records":
+        return all(isinstance(v, list) and all(isinstance(a, np.ndarray) for a in v) for v in value.values())
+    return True
+
+
+def fits(saved: object, current: object) -> bool:
+    """Whether a saved value has the form of the freshly set-up one (same types, tensors of the same shape
+    and dtype; sums may hold keys set up later). ``current`` ``None``: a value the metric sets while it runs."""
+    if current is None:
+        return True
+    if torch.is_tensor(current):
+        return torch.is_tensor(saved) and saved.dtype == current.dtype and saved.shape == current.shape
+    if isinstance(current, np.ndarray):
+        return isinstance(saved, np.ndarray) and saved.dtype == current.dtype
+    if isinstance(current, dict):
+        return (
+            isinstance(saved, dict)
+            and all(fits(saved[k], v) for k, v in current.items() if k in saved)
+            and all(
+                type(v) in (torch.Tensor, np.ndarray, list) or v is None or isinstance(v, int | float | str)
+                for v in saved.values()
+            )
+        )
+    if isinstance(current, list | tuple):
+        return (
+            isinstance(saved, list) and all(fits(v, current[0]) for v in saved) if current else isinstance(saved, list)
+        )
+    return type(saved) is type(current) or (isinstance(current, float) and isinstance(saved, int | float))
 
 
 def remove(out: str | os.PathLike, rank: int) -> None:
