@@ -259,10 +259,12 @@ def test_evaluate_resume_from_the_command_line(tmp_path, capsys, monkeypatch):
         lambda s: s.replace('"tensor": "float64"', '"tensor": "complex128"', 1),
         lambda s: s.replace('"done": ', '"done": -', 1),
         lambda s: s[: len(s) // 2],
-        lambda s: json.dumps({**json.loads(s), "metrics": {"rollout": {"pointing-game": {"sums": {"dict": {
-            "n": {"value": "x"}}}}}}}),  # fmt: skip
-        lambda s: json.dumps({**json.loads(s), "metrics": {"rollout": {"pointing-game": {"_index": {"list": [
-            {"value": "a"}]}}}}}),  # fmt: skip
+        lambda s: json.dumps(
+            {**json.loads(s), "metrics": {"rollout": {"pointing-game": {"sums": {"dict": {"n": {"value": "x"}}}}}}}
+        ),  # fmt: skip
+        lambda s: json.dumps(
+            {**json.loads(s), "metrics": {"rollout": {"pointing-game": {"_index": {"list": [{"value": "a"}]}}}}}
+        ),  # fmt: skip
         lambda s: json.dumps({**json.loads(s), "metrics": {"rollout": {"pointing-game": {"result": {"value": 1}}}}}),
     ],
 )
