@@ -199,3 +199,9 @@ def test_maps_concentrate_on_the_object(name, data):
     assert all(not math.isnan(e) for e in energies.values())
     weak = {m: round(e, 3) for m, e in energies.items() if m in CONCENTRATED[name] and e <= area}
     assert not weak, f"energy in box not above the box area {area:.3f}: {weak}"
+
+
+def test_rise_refuses_a_mask_count_it_cannot_hold_before_allocating(images):
+    bb = adapt(make_timm("vit"))
+    with pytest.raises(VitlensError, match="n_masks must be at most 100,000"):
+        explain(bb, images, "rise", n_masks=10**12)

@@ -27,6 +27,7 @@ from .gradients import check_seed, positive_int, predicted_or_given
 from .targets import Target
 
 FILLS = ("mean", "image-mean", "black", "blur")
+MAX_MASKS = 100_000  # RISE's masks for one batch are drawn at once (100,000 × a 14×14 grid: 78 MB)
 
 
 def check_fill(method: str, fill) -> None:
@@ -99,7 +100,7 @@ class RISE(Explainer):
     of ``internal_batch_size``. With a score function as the target, its value replaces the probability.
 
     Args:
-        n_masks: random masks per image.
+        n_masks: random masks per image (at most 100,000).
         p: probability that a patch is kept in a mask.
         seed: seed of the masks (the same masks for every image).
         smooth: Petsiuk et al.'s smooth, shifted masks instead of binary patch masks.
@@ -125,6 +126,8 @@ class RISE(Explainer):
     ):
         super().__init__(model)
         self.n_masks = positive_int(self.name, "n_masks", n_masks)
+        if self.n_masks > MAX_MASKS:  # the masks are drawn at once: bound their memory before allocating
+            raise VitlensError(f"rise: n_masks must be at most {MAX_MASKS:,}, got {n_masks}")
         self.internal_batch_size = positive_int(self.name, "internal_batch_size", internal_batch_size)
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
             raise VitlensError(f"rise: p (the keep probability) must be in (0, 1], got {p!r}")
