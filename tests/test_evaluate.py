@@ -187,34 +187,39 @@ def test_accuracy_only_for_one_label_per_image():
     assert canvas["accuracy"] == pytest.approx(expected.item())
 
 
+def interrupt_after(monkeypatch, batches: int):
+    """Make the next evaluation raise KeyboardInterrupt when it reaches batch ``batches + 1`` (as Ctrl-C would);
+    returns a function that undoes it."""
+    import importlib
+
+    ev = importlib.import_module("vitlens.metrics.evaluate")  # the module (the package exports the function)
+    fit_to, calls = ev.fit_to, []
+
+    def interrupted(batch, size):
+        calls.append(1)
+        if len(calls) == batches + 1:
+            raise KeyboardInterrupt
+        return fit_to(batch, size)
+
+    monkeypatch.setattr(ev, "fit_to", interrupted)
+    return lambda: monkeypatch.setattr(ev, "fit_to", fit_to)
+
+
 def test_an_interrupted_evaluation_resumes_to_the_same_results(tmp_path, monkeypatch):
     """Ctrl-C after two batches keeps their state; --resume continues with the third and gives exactly the results
     (summary, per-image values, curves) of an uninterrupted run, then removes the state file."""
-    import importlib
-
-    from vitlens.metrics import evaluate
-
-    ev = importlib.import_module("vitlens.metrics.evaluate")  # the module (the package exports the function)
     from vitlens.metrics.progress import partial_path
 
     args = dict(model=committed("counting-vit"), methods="rollout,gradcam", data="counting:test", limit=24,
                 metrics="pointing-game,maxboxacc-v2,pxap,deletion,sanity", batch_size=6, progress=False, gallery=0,
                 replicates=50)  # fmt: skip
     whole = evaluate(**args, out=tmp_path / "whole.json")
-    fit_to, calls = ev.fit_to, []
-
-    def interrupted(batch, size):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return fit_to(batch, size)
-
-    monkeypatch.setattr(ev, "fit_to", interrupted)
+    undo = interrupt_after(monkeypatch, 2)
     out = tmp_path / "resumed.json"
     with pytest.raises(KeyboardInterrupt):
         evaluate(**args, out=out, checkpoint_every_s=0)
     assert not out.exists() and partial_path(out, 0).is_file()
-    monkeypatch.setattr(ev, "fit_to", fit_to)
+    undo()
     with pytest.raises(VitlensError, match="settings differ from the interrupted run"):
         evaluate(**{**args, "limit": 18}, out=out, resume=True)
     resumed = evaluate(**args, out=out, resume=True)
@@ -230,15 +235,7 @@ def test_evaluate_resume_from_the_command_line(tmp_path, capsys, monkeypatch):
     import importlib
 
     ev = importlib.import_module("vitlens.metrics.evaluate")
-    fit_to, calls = ev.fit_to, []
-
-    def interrupted(batch, size):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return fit_to(batch, size)
-
-    monkeypatch.setattr(ev, "fit_to", interrupted)
+    undo = interrupt_after(monkeypatch, 1)
     monkeypatch.setattr(ev.evaluate, "__kwdefaults__", {**ev.evaluate.__kwdefaults__, "checkpoint_every_s": 0.0})
     args = ["evaluate", "--model", committed("counting-vit"), "--methods", "rollout", "--metrics", "pointing-game",
             "--data", "counting:test", "--limit", "8", "--batch-size", "4",
@@ -246,7 +243,7 @@ def test_evaluate_resume_from_the_command_line(tmp_path, capsys, monkeypatch):
     code, _, err = run(args, capsys)
     messages = [line for line in err.replace("\r", "\n").splitlines() if "vitlens:" in line]
     assert code == 130 and len(messages) == 1 and "--resume" in messages[0] and "Traceback" not in err
-    monkeypatch.setattr(ev, "fit_to", fit_to)
+    undo()
     code, out, err = run([*args, "--resume"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "r.json").read_text())["used"]["pointing-game"] == 8
@@ -269,25 +266,14 @@ def test_evaluate_resume_from_the_command_line(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_a_damaged_evaluation_state_is_refused_in_one_line(tmp_path, monkeypatch, damage):
-    import importlib
-
     from vitlens.metrics.progress import partial_path
-
-    ev = importlib.import_module("vitlens.metrics.evaluate")
-    fit_to, calls = ev.fit_to, []
-
-    def interrupted(batch, size):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return fit_to(batch, size)
 
     args = dict(model=committed("counting-vit"), methods="rollout", metrics="pointing-game", data="counting:test",
                 limit=8, batch_size=4, progress=False, gallery=0, replicates=0, out=tmp_path / "r.json")  # fmt: skip
-    monkeypatch.setattr(ev, "fit_to", interrupted)
+    undo = interrupt_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         evaluate(**args, checkpoint_every_s=0)
-    monkeypatch.setattr(ev, "fit_to", fit_to)
+    undo()
     state = partial_path(tmp_path / "r.json", 0)
     state.write_text(damage(state.read_text()))
     with pytest.raises(VitlensError) as err:
