@@ -27,9 +27,19 @@ class UnsupportedParts(VitlensError):
 class BlockParts:
     """One pre-norm transformer block, in the order of its forward pass.
 
-    ``x → norm1 → qkv → (q_norm, k_norm) → softmax(q kᵀ·scale) v → out_norm → proj → + x`` then
-    ``→ norm2 → fc1 → act → fc2 → +``. Norms and the activation pass relevance unchanged (the reference's
-    LayerNorm / GELU rule), so they are kept as callables; layer scale is folded into proj / fc2.
+    ``x → norm1 → qkv → (q_norm, k_norm, rope) → softmax(q kᵀ·scale + attn_bias) v → out_norm → proj → + x``
+    then ``→ norm2 → fc1 → act (· gate) → mlp_norm → fc2 → +``. Norms and the activation pass relevance
+    unchanged (the reference's LayerNorm / GELU rule), so they are kept as callables; layer scale is folded
+    into proj / fc2. The last four fields describe the variants of newer families and default to the plain
+    ViT block.
+
+    Attributes:
+        attn_bias: ``T →`` an additive bias on the attention logits, broadcastable to ``[B, heads, T, T]``
+            (BEiT's relative position bias); ``None`` for none.
+        rope: ``(q or k [B, heads, T, d], grid) →`` the same rotated (EVA's rotary position embedding;
+            prefix tokens untouched); ``None`` for none.
+        gate: a gated MLP (SwiGLU): the hidden layer is ``act(fc1(h)) * gate(h)`` instead of ``act(fc1(h))``.
+        mlp_norm: applied to the hidden layer before ``fc2`` (timm's ``mlp.norm``, EVA's scale-MLP norm).
     """
 
     norm1: Callable[[Tensor], Tensor]
@@ -44,6 +54,10 @@ class BlockParts:
     fc1: Affine
     act: Callable[[Tensor], Tensor]
     fc2: Affine
+    attn_bias: Callable[[int], Tensor] | None = None
+    rope: Callable[[Tensor, tuple[int, int]], Tensor] | None = None
+    gate: Affine | None = None
+    mlp_norm: Callable[[Tensor], Tensor] = nn.Identity()
 
 
 @dataclass

@@ -161,8 +161,9 @@ class TimmViT(Backbone):
             proj=linear_parts(attn.proj, gamma(block.ls1)),
             norm2=block.norm2,
             fc1=linear_parts(mlp.fc1),
-            act=lambda x: mlp.norm(mlp.act(x)),
+            act=mlp.act,
             fc2=linear_parts(mlp.fc2, gamma(block.ls2)),
+            mlp_norm=mlp.norm,
         )
 
     def head_parts(self) -> HeadParts:

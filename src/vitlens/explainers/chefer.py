@@ -161,6 +161,8 @@ def _matmul_rule(a: Tensor, b: Tensor, r: Tensor, ab: Tensor | None = None) -> t
 
 def _activations(p: BlockParts, x: Tensor) -> _Activations:
     """Recompute one block from its input ``x`` [B, T, D], keeping every tensor an LRP rule reads."""
+    if p.attn_bias is not None or p.rope is not None or p.gate is not None:
+        raise UnsupportedParts("blocks with an attention bias, rotary embeddings or a gated MLP")
     b, t, _ = x.shape
     h1 = p.norm1(x)
     qkv = F.linear(h1, *p.qkv)
@@ -172,7 +174,7 @@ def _activations(p: BlockParts, x: Tensor) -> _Activations:
     mid = x + y
     h2 = p.norm2(mid)
     f1 = F.linear(h2, *p.fc1)
-    g = p.act(f1)
+    g = p.mlp_norm(p.act(f1))
     mlp = F.linear(g, *p.fc2)
     return _Activations(x, h1, q, k, v, qkv, a, o, y, mid, h2, f1, g, mlp, mid + mlp)
 
