@@ -85,6 +85,14 @@ class DiffMaskGates(nn.Module):
         self.placeholder = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, dim)))
         self.gate = HardConcrete()
 
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, scale: float = 15.0, offset: float = 8.0) -> DiffMaskGates:
+        """Fresh (untrained) gates for every hidden state of ``backbone``."""
+        dim = backbone.run(
+            torch.zeros(1, 3, *backbone.preprocessing.input_size, device=backbone.mean.device)
+        ).embeddings.shape[-1]
+        return cls(dim, len(backbone.blocks) + 2, scale, offset).to(backbone.mean.device)
+
     @staticmethod
     def states(trace: Trace) -> list[Tensor]:
         """The ``L + 2`` hidden states: embeddings (with the prefix tokens in front), block inputs, output."""
@@ -128,7 +136,18 @@ def load_gates(backbone: Backbone) -> DiffMaskGates:
 @register
 class DiffMask(Explainer):
     """The DiffMask map explains the predicted distribution as a whole (it is trained to keep it), so it
-    is the same for every ``target``."""
+    is the same for every ``target``.
+
+    Args (positional):
+        model: a ``vitlens train diffmask`` checkpoint (its gates are loaded), or any model together with
+            ``gates``.
+        gates: gates to use instead of the checkpoint's, e.g. ``DiffMaskTask(...).gates`` while training or
+            ``DiffMaskGates.for_backbone(backbone)`` (untrained) in tests.
+
+    Examples:
+        >>> DiffMask("vitlens:fashion-vit-diffmask")(images).maps.shape
+        torch.Size([8, 8, 8])
+    """
 
     name = "diffmask"
     paper = "Nalmpantis et al., VISION DIFFMASK, CVPR-W 2023 (De Cao et al. 2020)"
@@ -137,9 +156,14 @@ class DiffMask(Explainer):
     meaning = "the probability that the patch must stay for the prediction to hold (class-agnostic)"
     class_specific = False
 
-    def __init__(self, model):
+    def __init__(self, model, gates: DiffMaskGates | None = None):
         super().__init__(model)
-        self.gates = load_gates(self.backbone)
+        self.gates = load_gates(self.backbone) if gates is None else gates.to(self.backbone.mean.device).eval()
+        if len(self.gates.probes) != len(self.backbone.blocks) + 2:
+            raise VitlensError(
+                f"diffmask: the gates read {len(self.gates.probes)} hidden states, this model has "
+                f"{len(self.backbone.blocks) + 2}"
+            )
 
     @torch.no_grad()
     def explain(self, images: Tensor, target) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,105 @@
+"""A zoo of tiny random-weight models: one entry per supported family and variant (no network).
+
+Every entry builds a small model (32 px inputs, 2–3 blocks) as a user would build it with the family's own
+library, then gives its classifier unit-variance weights: a freshly initialised head (std 0.02, or zero)
+makes every gradient vanishingly small, and a trained model's is not. ``tests/test_families.py`` runs
+every method on every entry, in the manner of timm's ``test_models.py``. A new family adds its builders here with :func:`entry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import timm
+import torch
+from torch import nn
+
+NUM_CLASSES = 5
+
+#: name → builder of a model in eval mode
+ZOO: dict[str, Callable[[], nn.Module]] = {}
+
+
+def entry(name: str):
+    """Register a builder under ``name`` (seeded, so every build is the same model)."""
+
+    def register(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        def seeded() -> nn.Module:
+            torch.manual_seed(0)
+            model = build()
+            heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
+            if heads:
+                nn.init.normal_(heads[-1].weight)
+            return model.eval()
+
+        ZOO[name] = seeded
+        return build
+
+    return register
+
+
+def _timm(name: str, **kw) -> nn.Module:
+    args = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    args.update(kw)
+    return timm.create_model(name, **args)
+
+
+@entry("timm-vit")
+def _timm_vit():
+    return _timm("vit_tiny_patch16_224")
+
+
+@entry("timm-deit-distilled")
+def _timm_deit_distilled():
+    return _timm("deit_tiny_distilled_patch16_224")
+
+
+@entry("timm-vit-registers")
+def _timm_registers():
+    return _timm("vit_tiny_patch16_224", reg_tokens=4)
+
+
+@entry("timm-vit-avg-pool")
+def _timm_avg():
+    return _timm("vit_tiny_patch16_224", class_token=False, global_pool="avg")
+
+
+def _hf_config(config_class, **kw):
+    args = dict(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=5,
+    )  # fmt: skip
+    args.update(kw)
+    return config_class(**args)
+
+
+@entry("hf-vit")
+def _hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(_hf_config(ViTConfig))
+
+
+@entry("hf-deit-distilled")
+def _hf_deit():
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    return DeiTForImageClassificationWithTeacher(_hf_config(DeiTConfig))
+
+
+@entry("torchvision-vit")
+def _torchvision_vit():
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5
+    )
+    nn.init.normal_(model.class_token)  # torchvision initialises it to zero
+    return model
+
+
+@entry("vitlens-bcos-vit")
+def _bcos_vit():
+    from vitlens.bcos.vit import BcosSimpleViT
+
+    return BcosSimpleViT(img_size=32, patch_size=8, num_classes=5, dim=32, depth=2, heads=4, mlp_dim=64)
