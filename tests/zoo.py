@@ -3,7 +3,8 @@
 Every entry builds a small model (32 px inputs, 2–3 blocks) as a user would build it with the family's own
 library, then gives its classifier unit-variance weights: a freshly initialised head (std 0.02, or zero)
 makes every gradient vanishingly small, and a trained model's is not. ``tests/test_families.py`` runs
-every method on every entry, in the manner of timm's ``test_models.py``. A new family adds its builders here with :func:`entry`.
+every method on every entry, in the manner of timm's ``test_models.py``.
+A new family adds its builders here with :func:`entry`.
 """
 
 from __future__ import annotations
