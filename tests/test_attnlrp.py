@@ -217,3 +217,25 @@ def test_newer_block_parts_forward_and_conservation():
         else:
             assert not torch.allclose(r_in, r_out, atol=1e-2)  # the softmax rule's bias share
     assert not any("forward" in m.__dict__ for m in module.modules())
+
+
+# --- the same newer parts through Chefer's transformer attribution (explicit LRP rules) --------------
+
+
+def test_chefer_rules_on_newer_block_parts_conserve_relevance():
+    """Chefer's rules on a block with an attention bias, rotary embedding, gated MLP and MLP norm: the block's
+    forward values, and the relevance of its output arrives whole at its input (the reference's rules are
+    conservative; the extensions — constant bias, z-rule through the rotation, halved gated product — too)."""
+    from vitlens.explainers.chefer import _activations, _lrp_block
+
+    p = newer_block()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with norm_rules(nn.ModuleList([p.norm1])), torch.no_grad():
+        expected = lrp_block(p, x, (2, 2))  # AttnLRP's forward: the plain block's values (checked above)
+    with torch.no_grad():
+        c = _activations(p, x, (2, 2))
+        torch.testing.assert_close(c.out, expected, atol=1e-5, rtol=1e-5)
+        r_out = torch.rand(2, 5, 16, generator=torch.Generator().manual_seed(3))
+        r_a, r_in = _lrp_block(p, c, r_out, to_input=True)
+    assert r_a.shape == (2, 2, 5, 5) and r_a.abs().sum() > 0
+    torch.testing.assert_close(r_in.sum((1, 2)), r_out.sum((1, 2)), atol=1e-4, rtol=1e-4)
