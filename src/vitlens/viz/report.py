@@ -55,6 +55,7 @@ MEANINGS = {
     "gae": "Gradient-weighted attention, positive part, rolled out through the blocks (Chefer et al. 2021b; "
     "relative relevance).",
     "chefer": "LRP relevance times attention gradients, rolled out (Chefer et al. 2021a; relative relevance).",
+    "attnlrp": "LRP relevance of the patch for the class, AttnLRP rules (Achtibat et al. 2024; signed, relative).",
     "gradcam": "Token activations weighted by the class gradient, positive part (Selvaraju et al. 2017; relative).",
     "inputxgrad": "Input times gradient of the class score, summed over each patch (relative, signed).",
     "ig": "Integrated gradients from a baseline image, summed over each patch (Sundararajan et al. 2017).",
