@@ -27,6 +27,10 @@ REFUSES = {
     ("attention", "timm-vit-avg-pool"): "class token",
     ("attention", "vitlens-bcos-vit"): "class token",
     ("chefer", "vitlens-bcos-vit"): "lrp rules",
+    ("chefer", "timm-eva02"): "rotary",
+    ("chefer", "timm-eva02-swiglu-norm"): "rotary",
+    ("chefer", "timm-beit"): "attention bias",
+    ("chefer", "timm-beit-shared-bias"): "attention bias",
 }
 
 #: pairs whose map is legitimately all zero on the zoo's random model: Grad-CAM's ReLU removes a layer whose

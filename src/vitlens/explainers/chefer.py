@@ -159,22 +159,27 @@ def _matmul_rule(a: Tensor, b: Tensor, r: Tensor, ab: Tensor | None = None) -> t
     return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
 
 
-def _activations(p: BlockParts, x: Tensor) -> _Activations:
-    """Recompute one block from its input ``x`` [B, T, D], keeping every tensor an LRP rule reads."""
-    if p.attn_bias is not None or p.rope is not None or p.gate is not None:
-        raise UnsupportedParts("blocks with an attention bias, rotary embeddings or a gated MLP")
+def _activations(p: BlockParts, x: Tensor, grid: tuple[int, int] | None = None) -> _Activations:
+    """Recompute one block from its input ``x`` [B, T, D] on the token ``grid`` (for a rotary embedding),
+    keeping every tensor an LRP rule reads (with a gate: ``f1`` is fc1's output, ``g`` the normed hidden layer)."""
     b, t, _ = x.shape
     h1 = p.norm1(x)
     qkv = F.linear(h1, *p.qkv)
     q, k, v = qkv.reshape(b, t, 3, p.heads, -1).permute(2, 0, 3, 1, 4)
     q, k = p.q_norm(q), p.k_norm(k)
-    a = ((q * p.scale) @ k.transpose(-2, -1)).softmax(-1)
+    if p.rope is not None:
+        if grid is None:
+            raise ValueError("a block with a rotary embedding needs the token grid")
+        q, k = p.rope(q, grid), p.rope(k, grid)
+    logits = (q * p.scale) @ k.transpose(-2, -1)
+    a = (logits if p.attn_bias is None else logits + p.attn_bias(t)).softmax(-1)
     o = p.out_norm((a @ v).transpose(1, 2).reshape(b, t, -1))
     y = F.linear(o, *p.proj)
     mid = x + y
     h2 = p.norm2(mid)
     f1 = F.linear(h2, *p.fc1)
-    g = p.mlp_norm(p.act(f1))
+    hidden = p.act(f1) if p.gate is None else p.act(f1) * F.linear(h2, *p.gate)
+    g = p.mlp_norm(hidden)
     mlp = F.linear(g, *p.fc2)
     return _Activations(x, h1, q, k, v, qkv, a, o, y, mid, h2, f1, g, mlp, mid + mlp)
 
@@ -186,6 +191,8 @@ def _unbiased(out: Tensor, affine: Affine) -> Tensor:
 
 def _lrp_block(p: BlockParts, c: _Activations, r_out: Tensor, to_input: bool) -> tuple[Tensor, Tensor | None]:
     """Relevance of the block's output [B, T, D] → (R_A [B, heads, T, T], relevance of its input or None)."""
+    if p.attn_bias is not None or p.rope is not None or p.gate is not None:
+        raise UnsupportedParts("blocks with an attention bias, rotary embeddings or a gated MLP")
     r_mid, r_mlp = _add_rule([c.mid, c.mlp], r_out)
     r_g = _zplus(c.g, p.fc2[0], r_mlp, _unbiased(c.mlp, p.fc2))
     r_mid = r_mid + _zplus(c.h2, p.fc1[0], r_g, _unbiased(c.f1, p.fc1))  # clone: the two paths add up
@@ -254,7 +261,7 @@ def forward_parts(backbone: Backbone, images: Tensor) -> _PartsPass:
     blocks = []
     for block in backbone.blocks:
         parts = backbone.block_parts(block)
-        c = _activations(parts, x)
+        c = _activations(parts, x, grid)
         blocks.append((parts, c))
         x = c.out
     tokens = backbone.final_norm(x)
