@@ -290,7 +290,7 @@ def test_fixed_size_models_refuse_other_sizes_in_one_line(name):
         with pytest.raises(VitlensError) as info:
             call()
         message = str(info.value)
-        assert "\n" not in message and "32x32" in message or "4x4" in message, message
+        assert "\n" not in message and ("32x32" in message or "4x4" in message), message
 
 
 def test_explicit_size_check_names_the_fix():
