@@ -96,7 +96,7 @@ def manual_attention(model: torch.nn.Module, index: int, x: torch.Tensor, grid: 
         if getattr(model, "rope_mixed", False):
             emb = emb[index]
         n = model.num_prefix_tokens
-        half = attn.rotate_half
+        half = getattr(attn, "rotate_half", False)
         q = torch.cat([q[:, :, :n], rotate(q[:, :, n:], emb, half)], 2)
         k = torch.cat([k[:, :, :n], rotate(k[:, :, n:], emb, half)], 2)
     if getattr(attn, "relative_position_bias_table", None) is not None:

@@ -113,7 +113,8 @@ class TimmEva(TimmViT):
             embeddings = embeddings.reshape(embeddings.shape[0], *grid, embeddings.shape[-1])
         x, rope = m._pos_embed(embeddings)
         self._rope = (grid, rope)
-        return m.norm_pre(x)
+        norm_pre = getattr(m, "norm_pre", None)  # newer timm versions
+        return x if norm_pre is None else norm_pre(x)
 
     def _rope_for(self, grid: tuple[int, int], index: int) -> Tensor:
         """The rotary embedding block ``index`` applies on ``grid`` (the last forward's, else computed)."""
@@ -141,19 +142,21 @@ class TimmEva(TimmViT):
             from timm.layers import apply_rot_embed_cat
 
             index = next(i for i, b in enumerate(self.model.blocks) if b is block)
-            npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+            npt = attn.num_prefix_tokens
+            half = {"half": True} if getattr(attn, "rotate_half", False) else {}  # newer timm versions
 
             def rope(t: Tensor, grid: tuple[int, int]) -> Tensor:
-                rotated = apply_rot_embed_cat(t[:, :, npt:], self._rope_for(grid, index), half=half)
+                rotated = apply_rot_embed_cat(t[:, :, npt:], self._rope_for(grid, index), **half)
                 return torch.cat([t[:, :, :npt], rotated.type_as(t)], dim=2)
 
+        identity = nn.Identity()
         return BlockParts(
             norm1=block.norm1,
             qkv=qkv_parts(attn),
             heads=attn.num_heads,
             scale=float(attn.scale),
-            q_norm=attn.q_norm,
-            k_norm=attn.k_norm,
+            q_norm=getattr(attn, "q_norm", identity),  # newer timm versions
+            k_norm=getattr(attn, "k_norm", identity),
             out_norm=attn.norm,
             proj=linear_parts(attn.proj, block.gamma_1),
             norm2=block.norm2,
