@@ -27,6 +27,11 @@ REFUSES = {
     ("attention", "timm-vit-avg-pool"): "class token",
     ("attention", "vitlens-bcos-vit"): "class token",
     ("chefer", "vitlens-bcos-vit"): "lrp rules",
+    **{
+        (method, name): "windowed"
+        for method in ("attention", "rollout", "flow", "gae", "chefer", "diffmask")
+        for name in ("timm-swin", "timm-swinv2", "hf-swin")
+    },
 }
 
 #: pairs whose map is legitimately all zero on the zoo's random model: Grad-CAM's ReLU removes a layer whose

@@ -154,6 +154,9 @@ class Backbone(nn.Module):
     spec: dict | None = None
     #: The checkpoint the model was loaded from (``None`` for a module or a URI).
     checkpoint: CheckpointRecord | None = None
+    #: Whether every block attends over all tokens of the image (``False`` for Swin's windowed attention:
+    #: the methods that read attention over the image refuse such models).
+    global_attention: bool = True
 
     @property
     def config(self) -> dict | None:

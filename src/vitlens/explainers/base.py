@@ -159,6 +159,8 @@ class Explainer:
         meaning: one sentence on what its map means, for overlays and the report.
         class_specific: ``False`` when the map ignores the target (computed once for several targets).
         accepts_functions: whether a score function can be the target.
+        needs_global_attention: the method reads attention between all tokens of the image (or one flat token
+            sequence through every block); models without it (Swin) are refused in one line.
     """
 
     name: str = ""
@@ -168,9 +170,16 @@ class Explainer:
     meaning: str = ""
     class_specific: bool = True
     accepts_functions: bool = True
+    needs_global_attention: bool = False
 
     def __init__(self, model):
         self.backbone: Backbone = load_model(model)
+        if self.needs_global_attention and not self.backbone.global_attention:
+            raise VitlensError(
+                f"method {self.name!r} reads attention over the whole image; this {self.backbone.family} model has "
+                "hierarchical windowed attention, with no token-to-token attention over the image (use a gradient, "
+                "perturbation or pm method)"
+            )
 
     @classmethod
     def options(cls) -> dict[str, object]:
