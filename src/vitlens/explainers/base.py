@@ -129,6 +129,16 @@ def check_size(backbone: Backbone, size: tuple[int, int]) -> None:
         ) from None
 
 
+def require_global_attention(backbone: Backbone, method: str) -> None:
+    """A one-line refusal of ``method`` for a model without attention over the whole image (Swin)."""
+    if not backbone.global_attention:
+        raise VitlensError(
+            f"method {method!r} reads attention over the whole image; this {backbone.family} model has hierarchical "
+            "windowed attention, with no token-to-token attention over the image (use a gradient, perturbation or "
+            "pm method)"
+        )
+
+
 def option_docs(cls: type) -> dict[str, str]:
     """``{option: description}`` from the ``Args:`` section of ``cls``' docstring (continuation lines joined)."""
     doc = inspect.getdoc(cls) or ""
@@ -174,12 +184,8 @@ class Explainer:
 
     def __init__(self, model):
         self.backbone: Backbone = load_model(model)
-        if self.needs_global_attention and not self.backbone.global_attention:
-            raise VitlensError(
-                f"method {self.name!r} reads attention over the whole image; this {self.backbone.family} model has "
-                "hierarchical windowed attention, with no token-to-token attention over the image (use a gradient, "
-                "perturbation or pm method)"
-            )
+        if self.needs_global_attention:
+            require_global_attention(self.backbone, self.name)
 
     @classmethod
     def options(cls) -> dict[str, object]:

@@ -77,7 +77,8 @@ def cascade(backbone) -> list[tuple[str, list[nn.Parameter]]]:
             patch = _used(embeddings, params)
             tokens = backbone.add_prefix_and_position(embeddings.detach().requires_grad_(True), grid)
             position = _used(tokens, params)
-            normed = backbone.final_norm(tokens.detach().requires_grad_(True))
+            last = backbone.run(x).hidden[-1].detach()  # what the final norm reads (stages change the width)
+            normed = backbone.final_norm(last.requires_grad_(True))
             norm = _used(normed, params)
             head = _used(backbone.head(normed.detach().requires_grad_(True)), params)
     finally:
