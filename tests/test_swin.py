@@ -261,3 +261,40 @@ def test_pm_trains_on_swin_and_diffmask_training_refuses():
     with pytest.raises(VitlensError, match="windowed attention") as e:
         DiffMaskTask(bb)
     assert "\n" not in str(e.value)
+
+
+def test_other_input_sizes_match_the_library():
+    """HF Swin at 48 px with absolute position embeddings (interpolated, as ``interpolate_pos_encoding=True``)
+    and a timm Swin built with ``strict_img_size=False``: the libraries' own logits, maps on the 6×6 grid."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    config = SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=5,
+        use_absolute_embeddings=True,
+    )  # fmt: skip
+    hf = SwinForImageClassification(config).eval()
+    torch.nn.init.normal_(hf.swin.embeddings.position_embeddings)
+    timm_model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4, embed_dim=16,
+        depths=(2, 2), num_heads=(2, 2), num_classes=5, strict_img_size=False,
+    ).eval()  # fmt: skip
+    for model, own in [
+        (hf, lambda x: hf(x, interpolate_pos_encoding=True).logits),
+        (timm_model, timm_model),
+    ]:
+        bb = adapt(model)
+        with torch.no_grad():
+            torch.testing.assert_close(bb(images), own(bb.normalize(images)), atol=1e-5, rtol=1e-5)
+        assert bb.grid_for((48, 48)) == (6, 6)
+        assert explain(bb, images, "inputxgrad", target=0).maps.shape == (2, 6, 6)
+
+
+def test_unsupported_pooling_is_refused():
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4, embed_dim=16,
+        depths=(2, 2), num_heads=(2, 2), num_classes=5, global_pool="",
+    )  # fmt: skip
+    with pytest.raises(VitlensError, match="global_pool='' is not supported"):
+        adapt(model)
