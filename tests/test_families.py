@@ -30,7 +30,7 @@ REFUSES = {
     **{
         (method, name): "windowed"
         for method in ("attention", "rollout", "flow", "gae", "chefer", "diffmask")
-        for name in ("timm-swin", "timm-swinv2", "hf-swin")
+        for name in ("timm-swin", "timm-swinv2", "hf-swin", "hf-swinv2")
     },
 }
 

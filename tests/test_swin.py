@@ -23,7 +23,7 @@ from vitlens.backbones.timm_swin import TimmSwin
 from vitlens.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo import ZOO
 
-SWINS = ["timm-swin", "timm-swinv2", "hf-swin"]
+SWINS = ["timm-swin", "timm-swinv2", "hf-swin", "hf-swinv2"]
 GRID, CELL = (4, 4), 8
 REFUSING = ["attention", "rollout", "flow", "gae", "chefer"]
 WORKING = {
@@ -140,7 +140,7 @@ def test_pm_is_the_classifier_on_every_final_token(name, images):
     with torch.no_grad():
         x = bb.normalize(images)
         if name.startswith("hf"):
-            logits = model.classifier(model.swin(x).last_hidden_state).reshape(3, *GRID, -1)
+            logits = model.classifier(model.base_model(x).last_hidden_state).reshape(3, *GRID, -1)
         else:
             logits = model.head.fc(model.forward_features(x))  # NHWC
     torch.testing.assert_close(ours, logits[..., 2].sigmoid(), atol=1e-6, rtol=1e-5)
@@ -222,7 +222,7 @@ def test_hf_uri_loads_a_saved_swin(tmp_path, images):
     torch.testing.assert_close(bb(images), adapt(model)(images), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["timm-swin", "hf-swin"])
+@pytest.mark.parametrize("name", ["timm-swin", "hf-swin", "hf-swinv2"])
 def test_checkpoint_round_trip(name, tmp_path, images):
     """A vitlens checkpoint of a Swin (what ``vitlens train pm`` writes) loads back as the same model."""
     model = ZOO[name]()

@@ -126,11 +126,21 @@ def _timm_swinv2():
     return model
 
 
+def _hf_swin_config(config_class):
+    return config_class(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=5
+    )
+
+
 @entry("hf-swin")
 def _hf_swin():
     from transformers import SwinConfig, SwinForImageClassification
 
-    config = SwinConfig(
-        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=5
-    )
-    return SwinForImageClassification(config)
+    return SwinForImageClassification(_hf_swin_config(SwinConfig))
+
+
+@entry("hf-swinv2")
+def _hf_swinv2():
+    from transformers import Swinv2Config, Swinv2ForImageClassification
+
+    return Swinv2ForImageClassification(_hf_swin_config(Swinv2Config))

@@ -1,5 +1,5 @@
-"""Adapter for Hugging Face ``SwinForImageClassification`` and the headless ``SwinModel``, on the last stage's
-grid."""
+"""Adapter for Hugging Face Swin and Swin V2 (``Swin[v2]ForImageClassification`` and the headless
+``Swin[v2]Model``), on the last stage's grid."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from .hierarchical import HierarchicalBackbone
 
 
 def _classes() -> tuple[type, ...]:
-    from transformers import SwinForImageClassification, SwinModel
+    from transformers import SwinForImageClassification, SwinModel, Swinv2ForImageClassification, Swinv2Model
 
-    return SwinForImageClassification, SwinModel
+    return SwinForImageClassification, SwinModel, Swinv2ForImageClassification, Swinv2Model
 
 
 def is_hf_swin(model: nn.Module) -> bool:
@@ -28,10 +28,10 @@ def is_hf_swin(model: nn.Module) -> bool:
 
 
 class HFSwin(HierarchicalBackbone):
-    """Hugging Face Swin: ``embeddings`` → ``encoder.layers`` (stages, each ending with its patch merging)
-    → ``layernorm`` → ``pooler`` (mean) → ``classifier``.
+    """Hugging Face Swin / Swin V2: ``embeddings`` → ``encoder.layers`` (stages, each ending with its patch
+    merging) → ``layernorm`` → ``pooler`` (mean) → ``classifier``.
 
-    A ``SwinModel`` without a classifier gives its pooled embedding as the output (``num_classes`` 0):
+    A ``Swin[v2]Model`` without a classifier gives its pooled embedding as the output (``num_classes`` 0):
     explain it with a score function such as :class:`~vitlens.EmbeddingSimilarity`.
     """
 
@@ -41,7 +41,7 @@ class HFSwin(HierarchicalBackbone):
         self, model: nn.Module, preprocessing: Preprocessing | None = None, classes=None, image_processor=None
     ):
         if not is_hf_swin(model):
-            raise VitlensError(f"{type(model).__name__} is not a Hugging Face Swin model")
+            raise VitlensError(f"{type(model).__name__} is not a Hugging Face Swin / Swin V2 model")
         super().__init__(
             model,
             preprocessing or hf_preprocessing(model, image_processor),
@@ -54,8 +54,8 @@ class HFSwin(HierarchicalBackbone):
 
     @property
     def base(self) -> nn.Module:
-        """The ``SwinModel`` (the model itself when it has no classifier)."""
-        return self.model.swin if hasattr(self.model, "swin") else self.model
+        """The ``Swin[v2]Model`` (the model itself when it has no classifier)."""
+        return self.model.base_model
 
     @property
     def num_classes(self) -> int:

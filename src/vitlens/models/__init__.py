@@ -3,7 +3,7 @@
 Model URIs::
 
     timm:NAME[?pretrained=0&key=value...]      timm.create_model(NAME, **kwargs); pretrained by default
-    hf:NAME_OR_PATH                            transformers AutoModelForImageClassification (ViT, DeiT, Swin)
+    hf:NAME_OR_PATH                            transformers AutoModelForImageClassification (ViT, DeiT, Swin, Swin V2)
     torchvision:NAME[?pretrained=0&key=value]  torchvision.models.get_model(NAME, weights=...)
     bcos:NAME[?weights=PATH&pretrained=1&key=value]  vitlens' B-cos ViT; official B-cos-v2 weights load unchanged
     vitlens:NAME                               a model shipped with vitlens (``vitlens models`` lists them)

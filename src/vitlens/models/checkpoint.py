@@ -75,6 +75,7 @@ HF_CLASSES = {
     "DeiTForImageClassification": "deit",
     "DeiTForImageClassificationWithTeacher": "deit",
     "SwinForImageClassification": "swin",
+    "Swinv2ForImageClassification": "swinv2",
 }
 
 
