@@ -48,12 +48,13 @@ class HierarchicalBackbone(Backbone):
         raise NotImplementedError
 
     def last_stage_norm(self) -> nn.Module:
-        """The norm in front of the MLP of the last block of the last stage (its output ``[B, N, D]``)."""
+        """Grad-CAM's layer: the last block's second norm (``[B, N, D]`` out), in front of its MLP (after it in
+        Swin V2's post-norm blocks)."""
         raise NotImplementedError
 
     def final_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        """The last stage's grid for a patch-embedding ``grid``: every stage after the first merges 2×2
-        tokens (odd sides padded)."""
+        """The last stage's grid for a patch-embedding ``grid``: between consecutive stages, 2×2 tokens merge
+        into one (odd sides padded)."""
         gh, gw = grid
         for _ in range(len(self.blocks) - 1):
             gh, gw = (gh + 1) // 2, (gw + 1) // 2
