@@ -28,6 +28,11 @@ REFUSES = {
     ("attention", "vitlens-bcos-vit"): "class token",
     ("chefer", "vitlens-bcos-vit"): "lrp rules",
     ("attnlrp", "vitlens-bcos-vit"): "lrp rules",
+    **{
+        (method, name): "windowed"
+        for method in ("attention", "rollout", "flow", "gae", "chefer", "attnlrp", "diffmask")
+        for name in ("timm-swin", "timm-swinv2", "hf-swin", "hf-swinv2")
+    },
 }
 
 #: pairs whose map is legitimately all zero on the zoo's random model: Grad-CAM's ReLU removes a layer whose

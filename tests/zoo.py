@@ -151,3 +151,43 @@ def _bcos_vit():
     from vitlens.bcos.vit import BcosSimpleViT
 
     return BcosSimpleViT(img_size=32, patch_size=8, num_classes=5, dim=32, depth=2, heads=4, mlp_dim=64)
+
+
+def _timm_swin_model(name: str) -> nn.Module:
+    args = dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2))
+    return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **args)
+
+
+@entry("timm-swin")
+def _timm_swin():
+    return _timm_swin_model("swin_tiny_patch4_window7_224")
+
+
+@entry("timm-swinv2")
+def _timm_swinv2():
+    model = _timm_swin_model("swinv2_tiny_window8_256")
+    for stage in model.layers:  # timm zeroes the residual post-norms at init: every block would add nothing
+        for block in stage.blocks:
+            nn.init.ones_(block.norm1.weight)
+            nn.init.ones_(block.norm2.weight)
+    return model
+
+
+def _hf_swin_config(config_class):
+    return config_class(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=5
+    )
+
+
+@entry("hf-swin")
+def _hf_swin():
+    from transformers import SwinConfig, SwinForImageClassification
+
+    return SwinForImageClassification(_hf_swin_config(SwinConfig))
+
+
+@entry("hf-swinv2")
+def _hf_swinv2():
+    from transformers import Swinv2Config, Swinv2ForImageClassification
+
+    return Swinv2ForImageClassification(_hf_swin_config(Swinv2Config))

@@ -24,9 +24,11 @@ from .base import (
     upsample,
 )
 from .bcos_vit import BcosViT, is_bcos_vit
+from .hf_swin import HFSwin, is_hf_swin
 from .hf_vit import HFViT, is_hf_vit
 from .timm_beit import TimmBeit, is_timm_beit
 from .timm_eva import TimmEva, is_timm_eva
+from .timm_swin import TimmSwin, is_timm_swin
 from .timm_vit import TimmViT, is_timm_vit
 from .torchvision_vit import TorchvisionViT, is_torchvision_vit
 
@@ -51,6 +53,8 @@ ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_hf_vit, HFViT),
     (is_torchvision_vit, TorchvisionViT),
     (is_bcos_vit, BcosViT),
+    (is_timm_swin, TimmSwin),
+    (is_hf_swin, HFSwin),
 ]
 
 
@@ -107,5 +111,5 @@ def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=
     raise VitlensError(
         f"{type(model).__name__} is not a supported Vision Transformer "
         "(supported: timm VisionTransformer (ViT, DeiT, DeiT III, FlexiViT), timm Eva (EVA, EVA-02), timm Beit, "
-        "transformers ViT/DeiT image classifiers, torchvision ViT, vitlens B-cos ViT)"
+        "timm / transformers Swin, transformers ViT/DeiT image classifiers, torchvision ViT, vitlens B-cos ViT)"
     )

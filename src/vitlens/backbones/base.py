@@ -54,7 +54,9 @@ class Trace:
     ``hidden`` holds the token sequence entering every block plus the output of the last block
     (``L + 1`` tensors ``[B, T, D]``). ``attentions`` holds each block's attention probabilities
     ``[B, heads, T, T]`` when they were asked for. All tensors stay in the autograd graph, so gradient
-    methods can differentiate the logits with respect to any of them.
+    methods can differentiate the logits with respect to any of them. For hierarchical models (Swin) the
+    blocks are stages, ``T`` and ``D`` change between them and ``grid`` is the last stage's
+    (:mod:`.hierarchical`).
     """
 
     logits: Tensor
@@ -172,6 +174,9 @@ class Backbone(nn.Module):
     spec: dict | None = None
     #: The checkpoint the model was loaded from (``None`` for a module or a URI).
     checkpoint: CheckpointRecord | None = None
+    #: Whether every block attends over all tokens of the image (``False`` for Swin's windowed attention:
+    #: the methods that read attention over the image refuse such models).
+    global_attention: bool = True
 
     @property
     def config(self) -> dict | None:

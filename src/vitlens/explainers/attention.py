@@ -37,6 +37,7 @@ class Rollout(Explainer):
     """
 
     name = "rollout"
+    needs_global_attention = True
     paper = "Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020"
     cost = "1 forward (explicit attention)"
     meaning = "how much each patch feeds the readout token through all attention layers (class-agnostic)"
@@ -60,6 +61,7 @@ class Attention(Explainer):
     """Raw attention: the last block's attention from the class token to every patch, heads averaged."""
 
     name = "attention"
+    needs_global_attention = True
     paper = "raw attention: last block, class-token row, heads averaged"
     cost = "1 forward (explicit attention)"
     meaning = "where the class token looks in the last block (class-agnostic)"

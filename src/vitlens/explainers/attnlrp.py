@@ -226,6 +226,7 @@ class AttnLRP(Explainer):
     paper = "Achtibat et al., AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers, ICML 2024"
     cost = "1 forward + 1 backward (modified gradients, explicit attention)"
     scale = "signed"
+    needs_global_attention = True
     meaning = "the LRP relevance of each patch for the target (AttnLRP rules, as LXT computes them)"
 
     def __init__(self, model, *, attention: str = "attnlrp"):

@@ -129,6 +129,16 @@ def check_size(backbone: Backbone, size: tuple[int, int]) -> None:
         ) from None
 
 
+def require_global_attention(backbone: Backbone, method: str) -> None:
+    """A one-line refusal of ``method`` for a model without attention over the whole image (Swin)."""
+    if not backbone.global_attention:
+        raise VitlensError(
+            f"method {method!r} reads attention over the whole image; this {backbone.family} model has hierarchical "
+            "windowed attention, with no token-to-token attention over the image (use a gradient, perturbation or "
+            "pm method)"
+        )
+
+
 def option_docs(cls: type) -> dict[str, str]:
     """``{option: description}`` from the ``Args:`` section of ``cls``' docstring (continuation lines joined)."""
     doc = inspect.getdoc(cls) or ""
@@ -159,6 +169,8 @@ class Explainer:
         meaning: one sentence on what its map means, for overlays and the report.
         class_specific: ``False`` when the map ignores the target (computed once for several targets).
         accepts_functions: whether a score function can be the target.
+        needs_global_attention: the method reads attention between all tokens of the image (or one flat token
+            sequence through every block); models without it (Swin) are refused in one line.
     """
 
     name: str = ""
@@ -168,9 +180,12 @@ class Explainer:
     meaning: str = ""
     class_specific: bool = True
     accepts_functions: bool = True
+    needs_global_attention: bool = False
 
     def __init__(self, model):
         self.backbone: Backbone = load_model(model)
+        if self.needs_global_attention:
+            require_global_attention(self.backbone, self.name)
 
     @classmethod
     def options(cls) -> dict[str, object]:

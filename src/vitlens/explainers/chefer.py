@@ -68,6 +68,7 @@ class GAE(Explainer):
     """Chefer et al. ICCV 2021: Ā_b = E_h[(∇A_b ⊙ A_b)⁺], R ← R + Ā_b·R from R = I; the readout row of R."""
 
     name = "gae"
+    needs_global_attention = True
     paper = "Chefer, Gur, Wolf, Generic Attention-model Explainability, ICCV 2021"
     cost = "1 forward + 1 backward (explicit attention)"
     meaning = "attention weighted by its gradient for the target, positive part, rolled out over the blocks"
@@ -350,6 +351,7 @@ class Chefer(Explainer):
     """
 
     name = "chefer"
+    needs_global_attention = True
     paper = "Chefer, Gur, Wolf, Transformer Interpretability Beyond Attention Visualization, CVPR 2021"
     cost = "1 forward + 1 backward + 1 LRP pass (explicit attention)"
     meaning = "LRP relevance of the attention weighted by its gradient for the target, rolled out (positive)"
@@ -429,6 +431,7 @@ class Flow(Explainer):
     """
 
     name = "flow"
+    needs_global_attention = True
     paper = "Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020 (attention flow)"
     cost = "1 forward + T max-flows per image on CPU (slow: ~30 s per image at 197 tokens, 12 blocks)"
     meaning = "the maximum attention flow from each patch to the readout token (class-agnostic)"

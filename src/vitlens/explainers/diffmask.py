@@ -150,6 +150,7 @@ class DiffMask(Explainer):
     """
 
     name = "diffmask"
+    needs_global_attention = True
     paper = "Nalmpantis et al., VISION DIFFMASK, CVPR-W 2023 (De Cao et al. 2020)"
     cost = "1 forward + the gate probes (needs a `vitlens train diffmask` checkpoint)"
     scale = "probability"

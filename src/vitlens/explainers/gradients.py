@@ -99,7 +99,8 @@ class GradCAM(Explainer):
     The layer read is block ``layer``'s pre-attention LayerNorm (``backbone.attention_norm``), the target
     layer of pytorch-grad-cam's ViT tutorial (``model.blocks[-1].norm1``). Not the last block's output: a
     class-token head reads only the class token after the (per-token) final norm, so the gradient on the
-    patch tokens there is exactly zero. The forward pass is cut at the chosen block
+    patch tokens there is exactly zero. On Swin, ``layer`` is a stage and only the last one is read: its
+    last block's ``norm2``, pytorch-grad-cam's Swin target layer. The forward pass is cut at the chosen block
     (``run(grad_from=...)``), so the backward pass only goes through the blocks above it.
 
     Args:

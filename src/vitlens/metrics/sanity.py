@@ -87,11 +87,9 @@ def cascade(backbone) -> list[tuple[str, list[nn.Parameter]]]:
             patch = _used(embeddings, params)
             tokens = backbone.add_prefix_and_position(embeddings.detach().requires_grad_(True), grid)
             position = _used(tokens, params)
-            h = tokens.detach()
-            for block in blocks:
-                h = block(h)
-            through = _used(h, params)  # the blocks' own and what every block reads (BEiT's shared bias)
-            normed = backbone.final_norm(tokens.detach().requires_grad_(True))
+            last = backbone.run(embeddings=embeddings.detach(), grid=grid).hidden[-1]  # stages may change the width
+            through = _used(last, params)  # the blocks' own and what every block reads (BEiT's shared bias)
+            normed = backbone.final_norm(last.detach().requires_grad_(True))
             norm = _used(normed, params)
             head = _used(backbone.head(normed.detach().requires_grad_(True)), params)
     finally:
@@ -100,8 +98,11 @@ def cascade(backbone) -> list[tuple[str, list[nn.Parameter]]]:
     taken: set[int] = set()
 
     def level(found) -> list[nn.Parameter]:
-        out = [p for p in found if id(p) not in taken]
-        taken.update(id(p) for p in out)
+        out = []
+        for p in found:
+            if id(p) not in taken:
+                taken.add(id(p))
+                out.append(p)
         return out
 
     levels = [("head", level(head)), ("final-norm", level(norm))]

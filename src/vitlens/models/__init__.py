@@ -3,7 +3,7 @@
 Model URIs::
 
     timm:NAME[?pretrained=0&key=value...]      timm.create_model(NAME, **kwargs); pretrained by default
-    hf:NAME_OR_PATH                            transformers AutoModelForImageClassification
+    hf:NAME_OR_PATH                            transformers AutoModelForImageClassification (ViT, DeiT, Swin, Swin V2)
     torchvision:NAME[?pretrained=0&key=value]  torchvision.models.get_model(NAME, weights=...)
     bcos:NAME[?weights=PATH&pretrained=1&key=value]  vitlens' B-cos ViT; official B-cos-v2 weights load unchanged
     vitlens:NAME                               a model shipped with vitlens (``vitlens models`` lists them)
@@ -25,7 +25,7 @@ from torch import nn
 from .._utils import require
 from ..backbones import Backbone, adapt
 from ..backbones.bcos_vit import load_bcos
-from ..backbones.hf_vit import HFViT, is_hf_vit
+from ..backbones.hf_vit import is_hf_vit
 from ..errors import VitlensError
 from ..options import parse_options
 
@@ -125,7 +125,7 @@ def _load_uri(uri: str, options: dict) -> Backbone:
                 processor = None
             from ..backbones.hf_vit import hf_preprocessing
 
-            backbone = HFViT(model, hf_preprocessing(model, processor))
+            backbone = adapt(model, hf_preprocessing(model, processor))
             backbone.spec = {"source": "hf", "name": type(model).__name__, "config": model.config.to_dict()}
     except VitlensError:
         raise

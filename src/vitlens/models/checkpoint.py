@@ -62,7 +62,7 @@ MAX_CLASSES = 100_000
 #: Upper bounds of the integer settings a model spec may hold (checked before anything is built, so a
 #: small config.json cannot ask for a model that exhausts memory or time).
 MODEL_BOUNDS = {
-    "depth": 256, "num_hidden_layers": 256,
+    "depth": 256, "num_hidden_layers": 256, "depths": 256,
     "embed_dim": 16384, "hidden_size": 16384, "dim": 16384,
     "num_heads": 1024, "num_attention_heads": 1024, "heads": 1024,
     "intermediate_size": 131072, "mlp_ratio": 64,
@@ -74,6 +74,8 @@ HF_CLASSES = {
     "ViTForImageClassification": "vit",
     "DeiTForImageClassification": "deit",
     "DeiTForImageClassificationWithTeacher": "deit",
+    "SwinForImageClassification": "swin",
+    "Swinv2ForImageClassification": "swinv2",
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..backbones import Backbone
+from ..explainers.base import require_global_attention
 from ..explainers.diffmask import DiffMaskGates
 from .distributed import all_reduce_sum
 from .loop import Task, TrainConfig
@@ -43,6 +44,7 @@ class DiffMaskTask(Task):
         gates: DiffMaskGates | None = None,
         seed: int = 0,
     ):
+        require_global_attention(backbone, "diffmask")
         super().__init__(backbone)
         for p in backbone.parameters():
             p.requires_grad_(False)
