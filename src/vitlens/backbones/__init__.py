@@ -24,6 +24,7 @@ from .base import (
     upsample,
 )
 from .bcos_vit import BcosViT, is_bcos_vit
+from .hf_dinov2 import HFDinov2, is_hf_dinov2
 from .hf_vit import HFViT, is_hf_vit
 from .timm_vit import TimmViT, is_timm_vit
 from .torchvision_vit import TorchvisionViT, is_torchvision_vit
@@ -45,6 +46,7 @@ __all__ = [
 ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_timm_vit, TimmViT),
     (is_hf_vit, HFViT),
+    (is_hf_dinov2, HFDinov2),
     (is_torchvision_vit, TorchvisionViT),
     (is_bcos_vit, BcosViT),
 ]
@@ -102,6 +104,6 @@ def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=
             return adapter(model, preprocessing, classes)
     raise VitlensError(
         f"{type(model).__name__} is not a supported Vision Transformer "
-        "(supported: timm VisionTransformer, transformers ViT/DeiT image classifiers, torchvision ViT, "
+        "(supported: timm VisionTransformer, transformers ViT/DeiT and DINOv2 models, torchvision ViT, "
         "vitlens B-cos ViT)"
     )

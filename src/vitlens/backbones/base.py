@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import VitlensError
 from .parts import BlockParts, HeadParts, UnsupportedParts
 
 
@@ -125,6 +126,27 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
     probs = (q * scale) @ k.transpose(-2, -1)
     probs = probs.softmax(dim=-1)
     return probs @ v, probs
+
+
+#: How a model without a classifier head turns its final tokens into its output embedding.
+EMBEDDINGS = {
+    "cls": "the final-normed class token",
+    "mean": "the mean of the final-normed patch tokens (prefix tokens left out)",
+}
+
+NO_HEAD = "this model has no classifier head: pass target=EmbeddingSimilarity(...)"
+
+
+def check_embedding(embedding: str) -> str:
+    """``embedding`` if it is one of :data:`EMBEDDINGS`, else a one-line error."""
+    if embedding not in EMBEDDINGS:
+        raise VitlensError(f"embedding={embedding!r}: expected one of {', '.join(map(repr, EMBEDDINGS))}")
+    return embedding
+
+
+def pool_embedding(tokens: Tensor, embedding: str, num_prefix: int) -> Tensor:
+    """Final-normed tokens ``[B, T, D]`` → the embedding ``[B, D]`` (class token at index 0, or patch mean)."""
+    return tokens[:, 0] if embedding == "cls" else tokens[:, num_prefix:].mean(1)
 
 
 @dataclass(frozen=True)
@@ -257,7 +279,8 @@ class Backbone(nn.Module):
         """
         kinds = self.prefix_kinds
         w = torch.zeros(num_tokens, device=self.mean.device)
-        heads = [i for i, k in enumerate(kinds) if k in ("cls", "dist")] if self.pooling == "token" else []
+        read = ("cls",) if self.headless else ("cls", "dist")  # a headless model's embedding: the class token
+        heads = [i for i, k in enumerate(kinds) if k in read] if self.pooling == "token" else []
         if heads:
             w[heads] = 1.0 / len(heads)
         else:
@@ -268,6 +291,15 @@ class Backbone(nn.Module):
     def pooling(self) -> str:
         """``"token"`` (class / distillation token) or ``"avg"`` (mean of the patch tokens)."""
         return "token"
+
+    @property
+    def headless(self) -> bool:
+        """No classifier head: the output is an embedding ``[B, D]``, not logits.
+
+        Explain such a model with a score function of the embedding, e.g.
+        :class:`~vitlens.EmbeddingSimilarity`; methods that need classes refuse.
+        """
+        return self.num_classes == 0
 
     # --- shared --------------------------------------------------------------------------------
 
