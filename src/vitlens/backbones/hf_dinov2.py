@@ -30,7 +30,8 @@ def _classes() -> tuple[type, ...]:
         Dinov2WithRegistersModel,
     )
 
-    return Dinov2Model, Dinov2ForImageClassification, Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification
+    return (Dinov2Model, Dinov2ForImageClassification,
+            Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification)  # fmt: skip
 
 
 def is_hf_dinov2(model: nn.Module) -> bool:
