@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 from ..backbones import Backbone
+from ..backbones.base import NO_HEAD
 from ..errors import VitlensError
 from ..models import load_model
 from .explanation import SCALES, Explanation
-from .targets import Target, TopK, class_index, parse_target  # noqa: F401  (re-exported)
+from .targets import Target, TopK, class_index, is_score_function, parse_target  # noqa: F401  (re-exported)
 
 EXPLAINERS: dict[str, type[Explainer]] = {}
 
@@ -159,6 +160,7 @@ class Explainer:
         meaning: one sentence on what its map means, for overlays and the report.
         class_specific: ``False`` when the map ignores the target (computed once for several targets).
         accepts_functions: whether a score function can be the target.
+        needs_head: whether the method reads a classifier (refused on a model without one).
     """
 
     name: str = ""
@@ -168,9 +170,12 @@ class Explainer:
     meaning: str = ""
     class_specific: bool = True
     accepts_functions: bool = True
+    needs_head: bool = False
 
     def __init__(self, model):
         self.backbone: Backbone = load_model(model)
+        if self.needs_head and self.backbone.headless:
+            raise VitlensError(f"method {self.name!r} needs a classifier head; this model outputs an embedding")
 
     @classmethod
     def options(cls) -> dict[str, object]:
@@ -202,6 +207,8 @@ class Explainer:
             An :class:`Explanation` (maps ``[B, gh, gw]``, or ``[B, K, gh, gw]`` for ``K`` targets per image).
         """
         images = prepare_images(images, self.backbone, normalized)
+        if self.backbone.headless and self.class_specific and not is_score_function(target):
+            raise VitlensError(NO_HEAD)
         plan = parse_target(target, len(images), self.backbone.classes)
         with float32_compute(self.backbone), frozen_eval(self.backbone):
             check_size(self.backbone, tuple(images.shape[-2:]))
@@ -239,7 +246,7 @@ class Explainer:
 
     def _result(self, images, plan, maps, logits, extras, multi: bool) -> Explanation:
         classes = self.backbone.classes
-        if any(t.is_function for t in plan):
+        if any(t.is_function for t in plan) or self.backbone.headless:
             targets, names = None, [[t.name or "score function"] * len(images) for t in plan]
         else:
             targets = torch.stack([t.indices(logits) for t in plan], 1).to(logits.device)
