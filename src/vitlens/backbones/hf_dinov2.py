@@ -50,8 +50,9 @@ def dinov2_preprocessing(model: nn.Module, image_processor=None) -> Preprocessin
     if image_processor is None:
         return Preprocessing(input_size=_pair(model.config.image_size), interpolation="bicubic")
     crop = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", False) else None
-    if isinstance(crop, dict) and "height" in crop and "width" in crop:
-        size = (int(crop["height"]), int(crop["width"]))
+    side = (lambda k: crop.get(k)) if isinstance(crop, dict) else (lambda k: getattr(crop, k, None))  # or a SizeDict
+    if crop is not None and side("height") and side("width"):
+        size = (int(side("height")), int(side("width")))
     else:
         size = _pair(model.config.image_size)
     return Preprocessing(

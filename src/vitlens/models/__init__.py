@@ -25,6 +25,7 @@ from torch import nn
 
 from .._utils import require
 from ..backbones import Backbone, adapt
+from ..backbones.base import check_embedding
 from ..backbones.bcos_vit import load_bcos
 from ..backbones.hf_dinov2 import HFDinov2, dinov2_preprocessing, is_hf_dinov2
 from ..backbones.hf_vit import HFViT, hf_preprocessing, is_hf_vit
@@ -134,7 +135,7 @@ def _load_hf(transformers, name: str, kwargs: dict) -> Backbone:
     vitlens adapts are accepted.
     """
     chosen = "embedding" in kwargs
-    embedding = kwargs.pop("embedding", "cls")
+    embedding = check_embedding(kwargs.pop("embedding", "cls"))  # before anything is read
     remote = {"trust_remote_code": trust_remote_code()}
     hub = {k: v for k, v in kwargs.items() if k in HF_HUB_OPTIONS}
     config = transformers.AutoConfig.from_pretrained(name, **hub, **remote)
