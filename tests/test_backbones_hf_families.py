@@ -367,3 +367,25 @@ def test_hf_uri_never_trusts_remote_code(saved, monkeypatch):
     assert seen and all(flag is False for flag in seen)
     with pytest.raises(VitlensError, match="trust_remote_code not allowed"):
         load_model(f"hf:{root / 'dinov2'}?trust_remote_code=1")
+
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov2-registers-swiglu"])
+def test_dinov2_classifier_checkpoint_round_trip(tmp_path, name):
+    from vitlens.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model = make_dinov2(name)
+    model.save_pretrained(tmp_path / "hf")
+    backbone = load_model(f"hf:{tmp_path / 'hf'}")
+    path = save_checkpoint(tmp_path / "ck", backbone)
+    loaded = load_checkpoint(path)
+    assert type(loaded) is HFDinov2 and loaded.prefix_kinds == backbone.prefix_kinds
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), backbone(images), atol=0, rtol=0)
+
+
+def test_checkpoint_register_tokens_are_bounded():
+    from vitlens.models.checkpoint import check_model_sizes
+
+    with pytest.raises(VitlensError, match="num_register_tokens"):
+        check_model_sizes({"config": {"num_register_tokens": 10**9}}, "config.json")
