@@ -12,6 +12,7 @@ from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    DeiTModel,
     Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
@@ -277,16 +278,22 @@ def test_sdpa_explanations_equal_eager(method):
 # --- headless Hugging Face ViT ---------------------------------------------------------------------------------
 
 
-def test_hf_vit_model_without_head():
-    model = make_sdpa("vit-model")
+@pytest.mark.parametrize("cls", [ViTModel, DeiTModel])
+def test_hf_vit_model_without_head(cls):
+    torch.manual_seed(0)
+    model = cls((DeiTConfig if cls is DeiTModel else ViTConfig)(**TINY, intermediate_size=64)).eval()
     backbone = adapt(model)
     assert isinstance(backbone, HFViT) and backbone.headless and backbone.classes == []
+    prefix = backbone.num_prefix_tokens
+    assert prefix == (2 if cls is DeiTModel else 1)
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         out = model(backbone.normalize(images))
         torch.testing.assert_close(backbone(images), out.last_hidden_state[:, 0])  # not the tanh pooler
         mean = HFViT(model, embedding="mean")
-        torch.testing.assert_close(mean(images), out.last_hidden_state[:, 1:].mean(1))
+        torch.testing.assert_close(mean(images), out.last_hidden_state[:, prefix:].mean(1))
+    assert backbone.readout(prefix + 16).tolist() == [1.0] + [0.0] * (prefix + 15)
+    assert mean.readout(prefix + 16)[:prefix].sum() == 0
     with pytest.raises(VitlensError, match="no classifier head"):
         backbone.token_logits(torch.randn(1, 17, 32))
 

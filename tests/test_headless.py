@@ -111,6 +111,7 @@ OWN = {
     "hf-dinov2-registers-model": (lambda m: m.encoder.layer[-1].norm1, lambda m, x: m(x).pooler_output, 3),
     "hf-vit-model": (lambda m: m.layers[-1].layernorm_before, lambda m, x: m(x).last_hidden_state[:, 0], 1),
     "timm-vit-no-head": (lambda m: m.blocks[-1].norm1, lambda m, x: m(x), 1),
+    "timm-deit-distilled-no-head": (lambda m: m.blocks[-1].norm1, lambda m, x: m(x), 2),
     "timm-vit-avg-no-head": (lambda m: m.blocks[-1].norm1, lambda m, x: m(x), 0),
 }
 

@@ -154,6 +154,11 @@ def _timm_vit_no_head():
     return _timm("vit_tiny_patch16_224", num_classes=0)
 
 
+@entry("timm-deit-distilled-no-head", HEADLESS)
+def _timm_deit_distilled_no_head():
+    return _timm("deit_tiny_distilled_patch16_224", num_classes=0)
+
+
 @entry("timm-vit-avg-no-head", HEADLESS)
 def _timm_vit_avg_no_head():
     return _timm("vit_tiny_patch16_224", num_classes=0, class_token=False, global_pool="avg")

@@ -279,8 +279,7 @@ class Backbone(nn.Module):
         """
         kinds = self.prefix_kinds
         w = torch.zeros(num_tokens, device=self.mean.device)
-        read = ("cls",) if self.headless else ("cls", "dist")  # a headless model's embedding: the class token
-        heads = [i for i, k in enumerate(kinds) if k in read] if self.pooling == "token" else []
+        heads = [i for i, k in enumerate(kinds) if k in ("cls", "dist")] if self.pooling == "token" else []
         if heads:
             w[heads] = 1.0 / len(heads)
         else:

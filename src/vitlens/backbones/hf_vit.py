@@ -171,6 +171,13 @@ class HFViT(Backbone):
             return (m.cls_classifier(tokens) + m.distillation_classifier(tokens)) / 2
         return m.classifier(tokens)
 
+    def readout(self, num_tokens: int) -> Tensor:
+        if self.headless and self.embedding == "cls":  # the class token alone, also beside a distillation token
+            w = torch.zeros(num_tokens, device=self.mean.device)
+            w[0] = 1.0
+            return w
+        return super().readout(num_tokens)
+
     def attention_norm(self, index: int) -> nn.Module:
         return self.blocks[index].layernorm_before
 

@@ -171,9 +171,9 @@ class TimmViT(Backbone):
     def head_parts(self) -> HeadParts:
         m = self.model
         if self.headless:  # num_classes=0: the pooled embedding (global_pool chooses it), after fc_norm
-            index = None if self.pooling == "avg" else self.class_token_index
-            parts = embedding_head(m.num_features, m.patch_embed.proj.weight, index)
-            return HeadParts(parts.heads, m.fc_norm)
+            readers = [0, 1] if self.distilled else [None if self.pooling == "avg" else self.class_token_index]
+            heads = [embedding_head(m.num_features, m.patch_embed.proj.weight, i).heads[0] for i in readers]
+            return HeadParts(heads, nn.Identity() if self.distilled else m.fc_norm)
         if self.distilled:
             return HeadParts([(0, linear_parts(m.head)), (1, linear_parts(m.head_dist))], nn.Identity())
         return HeadParts([(None if self.pooling == "avg" else self.class_token_index, linear_parts(m.head))], m.fc_norm)

@@ -16,6 +16,11 @@ of copies, so a batch function must treat each row on its own; a function that h
 reference per image) defines ``subset(index)`` returning the function for the images ``index``, as
 :class:`EmbeddingSimilarity` and lists of per-image callables do.
 
+A model without a classifier head (its output is an embedding: DINOv2's ``Dinov2Model``, ``ViTModel``, a
+timm ViT with ``num_classes=0``) has no classes to explain: give it a score function of the embedding,
+:class:`EmbeddingSimilarity` to a reference embedding, image (:meth:`EmbeddingSimilarity.of_image`) or patch
+(:meth:`EmbeddingSimilarity.of_patch`).
+
 A float that is not a whole number, a bool, a class name the model does not have or an index out of
 range is refused with a one-line :class:`~vitlens.VitlensError`.
 """
