@@ -3,7 +3,7 @@
 Three parts, each one ``vitlens.bench.bench`` run (the forward pass and the methods interleaved, one
 warm-up each, then ``--repeat`` rounds; medians), each written as JSON to ``--out``:
 
-- ``methods.json``: pm, attention, rollout, gradcam, gae, chefer, diffmask (seeded untrained gates;
+- ``methods.json``: pm, attention, rollout, gradcam, gae, chefer, attnlrp, diffmask (seeded untrained gates;
   the probes are timed) on ``timm:deit_small_patch16_224?pretrained=0``;
 - ``bcos.json``: bcos on a B-cos ViT-S/16 (``bcos:simple_vit_s_patch16_224?pretrained=0``), as a ratio
   to that model's own forward pass;
@@ -26,7 +26,7 @@ from vitlens.bench import bench
 
 MODEL = "timm:deit_small_patch16_224?pretrained=0"
 BCOS = "bcos:simple_vit_s_patch16_224?pretrained=0"
-METHODS = ["pm", "attention", "rollout", "gradcam", "gae", "chefer", "diffmask"]
+METHODS = ["pm", "attention", "rollout", "gradcam", "gae", "chefer", "attnlrp", "diffmask"]
 SCALING = [  # occlusion: window 12 → 3×3 positions, 11 → 4×4 on the 14×14 patch grid
     {"ig": {"steps": 2}, "smoothgrad": {"n_samples": 2}, "rise": {"n_masks": 8}, "occlusion": {"window": 12}},
     {"ig": {"steps": 4}, "smoothgrad": {"n_samples": 4}, "rise": {"n_masks": 16}, "occlusion": {"window": 11}},

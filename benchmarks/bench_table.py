@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-TARGETS = {"pm": 1.10, "attention": 1.35, "rollout": 1.45, "gradcam": 1.6, "gae": 2.6, "chefer": 3.0,
+TARGETS = {"pm": 1.10, "attention": 1.35, "rollout": 1.45, "gradcam": 1.6, "gae": 2.6, "chefer": 3.0, "attnlrp": 3.0,
            "diffmask": 1.5, "bcos": 3.5}  # fmt: skip
 COUNTS = {"ig": "steps", "smoothgrad": "n_samples", "rise": "n_masks", "occlusion": "window"}
 

@@ -27,7 +27,7 @@ REFUSES = {
     ("attention", "timm-vit-avg-pool"): "class token",
     ("attention", "vitlens-bcos-vit"): "class token",
     ("chefer", "vitlens-bcos-vit"): "lrp rules",
-    ("chefer", "hf-dinov2-registers-swiglu"): "lrp rules",  # no LRP rule for the gated (SwiGLU) MLP yet
+    ("attnlrp", "vitlens-bcos-vit"): "lrp rules",
 }
 
 #: pairs whose map is legitimately all zero on the zoo's random model: Grad-CAM's ReLU removes a layer whose

@@ -639,3 +639,50 @@ def test_road_runs_when_named_not_with_all():
     data = open_dataset("counting:test")
     assert "road" not in metric_names("all", data) and "deletion" in metric_names("all", data)
     assert metric_names("road,deletion", data) == ["road", "deletion"]
+
+
+def diffmask_auc_curves(model, images, attributions, positive, mean, std, patch=8, num_tokens=7, k=1):
+    """Vision DiffMask's ``auc_kld`` and ``auc_accuracy`` (``quantitative_comparison.ipynb``) for one
+    normalised image ``[1, 3, H, W]`` and its pixel attributions ``[1, H, W]``: the −log p and p curves of
+    the class predicted on the clean image, ``patch² · num_tokens`` pixels per step."""
+    b, h, w = attributions.shape
+    attributions = attributions.reshape(b, -1)
+    with torch.no_grad():
+        labels = model(images).softmax(-1).argmax(-1)
+    kld, prob = [], []
+    for i in range(0, int(k * attributions.shape[1]) + 1, patch * patch * num_tokens):
+        keep_k = attributions.shape[1] - i
+        idx = attributions.topk(keep_k, dim=1, largest=not positive).indices.sort()[0]
+        torch.manual_seed(123)
+        f = torch.rand((b, images.shape[1], h, w)) * 2 - 1
+        rows, cols = idx[0] // w, idx[0] % w
+        f[0, :, rows, cols] = images[0, :, rows, cols]
+        with torch.no_grad():
+            probs = model(f).softmax(-1)
+        target = F.one_hot(labels, num_classes=probs.shape[-1]).float()
+        kld.append(F.kl_div(probs.log(), target, reduction="none").sum(-1).mean().item())
+        prob.append(probs[range(b), labels].mean().item())
+    return np.array(kld), np.array(prob)
+
+
+@pytest.mark.parametrize("name, positive", [("positive-perturbation", True), ("negative-perturbation", False)])
+def test_diffmask_protocol_equals_their_auc_kld(tiny_model, name, positive):
+    batch, maps = perturbation_case(tiny_model, n=3, seed=2, grid=32)  # pixel maps without ties
+    mean = torch.tensor(tiny_model.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_model.preprocessing.std).view(1, 3, 1, 1)
+    m = get_metric(name, protocol="diffmask")
+    m.update(batch, maps)
+    m.finish()
+    want_kl, want_p = [], []
+    for image, pixel_map in zip(batch.images, maps, strict=True):
+        kld, prob = diffmask_auc_curves(
+            tiny_model.model, (image[None] - mean) / std, pixel_map[None], positive, mean, std
+        )
+        assert len(kld) == len(m.curves()["fraction"]) == 3  # 0, 448 and 896 of 1,024 pixels removed
+        want_kl.append(np.trapezoid(kld))  # their table: np.trapz(curve), unit spacing
+        want_p.append(np.trapezoid(prob))
+    assert np.allclose(m.records["kl"], want_kl, rtol=1e-5)
+    assert np.allclose(m.records["probability"], want_p, atol=1e-6)
+    result = m.result()
+    assert result[name] == pytest.approx(np.mean(want_p)) and result[f"{name}/kl"] == pytest.approx(np.mean(want_kl))
+    assert m.direction(f"{name}/kl") == (1 if positive else -1) and m.direction(name) == (-1 if positive else 1)

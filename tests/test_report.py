@@ -236,3 +236,37 @@ def test_verdict_opens_the_report(results):
             assert f"{method} <b>fails</b> the sanity check" in verdict
         elif values.get("sanity/pass") == 1.0:
             assert f"{method} passes the sanity check" in verdict
+
+
+def test_metric_table_groups_methods_by_model_with_its_accuracy(results):
+    runs = [load_results(p) for p in results]
+    page, _ = build_report(runs)
+    table = page[page.index('id="metrics"') :]
+    groups = re.findall(r"<tr class=group><td class=l colspan=\d+><b>([^<]+)</b> · accuracy ([0-9.]+)</td></tr>", table)
+    assert [g[0] for g in groups][:2] == ["vitlens:counting-vit", "vitlens:counting-vit-diffmask"]
+    for (model, acc), run in zip(groups, runs, strict=False):
+        assert model == run["model"] and float(acc) == pytest.approx(run["accuracy"], abs=5e-4)
+    # every method row sits under its own model's heading
+    first, second = table.index(groups[0][0]), table.index(groups[1][0])
+    assert first < table.index("<b>rollout</b>") < second < table.index("<b>diffmask</b>")
+
+
+def test_cost_carries_its_per_batch_noise(tmp_path):
+    out = tmp_path / "r.json"
+    evaluate(committed("counting-vit"), "rollout", "pointing-game", "counting:test", limit=12, batch_size=3,
+             out=out, progress=False, gallery=0)  # fmt: skip
+    cost = json.loads(out.read_text())["cost"]["methods"]["rollout"]
+    assert cost["batches"] == 3  # four batches, the first one (warm-up) left out
+    lo, hi = cost["ratio_p10_p90"]
+    assert 0 < lo <= hi
+    page, _ = build_report([load_results(out)])
+    assert f"{lo:.2f}–{hi:.2f}× (3 batches)" in page
+
+
+def test_gallery_pictures_shrink_to_fit_the_page():
+    from vitlens.viz.report import CELL, PAGE, gallery_cell
+
+    assert gallery_cell(2) == CELL
+    for columns in (8, 10, 12):
+        assert 210 + columns * (gallery_cell(columns) + 8) <= PAGE
+    assert gallery_cell(40) == 64  # beyond that the gallery scrolls

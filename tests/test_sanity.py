@@ -180,3 +180,42 @@ def test_a_map_broken_only_by_the_last_level_fails(images):
     result = m.result()
     assert abs(result["sanity/full"]) < 0.5 and result["sanity"] >= 0.5
     assert result["sanity/pass"] == 0.0
+
+
+def test_retraining_variant_trains_the_gates_anew_on_the_randomised_model():
+    from conftest import committed
+    from vitlens.data import open_dataset, parse_data_spec
+    from vitlens.explainers.diffmask import DiffMaskGates
+    from vitlens.metrics.sanity import retrained_explainer
+
+    explainer = get_explainer("diffmask", committed("fashion-vit-diffmask"))
+    original = {k: v.clone() for k, v in explainer.backbone.state_dict().items()}
+    gates_before = {k: v.clone() for k, v in explainer.gates.state_dict().items()}
+    size = explainer.backbone.preprocessing.input_size
+    dataset = open_dataset(parse_data_spec("fashion-canvas:test"), size=size)
+    retrained = retrained_explainer(explainer, dataset, steps=3, seed=0)
+    # the original explainer is untouched; the retrained one runs on a model with every parameter randomised
+    assert all(torch.equal(v, explainer.backbone.state_dict()[k]) for k, v in original.items())
+    assert all(torch.equal(v, explainer.gates.state_dict()[k]) for k, v in gates_before.items())
+    params = dict(retrained.backbone.named_parameters())
+    assert all(not torch.equal(original[k], p) for k, p in params.items() if p.numel() > 1)
+    # its gates were trained: they differ from the fresh gates the training started from
+    torch.manual_seed(0)
+    fresh = DiffMaskGates(*[retrained.gates.placeholder.shape[1], len(retrained.gates.probes)])
+    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in retrained.gates.state_dict().items())
+    images = torch.stack([dataset[i]["image"] for i in range(4)])
+    assert retrained(images).maps.shape == explainer(images).maps.shape
+
+
+@pytest.mark.slow
+def test_retraining_variant_reports_retrained_correlation_for_trained_methods_only():
+    from conftest import committed
+    from vitlens.metrics import evaluate
+
+    summary = evaluate(committed("fashion-vit-diffmask"), "diffmask,rollout", "sanity", "fashion-canvas:test",
+                       limit=8, batch_size=4, progress=False, options={"sanity": {"retrain_steps": 4}})  # fmt: skip
+    value = summary["results"]["diffmask"]["sanity/retrained"]
+    assert value is not None and -1 <= value <= 1
+    assert summary["results"]["rollout"]["sanity/retrained"] is None
+    with pytest.raises(VitlensError, match="retrain_steps must be a non-negative integer"):
+        get_metric("sanity", retrain_steps=-1)

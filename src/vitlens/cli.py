@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
     ev.add_argument("--protocol", help="a reference protocol for every metric that has it: wsol, bcos, chefer, "
-                    "rise (default: vitlens' own settings, see each metric's card)")  # fmt: skip
+                    "diffmask, rise (default: vitlens' own settings, see each metric's card)")  # fmt: skip
     ev.add_argument("--bootstrap", type=_non_negative_int, default=1000, metavar="N",
                     help="bootstrap replicates for the 95%% intervals and significance marks (0: none)")  # fmt: skip
     ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")

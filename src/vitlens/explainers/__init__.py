@@ -1,7 +1,7 @@
 """Explainers by name: ``vitlens.explain(model, images, method=NAME, target=None, **options)``."""
 
 # importing a method's module registers it
-from . import attention, bcos, chefer, diffmask, gradients, perturbation, pm  # noqa: F401
+from . import attention, attnlrp, bcos, chefer, diffmask, gradients, perturbation, pm  # noqa: F401
 from .base import EXPLAINERS, Explainer, explain, frozen_eval, get_explainer, register
 from .explanation import SCALES, Explanation
 from .targets import EmbeddingSimilarity, Target, TopK, parse_target

@@ -84,7 +84,9 @@ class GAE(Explainer):
 
 @dataclass
 class _Activations:
-    """One block's forward pass, every tensor an LRP rule reads (``f1``: fc1's output before the activation)."""
+    """One block's forward pass, every tensor an LRP rule reads (``f1``: fc1's output before the activation;
+    ``q``, ``k``: after the rotary embedding, ``q0``, ``k0`` before it; ``u``, ``gated``: the gated MLP's
+    two factors, ``None`` without a gate)."""
 
     x: Tensor
     h1: Tensor
@@ -101,6 +103,11 @@ class _Activations:
     g: Tensor
     mlp: Tensor
     out: Tensor
+    grid: tuple[int, int] | None = None
+    q0: Tensor | None = None
+    k0: Tensor | None = None
+    u: Tensor | None = None
+    gated: Tensor | None = None
 
 
 def _refuse(what: str) -> VitlensError:
@@ -152,31 +159,40 @@ def _add_rule(xs: Sequence[Tensor], r: Tensor) -> list[Tensor]:
     return out
 
 
-def _matmul_rule(a: Tensor, b: Tensor, r: Tensor, ab: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _matmul_rule(
+    a: Tensor, b: Tensor, r: Tensor, ab: Tensor | None = None, elementwise: bool = False
+) -> tuple[Tensor, Tensor]:
     """Relevance of both factors of ``a @ b`` (``ab``, when the forward pass has it), each halved (the
-    reference's ``einsum`` rule in attention)."""
+    reference's ``einsum`` rule in attention); ``elementwise``: of the product ``a * b`` (a gated MLP)."""
+    if elementwise:
+        s = _safe_divide(r, a * b if ab is None else ab)
+        return a * (s * b) / 2, b * (s * a) / 2
     s = _safe_divide(r, a @ b if ab is None else ab)
     return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
 
 
-def _activations(p: BlockParts, x: Tensor) -> _Activations:
-    """Recompute one block from its input ``x`` [B, T, D], keeping every tensor an LRP rule reads."""
-    if p.attn_bias is not None or p.rope is not None or p.gate is not None:
-        raise UnsupportedParts("blocks with an attention bias, rotary embeddings or a gated MLP")
+def _activations(p: BlockParts, x: Tensor, grid: tuple[int, int] | None = None) -> _Activations:
+    """Recompute one block from its input ``x`` [B, T, D], keeping every tensor an LRP rule reads (``grid``:
+    the patch grid, for a rotary embedding)."""
     b, t, _ = x.shape
     h1 = p.norm1(x)
     qkv = F.linear(h1, *p.qkv)
     q, k, v = qkv.reshape(b, t, 3, p.heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = p.q_norm(q), p.k_norm(k)
-    a = ((q * p.scale) @ k.transpose(-2, -1)).softmax(-1)
+    q0, k0 = q, k = p.q_norm(q), p.k_norm(k)
+    if p.rope is not None:
+        q, k = p.rope(q0, grid), p.rope(k0, grid)
+    logits = (q * p.scale) @ k.transpose(-2, -1)
+    a = (logits if p.attn_bias is None else logits + p.attn_bias(t)).softmax(-1)
     o = p.out_norm((a @ v).transpose(1, 2).reshape(b, t, -1))
     y = F.linear(o, *p.proj)
     mid = x + y
     h2 = p.norm2(mid)
     f1 = F.linear(h2, *p.fc1)
-    g = p.mlp_norm(p.act(f1))
+    u = p.act(f1)
+    gated = None if p.gate is None else F.linear(h2, *p.gate)
+    g = p.mlp_norm(u if gated is None else u * gated)
     mlp = F.linear(g, *p.fc2)
-    return _Activations(x, h1, q, k, v, qkv, a, o, y, mid, h2, f1, g, mlp, mid + mlp)
+    return _Activations(x, h1, q, k, v, qkv, a, o, y, mid, h2, f1, g, mlp, mid + mlp, grid, q0, k0, u, gated)
 
 
 def _unbiased(out: Tensor, affine: Affine) -> Tensor:
@@ -184,11 +200,25 @@ def _unbiased(out: Tensor, affine: Affine) -> Tensor:
     return out if affine[1] is None else out - affine[1]
 
 
+def _rope_rule(p: BlockParts, x0: Tensor, x: Tensor, r: Tensor, grid: tuple[int, int] | None) -> Tensor:
+    """The z-rule through the rotary embedding ``x = rope(x0)`` (linear at each position): x0 ⊙ Jᵀ(R / x)."""
+    with torch.enable_grad():
+        leaf = x0.detach().requires_grad_(True)
+        (back,) = torch.autograd.grad(p.rope(leaf, grid), leaf, _safe_divide(r, x))
+    return x0 * back
+
+
 def _lrp_block(p: BlockParts, c: _Activations, r_out: Tensor, to_input: bool) -> tuple[Tensor, Tensor | None]:
     """Relevance of the block's output [B, T, D] → (R_A [B, heads, T, T], relevance of its input or None)."""
     r_mid, r_mlp = _add_rule([c.mid, c.mlp], r_out)
     r_g = _zplus(c.g, p.fc2[0], r_mlp, _unbiased(c.mlp, p.fc2))
-    r_mid = r_mid + _zplus(c.h2, p.fc1[0], r_g, _unbiased(c.f1, p.fc1))  # clone: the two paths add up
+    if c.gated is None:
+        r_h2 = _zplus(c.h2, p.fc1[0], r_g, _unbiased(c.f1, p.fc1))
+    else:  # the gated product: the halved product rule, as in attention; the two branches add up at h2
+        r_u, r_gated = _matmul_rule(c.u, c.gated, r_g, c.u * c.gated, elementwise=True)
+        r_h2 = _zplus(c.h2, p.fc1[0], r_u, _unbiased(c.f1, p.fc1))
+        r_h2 = r_h2 + _zplus(c.h2, p.gate[0], r_gated, _unbiased(c.gated, p.gate))
+    r_mid = r_mid + r_h2  # clone: the two paths add up
     r_x, r_y = _add_rule([c.x, c.y], r_mid)
     b, t, _ = r_y.shape
     r_o = _zplus(c.o, p.proj[0], r_y, _unbiased(c.y, p.proj)).reshape(b, t, p.heads, -1).transpose(1, 2)
@@ -196,8 +226,11 @@ def _lrp_block(p: BlockParts, c: _Activations, r_out: Tensor, to_input: bool) ->
     r_a, r_v = _matmul_rule(c.a, c.v, r_o, av)
     if not to_input:
         return r_a, None
-    r_q, r_kt = _matmul_rule(c.q, c.k.transpose(-2, -1), r_a)  # softmax passes relevance unchanged
-    r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v]).permute(1, 3, 0, 2, 4).reshape(b, t, -1)
+    r_q, r_kt = _matmul_rule(c.q, c.k.transpose(-2, -1), r_a)  # softmax (and a constant bias) pass it unchanged
+    r_k = r_kt.transpose(-2, -1)
+    if p.rope is not None:
+        r_q, r_k = _rope_rule(p, c.q0, c.q, r_q, c.grid), _rope_rule(p, c.k0, c.k, r_k, c.grid)
+    r_qkv = torch.stack([r_q, r_k, r_v]).permute(1, 3, 0, 2, 4).reshape(b, t, -1)
     return r_a, r_x + _zplus(c.h1, p.qkv[0], r_qkv, _unbiased(c.qkv, p.qkv))
 
 
@@ -254,7 +287,7 @@ def forward_parts(backbone: Backbone, images: Tensor) -> _PartsPass:
     blocks = []
     for block in backbone.blocks:
         parts = backbone.block_parts(block)
-        c = _activations(parts, x)
+        c = _activations(parts, x, grid)
         blocks.append((parts, c))
         x = c.out
     tokens = backbone.final_norm(x)
@@ -303,7 +336,9 @@ class Chefer(Explainer):
     ``generate_LRP(method="transformer_attribution", start_layer=0)``) and the readout row of R.
     Extensions beyond the reference (which has one class token and batch size 1): per-image sums in the
     add rule, distillation heads split by the add rule, average pooling by the z-rule, layer scale folded
-    into the projections, qk-norm / MLP norms treated as LayerNorm.
+    into the projections, qk-norm / MLP norms treated as LayerNorm, an attention bias as a constant (the
+    relevance of the attention logits goes to q kᵀ), rotary embeddings by the z-rule through their
+    rotation, and a gated MLP's product by the halved product rule.
 
     One forward pass, recomputed from the blocks' parts (:func:`forward_parts`), gives both the attention
     gradients and the activations the LRP rules read; the first call of an explainer checks that

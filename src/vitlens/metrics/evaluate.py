@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -236,6 +237,7 @@ def _run(
     run = {
         "seconds": dict.fromkeys(method_list, 0.0),
         "explain_seconds": dict.fromkeys(["forward", *method_list], 0.0),  # the maps alone, and the plain forward
+        "batch_ratios": {m: [] for m in method_list},  # each timed batch's maps time / its forward time
         "timed": 0,  # images in those times: the first batch (lazy initialisation) is left out when there are more
         "counts": torch.zeros(2, dtype=torch.float64),
         "several_objects": False,  # multi-object samples (fashion-grid): one label per image is not the answer
@@ -273,8 +275,9 @@ def _run(
         start = time.perf_counter()
         with torch.no_grad():
             logits = backbone(images)
+        forward_time = time.perf_counter() - start
         if clock:
-            explain_seconds["forward"] += time.perf_counter() - start
+            explain_seconds["forward"] += forward_time
             run["timed"] += len(images)
         labels = b["label"]
         seen += [
@@ -291,6 +294,7 @@ def _run(
             maps = explainer(images, targets.to(d.device)).maps
             if clock:
                 explain_seconds[m] += time.perf_counter() - start
+                run["batch_ratios"][m].append((time.perf_counter() - start) / max(forward_time, 1e-9))
             batch = Batch(
                 images=images, labels=labels, targets=targets, index=b["index"], boxes=b["boxes"], masks=b["mask"],
                 has_mask=b["has_mask"], logits=logits, model=backbone, explainer=explainer, extra=extra,
@@ -308,8 +312,11 @@ def _run(
     seen = [tuple(s) for s in seen]
 
     correct, total = all_reduce_sum(counts.to(d.device)).cpu().tolist()
+    batch_ratios = run["batch_ratios"]
     if dist.is_initialized():
         parts: list = [None] * d.world
+        dist.all_gather_object(parts, batch_ratios)
+        batch_ratios = {m: [r for part in parts for r in part[m]] for m in method_list}
         dist.all_gather_object(parts, skipped)
         skipped = sorted((s for part in parts for s in part), key=lambda s: s["index"])
         dist.all_gather_object(parts, seen)
@@ -364,6 +371,7 @@ def _run(
                         m: {
                             "seconds_per_image": per_image[m],
                             "ratio_to_forward": per_image[m] / per_image["forward"] if per_image["forward"] else None,
+                            **ratio_spread(batch_ratios[m]),
                         }
                         for m in method_list
                     },
@@ -385,6 +393,14 @@ def _run(
         )
         progress_state.remove(out, d.rank)  # finished: nothing left to resume
     return summary
+
+
+def ratio_spread(ratios: list[float]) -> dict:
+    """The noise of a cost ratio: the 10th–90th percentile of the per-batch ratios and their count."""
+    if len(ratios) < 2:
+        return {"batches": len(ratios)}
+    lo, hi = np.percentile(ratios, [10, 90]).tolist()
+    return {"ratio_p10_p90": [lo, hi], "batches": len(ratios)}
 
 
 def apply_protocol(protocol: str | None, metric_list: list[str], options: dict[str, dict]) -> dict[str, dict]:

@@ -32,6 +32,18 @@ pixels of the bilinearly upsampled map; at 0 %, 10 %, …, 90 % of the pixels, t
 tables). Their maps explain the predicted class (``--target predicted``). ``/probability`` is the same
 area for the probability of the explained class.
 
+Protocol ``diffmask`` (positive, negative perturbation; Vision DiffMask's ``quantitative_comparison.ipynb``,
+``auc_kld`` / ``auc_accuracy``): pixels of the bilinearly upsampled map; ``i = 0, s, 2s, …`` pixels removed
+with ``s`` = seven patches' worth of pixels (their ``256 * num_tokens`` with ``num_tokens=7`` at patch 16),
+up to all of them (their calls pass ``k=1``; the function's default ``k=0.2`` is not what their figures
+use); positive perturbation keeps the ``H·W − i`` least relevant pixels, negative the ``H·W − i`` most
+relevant; the removed pixels show uniform noise in ``[−1, 1]`` after normalisation from seed 123 (fill
+``diffmask-noise``: ``torch.manual_seed(123); torch.rand(...) * 2 − 1``, one noise image for every image as
+with their batch size 1, drawn on the CPU); the scores are, for the class predicted on the clean image,
+its probability (their "accuracy" curve, the main value) and ``KL(onehot ‖ p) = −log p`` (``/kl``: their
+"KL-divergence", higher is better for positive perturbation and lower for negative); each value is
+``np.trapz(curve)`` with unit spacing (the area over step indices, not over [0, 1]), as their table.
+
 Ties: RISE's ``np.argsort`` (quicksort) and Chefer et al.'s ``torch.topk`` order equal values in no
 defined way; vitlens orders them deterministically as stated, so the protocols equal their reference
 code exactly on maps without ties (a bilinearly upsampled patch map repeats its border values).
@@ -42,9 +54,10 @@ there, where ``blur`` leaks the item's colour blob); ``blur`` — a Gaussian blu
 reflected borders (not RISE's kernel: that is ``rise-blur``); ``zero`` — black, as Chefer et al. (0
 before normalisation); ``noise`` — uniform noise, seeded by the data-set index so every run and every
 process sees the same noise; ``dataset-mean`` — the model's normalisation mean (0 after normalisation);
-``rise-blur`` — RISE's blur, above. The mean is no neutral colour on the counting task: an image with many
-red cells has a reddish mean that the model counts, so deleting red cells barely changes its output
-there; use ``fill=zero`` on it (as Chefer et al. and Vision DiffMask).
+``rise-blur`` — RISE's blur, above; ``diffmask-noise`` — Vision DiffMask's noise, above. The mean is no
+neutral colour on the counting task: an image with many red cells has a reddish mean that the model
+counts, so deleting red cells barely changes its output there; use ``fill=zero`` on it (as Chefer et al.
+and Vision DiffMask).
 """
 
 from __future__ import annotations
@@ -61,7 +74,8 @@ from ..backbones import gaussian_blur, upsample
 from ..errors import VitlensError
 from .base import Batch, Metric, check_choice, register, weighted_mean
 
-FILLS = ("mean", "blur", "zero", "noise", "dataset-mean", "rise-blur")
+FILLS = ("mean", "blur", "zero", "noise", "dataset-mean", "rise-blur", "diffmask-noise")
+DIFFMASK_STEP_PATCHES = 7  # Vision DiffMask removes seven patches' worth of pixels per step
 GRANULARITIES = ("patch", "pixel")
 CHEFER_FRACTIONS = tuple(i / 10 for i in range(10))  # 0 %, 10 %, …, 90 %
 
@@ -74,12 +88,19 @@ def rise_kernel(size: int = 11, sigma: float = 5.0) -> Tensor:
     return torch.from_numpy(gaussian_filter(delta, sigma).astype(np.float32))
 
 
-def dataset_mean(model, images: Tensor) -> Tensor:
-    """The model's normalisation mean ``[1, C, 1, 1]`` (what 0 is after normalisation)."""
+def normalisation(model, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's normalisation mean and std ``[1, C, 1, 1]`` each (0 and 1 after normalisation)."""
     pre = getattr(model, "preprocessing", None)
     if pre is None:
-        raise VitlensError("fills dataset-mean and rise-blur need a vitlens model (its normalisation mean)")
-    return torch.tensor(pre.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        raise VitlensError("fills dataset-mean, rise-blur and diffmask-noise need a vitlens model (its normalisation)")
+    return tuple(
+        torch.tensor(v, dtype=images.dtype, device=images.device).view(1, -1, 1, 1) for v in (pre.mean, pre.std)
+    )
+
+
+def dataset_mean(model, images: Tensor) -> Tensor:
+    """The model's normalisation mean ``[1, C, 1, 1]`` (what 0 is after normalisation)."""
+    return normalisation(model, images)[0]
 
 
 def fill_images(images: Tensor, fill: str, index: Tensor, model=None) -> Tensor:
@@ -98,6 +119,10 @@ def fill_images(images: Tensor, fill: str, index: Tensor, model=None) -> Tensor:
         c = images.shape[1]
         out = F.conv2d(images - mean, k[None, None].expand(c, 1, *k.shape), padding=k.shape[-1] // 2, groups=c)
         return out + mean
+    if fill == "diffmask-noise":  # uniform in [-1, 1] after normalisation, seed 123, the same for every image
+        mean, std = normalisation(model, images)
+        noise = torch.rand(images.shape[1:], generator=torch.Generator().manual_seed(123)) * 2 - 1
+        return (noise.to(images) * std + mean).expand_as(images)
     noise = [torch.rand(images.shape[1:], generator=torch.Generator().manual_seed(int(i))) for i in index.tolist()]
     return torch.stack(noise).to(images)
 
@@ -180,11 +205,12 @@ class _Perturbation(Metric):
             fixed = [k for k in ("fill", "granularity", "steps") if self.settings[k] != self.options()[k]]
             if fixed:
                 raise VitlensError(f"{self.name}: protocol={self.settings['protocol']} sets {', '.join(fixed)} itself")
-        for key in ("probability", "accuracy"):
+        for key in ("probability", "accuracy") + (("kl",) if self.settings["protocol"] == "diffmask" else ()):
             self.sums[key] = torch.zeros((), dtype=torch.float64)
 
-    def plan(self, size: tuple[int, int], grid: tuple[int, int]) -> dict:
-        """The protocol's steps for images of ``size`` with a patch ``grid``: units, removal counts, x-axis, …"""
+    def plan(self, size: tuple[int, int], grid: tuple[int, int], model=None) -> dict:
+        """The protocol's steps for images of ``size`` with a map ``grid``: units, removal counts, x-axis, …
+        (``model``: its own patch grid sets the ``diffmask`` step when the maps come at another grid)."""
         s, protocol = self.settings, self.settings["protocol"]
         h, w = size
         if protocol == "rise":  # W pixels per step: RISE's step = 224 at 224 × 224
@@ -199,6 +225,14 @@ class _Perturbation(Metric):
             counts = [u - c for c in removed] if self.keep_top else removed
             return dict(granularity="pixel", counts=counts, fill="zero", ties="first", keep_top=self.keep_top,
                         flip=False, x=list(CHEFER_FRACTIONS), predicted=False, area="trapz")  # fmt: skip
+        if protocol == "diffmask":  # seven patches' worth of pixels per step, up to all of them
+            u = h * w
+            gh, gw = model.grid_for(size) if hasattr(model, "grid_for") else grid
+            step = DIFFMASK_STEP_PATCHES * (h // gh) * (w // gw)
+            removed = list(range(0, u + 1, step))
+            counts = [u - c for c in removed] if self.keep_top else removed
+            return dict(granularity="pixel", counts=counts, fill="diffmask-noise", ties="first", keep_top=self.keep_top,
+                        flip=False, x=[c / u for c in removed], predicted=True, area="steps", kl=True)  # fmt: skip
         units = grid if s["granularity"] == "patch" else size
         k = min(int(s["steps"]), units[0] * units[1])
         x = [i / k for i in range(k + 1)]
@@ -208,7 +242,7 @@ class _Perturbation(Metric):
     def update(self, batch: Batch, maps: Tensor) -> None:
         if batch.model is None:
             raise VitlensError(f"{self.name} needs the model")
-        plan = self.plan(batch.size, tuple(maps.shape[-2:]))
+        plan = self.plan(batch.size, tuple(maps.shape[-2:]), batch.model)
         targets = None
         if plan["predicted"]:  # RISE scores the class predicted on the clean image
             if batch.logits is None:
@@ -226,7 +260,13 @@ class _Perturbation(Metric):
         prob, correct = batch.cache[key]
         if plan["flip"]:
             prob, correct = prob.flip(1), correct.flip(1)
-        area = auc if plan["area"] == "auc" else lambda c: trapz(c, plan["x"])
+        area = {"auc": auc, "trapz": lambda c: trapz(c, plan["x"]), "steps": lambda c: trapz(c, range(c.shape[1]))}[
+            plan["area"]
+        ]
+        extra = {}
+        if plan.get("kl"):  # KL(onehot(predicted) ‖ p) = −log p, from the probability as their F.kl_div reads it
+            extra["kl"] = area(-prob.log())
+            self.add("kl", extra["kl"].sum())
         if "curve_probability" not in self.sums:
             self.sums["curve_probability"] = torch.zeros(prob.shape[1], dtype=torch.float64)
             self.sums["curve_accuracy"] = torch.zeros(prob.shape[1], dtype=torch.float64)
@@ -236,7 +276,7 @@ class _Perturbation(Metric):
         self.add("curve_probability", prob.sum(0))
         self.add("curve_accuracy", correct.sum(0))
         self.add("n", len(prob))
-        self.record(batch.index, probability=area(prob), accuracy=area(correct))
+        self.record(batch.index, probability=area(prob), accuracy=area(correct), **extra)
 
     def setup(self, model, dataset) -> None:
         # the curve length depends on the model's grid: allocate here so every process has the same states
@@ -249,10 +289,21 @@ class _Perturbation(Metric):
         n = self.sums["n"].item()
         return float(self.sums[key] / n) if n else None
 
+    def values(self) -> dict[str, float]:
+        """The metric's values: under protocol ``diffmask`` the probability area (main) and ``/kl``."""
+        if self.settings["protocol"] == "diffmask":
+            return {self.name: self.mean("probability"), f"{self.name}/kl": self.mean("kl")}
+        return {self.name: self.mean("accuracy"), f"{self.name}/probability": self.mean("probability")}
+
+    def direction(self, key: str) -> int:
+        better = 1 if self.higher_is_better else -1
+        return -better if key.endswith("/kl") else better
+
     def statistic(self, weights):
         out = {}
+        main = "probability" if self.settings["protocol"] == "diffmask" else self.main
         for key in self.result():  # the main value's record, or the one a ``name/record`` key names
-            record = key.split("/")[1] if "/" in key else self.main
+            record = key.split("/")[1] if "/" in key else main
             out[key] = weighted_mean(weights, self.records.get(record, np.zeros(0)))
         return out
 
@@ -297,24 +348,26 @@ class Insertion(_Perturbation):
 @register
 class PositivePerturbation(_Perturbation):
     """Remove the most relevant units first; AUC of the top-1 accuracy (main value) and of the
-    probability of the explained class (``/probability``); lower is better."""
+    probability of the explained class (``/probability``); lower is better. Protocol ``diffmask``: the
+    probability area (main) and the KL area (``/kl``, higher is better)."""
 
     name = "positive-perturbation"
-    protocols = ("vitlens", "chefer")
+    protocols = ("vitlens", "chefer", "diffmask")
     main = "accuracy"
     paper = "Chefer, Gur, Wolf, CVPR 2021 (positive perturbation)"
 
     def result(self) -> dict[str, float]:
-        return {self.name: self.mean("accuracy"), f"{self.name}/probability": self.mean("probability")}
+        return self.values()
 
 
 @register
 class NegativePerturbation(_Perturbation):
     """Remove the least relevant units first (ties: the last in row-major order first); AUC of the accuracy
-    and of the probability (higher is better)."""
+    and of the probability (higher is better). Protocol ``diffmask``: the probability area (main) and the KL
+    area (``/kl``, lower is better)."""
 
     name = "negative-perturbation"
-    protocols = ("vitlens", "chefer")
+    protocols = ("vitlens", "chefer", "diffmask")
     main = "accuracy"
     paper = "Chefer, Gur, Wolf, CVPR 2021 (negative perturbation)"
     keep_top = True
@@ -322,7 +375,7 @@ class NegativePerturbation(_Perturbation):
     higher_is_better = True
 
     def result(self) -> dict[str, float]:
-        return {self.name: self.mean("accuracy"), f"{self.name}/probability": self.mean("probability")}
+        return self.values()
 
 
 # --- ROAD: remove and debias (Rong et al. 2022) ---------------------------------------------------------------

@@ -36,14 +36,23 @@ Protocol card (metric ``sanity``):
   any map (the maps do not depend on the model). It is *undecided* when more than half of the fully
   randomised maps are constant (the correlation is undefined for most images).
 
-Not included: re-training a trained explainer (DiffMask's gates, PM's fine-tuning) on the randomised
-model — the trained explainer is applied to the randomised model as it is.
+- **Retraining** (option ``retrain_steps``, default 0: off). A trained explainer is applied to the
+  randomised model as it is by the cascade; with ``retrain_steps=N`` it is also trained anew for ``N``
+  steps on the fully randomised model (every level above, same noise), on the evaluated data set:
+  DiffMask's gates from a fresh initialisation with the model frozen, PM's fine-tuning of the whole model
+  on the images that carry a mask or box (as ``vitlens train pm`` with its recipe's learning rate). The
+  retraining runs once, on the first batch. ``sanity/retrained`` = mean correlation between the original
+  maps and the retrained explainer's (ρ, like ``/full``): near 0 means the trained map depends on the
+  model; high means it comes back from the training data and the explainer's own parameters alone. Other
+  methods have no trained part and give ``None``.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,6 +122,46 @@ def randomize_(params: list[nn.Parameter], seed: int) -> None:
         p.copy_((noise + x.mean().cpu()).to(p))
 
 
+RETRAINABLE = ("diffmask", "pm")  # methods with a trained part that the retraining variant trains anew
+
+
+def retrained_explainer(explainer, dataset, steps: int, seed: int):
+    """``explainer`` trained anew for ``steps`` steps on its model with every cascade level randomised (the
+    cascade's own noise): DiffMask's gates from scratch, PM's fine-tuning (see the card)."""
+    from ..explainers import get_explainer
+    from ..explainers.diffmask import DiffMask
+    from ..training.diffmask import DiffMaskTask
+    from ..training.loop import TrainConfig, train
+    from ..training.pm import PMTask, labelled_indices
+
+    if dataset is None:
+        raise VitlensError("sanity: retrain_steps needs the evaluated data set (run it through vitlens evaluate)")
+    explainer = copy.deepcopy(explainer)
+    backbone = explainer.backbone
+    for i, (_, params) in enumerate(cascade(backbone)):
+        randomize_(params, seed * 1000 + i)
+    device = str(backbone.mean.device)
+    if explainer.name == "pm":
+        labelled = labelled_indices(dataset)
+        if not labelled:
+            raise VitlensError("sanity: retraining PM needs images with a mask or a box in the evaluated data set")
+        task = PMTask(backbone, dataset, labelled=labelled, total_steps=steps, seed=seed)
+        cfg = TrainConfig(batch_size=32, lr=1e-4, warmup_steps=steps // 10, max_steps=steps, seed=seed, device=device,
+                          checkpoint_every_s=float("inf"), log_every=max(1, steps))  # fmt: skip
+    else:
+        task = DiffMaskTask(backbone, seed=seed)
+        cfg = TrainConfig(batch_size=32, lr=3e-4, warmup_steps=steps // 10, max_steps=steps, seed=seed, device=device,
+                          checkpoint_every_s=float("inf"), log_every=max(1, steps))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        train(task, dataset, Path(tmp) / explainer.name, cfg)
+    backbone.eval()
+    if explainer.name == "diffmask":
+        return DiffMask(backbone, task.gates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PM-trained here, not from a PM checkpoint
+        return get_explainer("pm", backbone)
+
+
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation of the rows of ``a`` and ``b`` ``[B, N]`` (average ranks for ties); NaN where
     either row is constant (the correlation is undefined there)."""
@@ -141,12 +190,18 @@ class Sanity(Metric):
 
     @classmethod
     def options(cls) -> dict:
-        return {"seed": 0, "threshold": 0.5}
+        return {"seed": 0, "threshold": 0.5, "retrain_steps": 0}
 
     def __init__(self, **options):
         super().__init__(**options)
         if not 0 < float(self.settings["threshold"]) <= 1:
             raise VitlensError(f"{self.name}: threshold must be in (0, 1], got {self.settings['threshold']}")
+        steps = self.settings["retrain_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise VitlensError(f"{self.name}: retrain_steps must be a non-negative integer, got {steps!r}")
+        self.sums["retrained"] = torch.zeros((), dtype=torch.float64)
+        self.sums["retrained_defined"] = torch.zeros((), dtype=torch.float64)
+        self.retrained = None  # the explainer trained anew on the randomised model (retrain_steps > 0)
 
     def setup(self, model, dataset) -> None:
         levels = cascade(model)
@@ -180,6 +235,15 @@ class Sanity(Metric):
         self.add("unchanged", same_.double().sum(0))
         self.add("n", len(rho))
         self.record(batch.index, spearman=rho, unchanged=same_)
+        if self.settings["retrain_steps"] and batch.explainer.name in RETRAINABLE:
+            if self.retrained is None:
+                dataset = (batch.extra or {}).get("dataset")
+                self.retrained = retrained_explainer(batch.explainer, dataset, self.settings["retrain_steps"],
+                                                     int(self.settings["seed"]))  # fmt: skip
+            rho_r = spearman(original, self.retrained(batch.images, batch.targets).maps.detach().flatten(1))
+            defined_r = ~rho_r.isnan()
+            self.add("retrained", torch.where(defined_r, rho_r, 0.0).sum())
+            self.add("retrained_defined", defined_r.double().sum())
 
     # --- values ---------------------------------------------------------------------------------------
 
@@ -211,12 +275,17 @@ class Sanity(Metric):
             return {self.name + k: None for k in keys}
         mean, seen, undefined = self._levels()
         judged = mean[seen & ~np.isnan(mean)]
+        retrained = {}
+        if self.settings["retrain_steps"]:
+            d = self.sums["retrained_defined"].item()
+            retrained[f"{self.name}/retrained"] = float(self.sums["retrained"] / d) if d else None
         return {
             self.name: float(np.abs(judged).mean()) if len(judged) else None,
             f"{self.name}/full": None if np.isnan(mean[-1]) else float(mean[-1]),
             f"{self.name}/signed": float(judged.mean()) if len(judged) else None,
             f"{self.name}/undefined": float(undefined.mean()),
             f"{self.name}/pass": self.verdict(),
+            **retrained,
         }
 
     def statistic(self, weights):

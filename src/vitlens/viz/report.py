@@ -37,6 +37,7 @@ from .colormaps import colormap
 from .overlay import BACKGROUND, GT_COLOUR, PRED_COLOUR, font, on_background, overlay, plain, scale_for
 
 CELL = 128  # pixels of a gallery picture's longer side (64 px inputs at twice their size)
+PAGE = 1240  # pixels of the page's content width (main's 1,280 px less its padding)
 CMAP = "inferno"
 PALETTE = ("#4c9be8", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7", "#9c755f")
 
@@ -54,6 +55,7 @@ MEANINGS = {
     "gae": "Gradient-weighted attention, positive part, rolled out through the blocks (Chefer et al. 2021b; "
     "relative relevance).",
     "chefer": "LRP relevance times attention gradients, rolled out (Chefer et al. 2021a; relative relevance).",
+    "attnlrp": "LRP relevance of the patch for the class, AttnLRP rules (Achtibat et al. 2024; signed, relative).",
     "gradcam": "Token activations weighted by the class gradient, positive part (Selvaraju et al. 2017; relative).",
     "inputxgrad": "Input times gradient of the class score, summed over each patch (relative, signed).",
     "ig": "Integrated gradients from a baseline image, summed over each patch (Sundararajan et al. 2017).",
@@ -85,6 +87,7 @@ td.best{font-weight:700;background:#e4f4e4;white-space:nowrap}
 td.best::after{content:" ★";color:#2f8a3a}
 td.tie{background:#f0f7f0;white-space:nowrap}td.tie::after{content:" =";color:#2f8a3a}
 .ci{display:block;font-size:10px;color:#777;font-weight:400;white-space:nowrap}
+.metrics tr.group td{background:#eef1f6;font-size:13px}
 .gallery{background:#18181c;color:#eee;border-collapse:separate;border-spacing:4px}
 .gallery td,.gallery th{border:0;background:none;text-align:center;padding:2px;vertical-align:top}
 .gallery th{font-size:13px}.gallery .model{display:block;color:#aaa;font-weight:400;font-size:11px}
@@ -333,6 +336,7 @@ class Column:
     run: dict | None = None  # the results file whose gallery the column shows
     intervals: dict = field(default_factory=dict)  # key → [lo, hi], the 95 % bootstrap interval
     marks: dict | None = None  # key → "best" / "tie" within its run (None: results without a bootstrap)
+    accuracy: float | None = None  # the model's accuracy on the run's images
 
 
 def columns_of(runs: list[dict]) -> list[Column]:
@@ -340,6 +344,8 @@ def columns_of(runs: list[dict]) -> list[Column]:
     for run in runs:
         for method, values in run["results"].items():
             col = cols.setdefault((run["model"], method), Column(method, run["model"]))
+            if col.accuracy is None and isinstance(run.get("accuracy"), int | float):
+                col.accuracy = float(run["accuracy"])
             col.results.update(values)
             col.used.update(run.get("used", {}))
             col.curves.update((run.get("curves") or {}).get(method, {}))
@@ -354,7 +360,14 @@ def columns_of(runs: list[dict]) -> list[Column]:
         models.setdefault(method, set()).add(model)
     for (model, method), col in cols.items():
         col.label = method if len(models[method]) == 1 else f"{method} · {short(model)}"
-    return list(cols.values())
+    order = list(dict.fromkeys(model for model, _ in cols))  # grouped by model, in the order the runs name them
+    return sorted(cols.values(), key=lambda c: order.index(c.model))
+
+
+def direction(key: str) -> int:
+    """How a metric key ranks methods: 1 higher is better, −1 lower is better, 0 not ranked."""
+    base = key.split("/")[0]
+    return METRICS[base]().direction(key) if base in METRICS else 0
 
 
 # --- pictures -----------------------------------------------------------------------------------------
@@ -587,10 +600,17 @@ def section_gallery(cols: list[Column], rows: list[GalleryRow]) -> str:
         "PM and DiffMask maps are probabilities shown on their absolute scale (0 → 1); B-cos maps show the "
         "positive contributions relative to the largest; the other maps are min-max normalised per image.</p>"
     )
+    fit = f"<style>.gallery img{{width:{gallery_cell(len(shown))}px}}</style>"
     return (
-        f'<section id="gallery"><h2>Gallery</h2>{legend}{note}<div style="overflow-x:auto"><table class="gallery">'
+        f'<section id="gallery"><h2>Gallery</h2>{legend}{note}{fit}<div style="overflow-x:auto"><table class="gallery">'
         f"<tr><th>image</th>{head}</tr>" + "".join(body) + "</table></div></section>"
     )
+
+
+def gallery_cell(columns: int) -> int:
+    """Display width of a gallery picture: :data:`CELL`, smaller (down to 64 px) so that the image column and
+    ``columns`` method columns fit the page; beyond that the gallery scrolls sideways."""
+    return max(64, min(CELL, (PAGE - 210) // max(1, columns) - 8))
 
 
 def section_meanings(cols: list[Column]) -> str:
@@ -641,23 +661,30 @@ def best_values(cols: list[Column], key: str) -> set[str]:
     values = {c.label: c.results.get(key) for c in cols if isinstance(c.results.get(key), int | float)}
     if len(values) < 2:
         return set()
-    base = key.split("/")[0]
-    higher = METRICS[base].higher_is_better if base in METRICS else True
-    best = max(values.values()) if higher else min(values.values())
+    sign = direction(key)
+    if not sign:
+        return set()
+    best = max(values.values()) if sign > 0 else min(values.values())
     return {label for label, v in values.items() if np.isclose(v, best, rtol=0, atol=1e-12)}
 
 
 def metric_table(cols: list[Column], keys: list[str]) -> str:
     def head(key: str) -> str:
         base = key.split("/")[0]
-        arrow = (" ↑" if METRICS[base].higher_is_better else " ↓") if base in METRICS else ""
+        arrow = {1: " ↑", -1: " ↓"}.get(direction(key), "")
         ns = sorted({c.used[base] for c in cols if base in c.used and key in c.results})
         n = "" if not ns else f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]}"
         return f'<th>{esc(key)}{arrow}<span class="note" style="display:block;font-weight:400">{esc(n)}</span></th>'
 
     best = {k: best_values(cols, k) for k in keys}
     rows = []
-    for c in cols:
+    grouped = len({c.model for c in cols}) > 1
+    for i, c in enumerate(cols):
+        if grouped and (i == 0 or cols[i - 1].model != c.model):
+            acc = "" if c.accuracy is None else f" · accuracy {c.accuracy:.3f}"
+            rows.append(
+                f"<tr class=group><td class=l colspan={len(keys) + 1}><b>{esc(short(c.model))}</b>{acc}</td></tr>"
+            )
         cells = "".join(metric_cell(c, k, best[k]) for k in keys)
         name = f"<b>{esc(c.method)}</b><br><span class=note>{esc(short(c.model))}</span>"
         rows.append(f"<tr><td class='l m'>{name}</td>{cells}</tr>")
@@ -672,7 +699,8 @@ def section_metrics(cols: list[Column]) -> str:
     detail = [k for k in keys if "/" in k]
     out = (
         '<section id="metrics"><h2>Metrics</h2><p class="note">↑ higher is better, ↓ lower is better; n = the images '
-        "(grid cells for the grid pointing game) each metric used. Values are fractions in [0, 1]. "
+        "(grid cells for the grid pointing game) each metric used; methods are grouped by model, with its accuracy. "
+        "Values are fractions in [0, 1], except the areas over step indices of protocol diffmask. "
         + MARKS_NOTE
         + "</p>"
         + metric_table(cols, main)
@@ -693,6 +721,14 @@ def section_curves(cols: list[Column]) -> str:
     return f'<section id="curves"><h2>Curves</h2>{body}</section>'
 
 
+def spread(cost: dict) -> str:
+    """``p10–p90× (N batches)`` of a method's per-batch cost ratios, ``—`` without two batches."""
+    band = cost.get("ratio_p10_p90")
+    if not (isinstance(band, list) and len(band) == 2 and all(_num(v, finite=True) for v in band)):
+        return "—"
+    return f"{band[0]:.2f}–{band[1]:.2f}× ({int(cost.get('batches', 0))} batches)"
+
+
 def section_cost(cols: list[Column], runs: list[dict]) -> str:
     costed = [c for c in cols if c.cost and c.cost.get("ratio_to_forward") is not None]
     if not costed:
@@ -701,6 +737,7 @@ def section_cost(cols: list[Column], runs: list[dict]) -> str:
     rows = "".join(
         f"<tr><td class='l m'><b>{esc(c.method)}</b> <span class=note>{esc(short(c.model))}</span></td>"
         f"<td>{c.cost['seconds_per_image'] * 1000:.2f}</td><td>{c.cost['ratio_to_forward']:.2f}×</td>"
+        f"<td class=note>{esc(spread(c.cost))}</td>"
         f'<td class=l><span class="cost" style="width:{max(2, round(240 * c.cost["ratio_to_forward"] / top))}px">'
         "</span></td></tr>"
         for c in costed
@@ -708,10 +745,13 @@ def section_cost(cols: list[Column], runs: list[dict]) -> str:
     devices = ", ".join(sorted({f"{r.get('device', '?')} ({r.get('threads', '?')} threads)" for r in runs}))
     return (
         '<section id="cost"><h2>Cost</h2><table><tr><th class=l>method</th><th>ms / image</th>'
-        f'<th>× one forward</th><th class=l></th></tr>{rows}</table><p class="note">Time to compute the maps, '
-        "measured inside <code>vitlens evaluate</code> over the evaluated batches (the first one, a warm-up, left out "
-        "when there are more), as a ratio to one plain "
-        f"forward pass of the same batches ({esc(devices)}). Compare ratios, not absolute times.</p></section>"
+        f'<th>× one forward</th><th>per batch</th><th class=l></th></tr>{rows}</table><p class="note">Time to '
+        "compute the maps, measured inside <code>vitlens evaluate</code> over the evaluated batches (the first one, "
+        "a warm-up, left out when there are more), as a ratio to one plain "
+        f"forward pass of the same batches ({esc(devices)}). <i>Per batch</i>: the 10th–90th percentile of each "
+        "batch's ratio, the noise of these figures; a ratio below 1 for a method that needs a forward pass is "
+        "noise (other work on the machine, caches). Compare ratios, not absolute times; "
+        "<code>vitlens bench</code> measures them with repeats.</p></section>"
     )
 
 
