@@ -263,7 +263,7 @@ def test_sdpa_restored_after_an_error(kind):
     assert all(not m._forward_hooks for m in attention_outputs(model))
 
 
-@pytest.mark.parametrize("method", ["attention", "rollout", "gae", "chefer"])
+@pytest.mark.parametrize("method", ["attention", "rollout", "gae", "chefer", "attnlrp"])
 def test_sdpa_explanations_equal_eager(method):
     import vitlens
 
