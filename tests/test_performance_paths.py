@@ -145,7 +145,7 @@ def test_chefer_checks_its_recomputation_against_the_model(images, monkeypatch):
     e(images[:2])
     assert calls == [1]
     broken = get_explainer("chefer", bb)
-    monkeypatch.setattr(chefer, "_activations", lambda p, x: real_activations_off_by_one(p, x))
+    monkeypatch.setattr(chefer, "_activations", lambda p, x, grid=None: real_activations_off_by_one(p, x))
     with pytest.raises(Exception, match="does not reproduce"):
         broken(images)
 

@@ -67,6 +67,53 @@ def _timm_avg():
     return _timm("vit_tiny_patch16_224", class_token=False, global_pool="avg")
 
 
+@entry("timm-deit3")
+def _timm_deit3():
+    return _timm("deit3_small_patch16_224", init_values=0.1)  # layer scale, position embedding without the class token
+
+
+@entry("timm-flexivit")
+def _timm_flexivit():
+    return _timm("flexivit_small")
+
+
+@entry("timm-eva02")
+def _timm_eva02():
+    return _timm("eva02_tiny_patch14_224")  # rotary embedding, packed SwiGLU, fused qkv, average pooling
+
+
+@entry("timm-eva02-swiglu-norm")
+def _timm_eva02_swiglu_norm():
+    return _timm("eva02_tiny_patch14_224", scale_mlp=True, qkv_fused=False, init_values=0.1, global_pool="token")
+
+
+@entry("timm-eva-registers")
+def _timm_eva_registers():
+    return _timm(
+        "eva02_tiny_patch14_224",  # EVA-01 style: absolute position embedding only, GELU MLP
+        use_rot_pos_emb=False, swiglu_mlp=False, num_reg_tokens=2, init_values=0.1, global_pool="token",
+    )  # fmt: skip
+
+
+def _random_relative_position_bias(model: nn.Module) -> nn.Module:
+    """Relative position bias tables drawn at random (timm initialises them to zero; a trained model's are not)."""
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            nn.init.normal_(p)
+    return model
+
+
+@entry("timm-beit")
+def _timm_beit():
+    return _random_relative_position_bias(_timm("beit_base_patch16_224"))  # a bias per block, average pooling
+
+
+@entry("timm-beit-shared-bias")
+def _timm_beit_shared():
+    model = _timm("beit_base_patch16_224", use_rel_pos_bias=False, use_shared_rel_pos_bias=True, global_pool="token")
+    return _random_relative_position_bias(model)
+
+
 def _hf_config(config_class, **kw):
     args = dict(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

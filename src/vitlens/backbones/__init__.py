@@ -1,6 +1,6 @@
 """The backbone layer: :func:`adapt` gives any supported ViT module one view, a :class:`Backbone`.
 
-One adapter per family (timm, Hugging Face, torchvision, vitlens' B-cos ViT), registered in
+One adapter per family (timm ViT / EVA / BEiT, Hugging Face, torchvision, vitlens' B-cos ViT), registered in
 :data:`ADAPTERS`; loading models by URI or from checkpoints is the layer above (:mod:`vitlens.models`).
 """
 
@@ -26,6 +26,8 @@ from .base import (
 from .bcos_vit import BcosViT, is_bcos_vit
 from .hf_dinov2 import HFDinov2, is_hf_dinov2
 from .hf_vit import HFViT, is_hf_vit
+from .timm_beit import TimmBeit, is_timm_beit
+from .timm_eva import TimmEva, is_timm_eva
 from .timm_vit import TimmViT, is_timm_vit
 from .torchvision_vit import TorchvisionViT, is_torchvision_vit
 
@@ -45,6 +47,8 @@ __all__ = [
 
 ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_timm_vit, TimmViT),
+    (is_timm_eva, TimmEva),
+    (is_timm_beit, TimmBeit),
     (is_hf_vit, HFViT),
     (is_hf_dinov2, HFDinov2),
     (is_torchvision_vit, TorchvisionViT),
@@ -104,6 +108,6 @@ def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=
             return adapter(model, preprocessing, classes)
     raise VitlensError(
         f"{type(model).__name__} is not a supported Vision Transformer "
-        "(supported: timm VisionTransformer, transformers ViT/DeiT and DINOv2 models, torchvision ViT, "
-        "vitlens B-cos ViT)"
+        "(supported: timm VisionTransformer (ViT, DeiT, DeiT III, FlexiViT), timm Eva (EVA, EVA-02), timm Beit, "
+        "transformers ViT/DeiT and DINOv2 models, torchvision ViT, vitlens B-cos ViT)"
     )

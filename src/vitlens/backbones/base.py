@@ -128,6 +128,24 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
     return probs @ v, probs
 
 
+class BoundBlock(nn.Module):
+    """A block that its model calls with more than the tokens (EVA's rotary embedding, BEiT's shared relative
+    position bias), callable as ``block(x)`` like any other.
+
+    ``extra(index, x)`` gives the keyword arguments for block ``index`` on tokens ``x``. The wrapper is not
+    registered in the backbone; it shares the block's parameters.
+    """
+
+    def __init__(self, block: nn.Module, index: int, extra):
+        super().__init__()
+        self.block = block
+        self.index = index
+        self.extra = extra
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x, **self.extra(self.index, x))
+
+
 #: How a model without a classifier head turns its final tokens into its output embedding.
 EMBEDDINGS = {
     "cls": "the final-normed class token",

@@ -179,7 +179,7 @@ class TimmViT(Backbone):
         return HeadParts([(None if self.pooling == "avg" else self.class_token_index, linear_parts(m.head))], m.fc_norm)
 
     def _attention_modules(self) -> list[nn.Module]:
-        modules = [getattr(block, "attn", None) for block in self.blocks]
+        modules = [getattr(block, "attn", None) for block in self.model.blocks]
         for attn in modules:
             if attn is None or not hasattr(attn, "attn_drop") or not hasattr(attn, "fused_attn"):
                 raise VitlensError(

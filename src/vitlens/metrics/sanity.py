@@ -6,8 +6,9 @@ Protocol card (metric ``sanity``):
   the top down, cumulatively, down to the input: ``head`` (everything the model's head reads: the
   classifier and, where the model has one, the pooled-feature norm), ``final-norm``, ``blockL-1`` …
   ``block0``, ``position`` (position embedding and prefix tokens: class, distillation, register
-  tokens) and ``patch-embed`` (the patch projection or convolutional stem with its norms). The
-  parameters of each part are found from the autograd graph of the backbone's own ``embed``,
+  tokens; position terms the blocks read but none owns, such as BEiT's shared relative position
+  bias) and ``patch-embed`` (the patch projection or convolutional stem with its norms). The parameters
+  of each part are found from the autograd graph of the backbone's own ``embed``,
   ``add_prefix_and_position``, ``final_norm`` and ``head`` steps, so every backbone family is covered
   without a list of names; ``unassigned`` in the curves counts parameters in no level (0 on every
   supported family). After each level the map is recomputed for the same images and targets. Quantus'
@@ -86,6 +87,10 @@ def cascade(backbone) -> list[tuple[str, list[nn.Parameter]]]:
             patch = _used(embeddings, params)
             tokens = backbone.add_prefix_and_position(embeddings.detach().requires_grad_(True), grid)
             position = _used(tokens, params)
+            h = tokens.detach()
+            for block in blocks:
+                h = block(h)
+            through = _used(h, params)  # the blocks' own and what every block reads (BEiT's shared bias)
             normed = backbone.final_norm(tokens.detach().requires_grad_(True))
             norm = _used(normed, params)
             head = _used(backbone.head(normed.detach().requires_grad_(True)), params)
@@ -101,7 +106,7 @@ def cascade(backbone) -> list[tuple[str, list[nn.Parameter]]]:
 
     levels = [("head", level(head)), ("final-norm", level(norm))]
     block_levels = [(f"block{i}", level(blocks[i].parameters())) for i in reversed(range(len(blocks)))]
-    levels += block_levels + [("position", level(position)), ("patch-embed", level(patch))]
+    levels += block_levels + [("position", level(position + through)), ("patch-embed", level(patch))]
     return [(name, ps) for name, ps in levels if ps]
 
 
