@@ -396,3 +396,17 @@ def test_checkpoint_register_tokens_are_bounded():
 
     with pytest.raises(VitlensError, match="num_register_tokens"):
         check_model_sizes({"config": {"num_register_tokens": 10**9}}, "config.json")
+
+
+def test_hub_dinov2_without_network_fails_in_one_line(monkeypatch):
+    import time
+
+    import vitlens.models as models
+
+    monkeypatch.setattr(models, "hub_reachable", lambda host=models.HUB_HOST: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    expected = r"^could not load hf:facebook/dinov2-small\?revision=\S+: .* no network: "
+    with pytest.raises(VitlensError, match=expected) as err:
+        load_model("hf:facebook/dinov2-small?revision=no-such-revision-in-any-cache")
+    assert "\n" not in str(err.value) and time.monotonic() - start < 30
