@@ -19,10 +19,12 @@ NUM_CLASSES = 5
 
 #: name → builder of a model in eval mode
 ZOO: dict[str, Callable[[], nn.Module]] = {}
+#: name → builder of a model without a classifier head (its output is an embedding), in eval mode
+HEADLESS: dict[str, Callable[[], nn.Module]] = {}
 
 
-def entry(name: str):
-    """Register a builder under ``name`` (seeded, so every build is the same model)."""
+def entry(name: str, registry: dict[str, Callable[[], nn.Module]] = ZOO):
+    """Register a builder under ``name`` in ``registry`` (seeded, so every build is the same model)."""
 
     def register(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         def seeded() -> nn.Module:
@@ -33,7 +35,7 @@ def entry(name: str):
                 nn.init.normal_(heads[-1].weight)
             return model.eval()
 
-        ZOO[name] = seeded
+        registry[name] = seeded
         return build
 
     return register
@@ -133,6 +135,80 @@ def _hf_deit():
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
     return DeiTForImageClassificationWithTeacher(_hf_config(DeiTConfig))
+
+
+@entry("hf-vit-sdpa")
+def _hf_vit_sdpa():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(_hf_config(ViTConfig, attn_implementation="sdpa"))
+
+
+@entry("hf-deit-sdpa")
+def _hf_deit_sdpa():
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    return DeiTForImageClassification(_hf_config(DeiTConfig, attn_implementation="sdpa"))
+
+
+def _dinov2_config(config_class, **kw):
+    args = dict(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+        layerscale_value=0.5, num_labels=5,
+    )  # fmt: skip
+    args.update(kw)
+    return config_class(**args)
+
+
+@entry("hf-dinov2")
+def _hf_dinov2():
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    return Dinov2ForImageClassification(_dinov2_config(Dinov2Config))
+
+
+@entry("hf-dinov2-registers-swiglu")
+def _hf_dinov2_registers():
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification
+
+    config = _dinov2_config(Dinov2WithRegistersConfig, num_register_tokens=4, use_swiglu_ffn=True)
+    return Dinov2WithRegistersForImageClassification(config)
+
+
+@entry("hf-dinov2-model", HEADLESS)
+def _hf_dinov2_model():
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(_dinov2_config(Dinov2Config))
+
+
+@entry("hf-dinov2-registers-model", HEADLESS)
+def _hf_dinov2_registers_model():
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    return Dinov2WithRegistersModel(_dinov2_config(Dinov2WithRegistersConfig, num_register_tokens=2))
+
+
+@entry("hf-vit-model", HEADLESS)
+def _hf_vit_model():
+    from transformers import ViTConfig, ViTModel
+
+    return ViTModel(_hf_config(ViTConfig))
+
+
+@entry("timm-vit-no-head", HEADLESS)
+def _timm_vit_no_head():
+    return _timm("vit_tiny_patch16_224", num_classes=0)
+
+
+@entry("timm-deit-distilled-no-head", HEADLESS)
+def _timm_deit_distilled_no_head():
+    return _timm("deit_tiny_distilled_patch16_224", num_classes=0)
+
+
+@entry("timm-vit-avg-no-head", HEADLESS)
+def _timm_vit_avg_no_head():
+    return _timm("vit_tiny_patch16_224", num_classes=0, class_token=False, global_pool="avg")
 
 
 @entry("torchvision-vit")

@@ -127,6 +127,11 @@ def explain_files(
     if batch_size < 1:
         raise VitlensError(f"batch size must be at least 1, got {batch_size}")
     backbone = load_model(model, device=device)
+    if backbone.headless:
+        raise VitlensError(
+            "this model has no classifier head: files are explained for classes; from Python, explain its "
+            "embedding with target=EmbeddingSimilarity(...)"
+        )
     explainer = get_explainer(method, backbone, **(options or {}))
     if top_k is not None:
         if target is not None:

@@ -24,6 +24,7 @@ from .base import (
     upsample,
 )
 from .bcos_vit import BcosViT, is_bcos_vit
+from .hf_dinov2 import HFDinov2, is_hf_dinov2
 from .hf_swin import HFSwin, is_hf_swin
 from .hf_vit import HFViT, is_hf_vit
 from .timm_beit import TimmBeit, is_timm_beit
@@ -51,6 +52,7 @@ ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_timm_eva, TimmEva),
     (is_timm_beit, TimmBeit),
     (is_hf_vit, HFViT),
+    (is_hf_dinov2, HFDinov2),
     (is_torchvision_vit, TorchvisionViT),
     (is_bcos_vit, BcosViT),
     (is_timm_swin, TimmSwin),
@@ -111,5 +113,5 @@ def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=
     raise VitlensError(
         f"{type(model).__name__} is not a supported Vision Transformer "
         "(supported: timm VisionTransformer (ViT, DeiT, DeiT III, FlexiViT), timm Eva (EVA, EVA-02), timm Beit, "
-        "timm / transformers Swin, transformers ViT/DeiT image classifiers, torchvision ViT, vitlens B-cos ViT)"
+        "timm / transformers Swin, transformers ViT/DeiT and DINOv2 models, torchvision ViT, vitlens B-cos ViT)"
     )

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import VitlensError
 from .parts import BlockParts, HeadParts, UnsupportedParts
 
 
@@ -145,6 +146,27 @@ class BoundBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block(x, **self.extra(self.index, x))
+
+
+#: How a model without a classifier head turns its final tokens into its output embedding.
+EMBEDDINGS = {
+    "cls": "the final-normed class token",
+    "mean": "the mean of the final-normed patch tokens (prefix tokens left out)",
+}
+
+NO_HEAD = "this model has no classifier head: pass target=EmbeddingSimilarity(...)"
+
+
+def check_embedding(embedding: str) -> str:
+    """``embedding`` if it is one of :data:`EMBEDDINGS`, else a one-line error."""
+    if embedding not in EMBEDDINGS:
+        raise VitlensError(f"embedding={embedding!r}: expected one of {', '.join(map(repr, EMBEDDINGS))}")
+    return embedding
+
+
+def pool_embedding(tokens: Tensor, embedding: str, num_prefix: int) -> Tensor:
+    """Final-normed tokens ``[B, T, D]`` → the embedding ``[B, D]`` (class token at index 0, or patch mean)."""
+    return tokens[:, 0] if embedding == "cls" else tokens[:, num_prefix:].mean(1)
 
 
 @dataclass(frozen=True)
@@ -291,6 +313,15 @@ class Backbone(nn.Module):
     def pooling(self) -> str:
         """``"token"`` (class / distillation token) or ``"avg"`` (mean of the patch tokens)."""
         return "token"
+
+    @property
+    def headless(self) -> bool:
+        """No classifier head: the output is an embedding ``[B, D]``, not logits.
+
+        Explain such a model with a score function of the embedding, e.g.
+        :class:`~vitlens.EmbeddingSimilarity`; methods that need classes refuse.
+        """
+        return self.num_classes == 0
 
     # --- shared --------------------------------------------------------------------------------
 

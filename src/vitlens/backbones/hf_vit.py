@@ -1,4 +1,5 @@
-"""Adapter for Hugging Face ``ViTForImageClassification`` and ``DeiTForImageClassification[WithTeacher]``."""
+"""Adapter for Hugging Face ``ViTForImageClassification`` and ``DeiTForImageClassification[WithTeacher]``, and
+for ``ViTModel`` / ``DeiTModel`` without a classifier head (their output is an embedding)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import VitlensError
-from .base import Backbone, Preprocessing
-from .parts import BlockParts, HeadParts, UnsupportedParts, linear_parts
+from .base import NO_HEAD, Backbone, Preprocessing, check_embedding, pool_embedding
+from .parts import BlockParts, HeadParts, UnsupportedParts, embedding_head, linear_parts
 
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resampling codes
 
@@ -20,10 +21,13 @@ def _classes() -> tuple[type, ...]:
     from transformers import (
         DeiTForImageClassification,
         DeiTForImageClassificationWithTeacher,
+        DeiTModel,
         ViTForImageClassification,
+        ViTModel,
     )
 
-    return ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher
+    return (ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher,
+            ViTModel, DeiTModel)  # fmt: skip
 
 
 def is_hf_vit(model: nn.Module) -> bool:
@@ -62,19 +66,40 @@ def _default_classes(model: nn.Module) -> list[str] | None:
     return None if labels == [f"LABEL_{i}" for i in range(len(labels))] else labels
 
 
+def _has_head(model: nn.Module) -> bool:
+    return any(isinstance(getattr(model, n, None), nn.Linear) for n in ("classifier", "cls_classifier"))
+
+
 class HFViT(Backbone):
+    """Hugging Face ViT / DeiT.
+
+    Args:
+        model: a ``ViTForImageClassification``, ``DeiTForImageClassification[WithTeacher]``, ``ViTModel`` or
+            ``DeiTModel``.
+        preprocessing: input size, mean and std (default: from ``image_processor``, else 0.5 / 0.5).
+        classes: class names (default: the config's ``id2label`` unless they are placeholders).
+        image_processor: the checkpoint's image processor, read for the preprocessing.
+        embedding: for a model without a classifier head, its output: ``"cls"`` (the final-normed class
+            token; the default) or ``"mean"`` (the mean of the final-normed patch tokens). ``ViTModel``'s
+            pooler (a dense layer and tanh on the class token) is not part of it. Ignored by classifiers.
+    """
+
     family = "hf"
 
     def __init__(
-        self, model: nn.Module, preprocessing: Preprocessing | None = None, classes=None, image_processor=None
+        self,
+        model: nn.Module,
+        preprocessing: Preprocessing | None = None,
+        classes=None,
+        image_processor=None,
+        embedding: str = "cls",
     ):
         if not is_hf_vit(model):
-            raise VitlensError(f"{type(model).__name__} is not a Hugging Face ViT / DeiT image classifier")
-        super().__init__(
-            model,
-            preprocessing or hf_preprocessing(model, image_processor),
-            classes if classes is not None else _default_classes(model),
-        )
+            raise VitlensError(f"{type(model).__name__} is not a Hugging Face ViT / DeiT model")
+        self.embedding = check_embedding(embedding)
+        if classes is None and _has_head(model):
+            classes = _default_classes(model)
+        super().__init__(model, preprocessing or hf_preprocessing(model, image_processor), classes)
 
     @property
     def base(self) -> nn.Module:
@@ -88,7 +113,11 @@ class HFViT(Backbone):
 
     @property
     def num_classes(self) -> int:
-        return self.model.config.num_labels
+        return self.model.config.num_labels if _has_head(self.model) else 0
+
+    @property
+    def pooling(self) -> str:
+        return "avg" if self.headless and self.embedding == "mean" else "token"
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -128,15 +157,26 @@ class HFViT(Backbone):
 
     def head(self, tokens: Tensor) -> Tensor:
         m = self.model
+        if self.headless:
+            return pool_embedding(tokens, self.embedding, self.num_prefix_tokens)
         if self.distilled:
             return (m.cls_classifier(tokens[:, 0]) + m.distillation_classifier(tokens[:, 1])) / 2
         return m.classifier(tokens[:, 0])
 
     def token_logits(self, tokens: Tensor) -> Tensor:
         m = self.model
+        if self.headless:
+            raise VitlensError(NO_HEAD)
         if self.distilled:
             return (m.cls_classifier(tokens) + m.distillation_classifier(tokens)) / 2
         return m.classifier(tokens)
+
+    def readout(self, num_tokens: int) -> Tensor:
+        if self.headless and self.embedding == "cls":  # the class token alone, also beside a distillation token
+            w = torch.zeros(num_tokens, device=self.mean.device)
+            w[0] = 1.0
+            return w
+        return super().readout(num_tokens)
 
     def attention_norm(self, index: int) -> nn.Module:
         return self.blocks[index].layernorm_before
@@ -170,6 +210,9 @@ class HFViT(Backbone):
 
     def head_parts(self) -> HeadParts:
         m = self.model
+        if self.headless:
+            index = 0 if self.embedding == "cls" else None
+            return embedding_head(self.model.config.hidden_size, self.base.layernorm.weight, index)
         if self.distilled:
             return HeadParts([(0, linear_parts(m.cls_classifier)), (1, linear_parts(m.distillation_classifier))],
                              nn.Identity())  # fmt: skip

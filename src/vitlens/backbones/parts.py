@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import VitlensError
@@ -79,3 +80,15 @@ def linear_parts(m: nn.Module, gamma: Tensor | None = None) -> Affine:
     if gamma is None:
         return m.weight, m.bias
     return gamma[:, None] * m.weight, None if m.bias is None else gamma * m.bias
+
+
+def embedding_head(dim: int, like: Tensor, index: int | None) -> HeadParts:
+    """A model without a classifier head, read as one: the identity on its embedding ``[B, D]``.
+
+    Args:
+        dim: the embedding's dimension ``D``.
+        like: a weight of the model (the device and dtype of the identity).
+        index: the token that is the embedding (the class token), or ``None`` for the patch mean.
+    """
+    eye = torch.eye(dim, device=like.device, dtype=like.dtype)
+    return HeadParts([(index, (eye, None))], nn.Identity())

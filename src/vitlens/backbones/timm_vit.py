@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 from torch import Tensor, nn
 
 from ..errors import VitlensError
-from .base import Backbone, Preprocessing
-from .parts import BlockParts, HeadParts, UnsupportedParts, linear_parts
+from .base import NO_HEAD, Backbone, Preprocessing
+from .parts import BlockParts, HeadParts, UnsupportedParts, embedding_head, linear_parts
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -120,6 +120,8 @@ class TimmViT(Backbone):
 
     def token_logits(self, tokens: Tensor) -> Tensor:
         m = self.model
+        if self.headless:
+            raise VitlensError(NO_HEAD)
         z = m.fc_norm(tokens)
         logits = m.head(z)
         if self.distilled:
@@ -168,6 +170,10 @@ class TimmViT(Backbone):
 
     def head_parts(self) -> HeadParts:
         m = self.model
+        if self.headless:  # num_classes=0: the pooled embedding (global_pool chooses it), after fc_norm
+            readers = [0, 1] if self.distilled else [None if self.pooling == "avg" else self.class_token_index]
+            heads = [embedding_head(m.num_features, m.patch_embed.proj.weight, i).heads[0] for i in readers]
+            return HeadParts(heads, nn.Identity() if self.distilled else m.fc_norm)
         if self.distilled:
             return HeadParts([(0, linear_parts(m.head)), (1, linear_parts(m.head_dist))], nn.Identity())
         return HeadParts([(None if self.pooling == "avg" else self.class_token_index, linear_parts(m.head))], m.fc_norm)

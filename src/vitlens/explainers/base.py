@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 from ..backbones import Backbone
+from ..backbones.base import NO_HEAD
 from ..errors import VitlensError
 from ..models import load_model
 from .explanation import SCALES, Explanation
-from .targets import Target, TopK, class_index, parse_target  # noqa: F401  (re-exported)
+from .targets import Target, TopK, class_index, is_score_function, parse_target  # noqa: F401  (re-exported)
 
 EXPLAINERS: dict[str, type[Explainer]] = {}
 
@@ -171,6 +172,7 @@ class Explainer:
         accepts_functions: whether a score function can be the target.
         needs_global_attention: the method reads attention between all tokens of the image (or one flat token
             sequence through every block); models without it (Swin) are refused in one line.
+        needs_head: whether the method reads a classifier (refused on a model without one).
     """
 
     name: str = ""
@@ -181,11 +183,14 @@ class Explainer:
     class_specific: bool = True
     accepts_functions: bool = True
     needs_global_attention: bool = False
+    needs_head: bool = False
 
     def __init__(self, model):
         self.backbone: Backbone = load_model(model)
         if self.needs_global_attention:
             require_global_attention(self.backbone, self.name)
+        if self.needs_head and self.backbone.headless:
+            raise VitlensError(f"method {self.name!r} needs a classifier head; this model outputs an embedding")
 
     @classmethod
     def options(cls) -> dict[str, object]:
@@ -217,6 +222,8 @@ class Explainer:
             An :class:`Explanation` (maps ``[B, gh, gw]``, or ``[B, K, gh, gw]`` for ``K`` targets per image).
         """
         images = prepare_images(images, self.backbone, normalized)
+        if self.backbone.headless and self.class_specific and not is_score_function(target):
+            raise VitlensError(NO_HEAD)
         plan = parse_target(target, len(images), self.backbone.classes)
         with float32_compute(self.backbone), frozen_eval(self.backbone):
             check_size(self.backbone, tuple(images.shape[-2:]))
@@ -254,7 +261,7 @@ class Explainer:
 
     def _result(self, images, plan, maps, logits, extras, multi: bool) -> Explanation:
         classes = self.backbone.classes
-        if any(t.is_function for t in plan):
+        if any(t.is_function for t in plan) or self.backbone.headless:
             targets, names = None, [[t.name or "score function"] * len(images) for t in plan]
         else:
             targets = torch.stack([t.indices(logits) for t in plan], 1).to(logits.device)

@@ -156,6 +156,7 @@ class DiffMask(Explainer):
     scale = "probability"
     meaning = "the probability that the patch must stay for the prediction to hold (class-agnostic)"
     class_specific = False
+    needs_head = True
 
     def __init__(self, model, gates: DiffMaskGates | None = None):
         super().__init__(model)

@@ -88,12 +88,14 @@ class Explanation:
     @property
     def predicted(self) -> Tensor | None:
         """The predicted class of each image ``[B]``."""
-        return None if self.logits is None else self.logits.argmax(-1)
+        if self.logits is None or self.classes == []:  # no classes: a model whose output is an embedding
+            return None
+        return self.logits.argmax(-1)
 
     @property
     def predicted_names(self) -> list[str] | None:
         """The predicted class name of each image."""
-        if self.logits is None or self.classes is None:
+        if self.logits is None or not self.classes:  # no classes: a model whose output is an embedding
             return None
         return [self.classes[i] for i in self.predicted.tolist()]
 

@@ -53,6 +53,7 @@ class PM(Explainer):
     scale = "probability"
     meaning = "the probability that each patch shows the target class (trained on a few masks)"
     accepts_functions = False
+    needs_head = True
 
     def __init__(self, model):
         super().__init__(model)

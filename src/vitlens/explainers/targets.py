@@ -16,14 +16,20 @@ of copies, so a batch function must treat each row on its own; a function that h
 reference per image) defines ``subset(index)`` returning the function for the images ``index``, as
 :class:`EmbeddingSimilarity` and lists of per-image callables do.
 
+A model without a classifier head (its output is an embedding: DINOv2's ``Dinov2Model``, ``ViTModel``, a
+timm ViT with ``num_classes=0``) has no classes to explain: give it a score function of the embedding,
+:class:`EmbeddingSimilarity` to a reference embedding, image (:meth:`EmbeddingSimilarity.of_image`) or patch
+(:meth:`EmbeddingSimilarity.of_patch`).
+
 A float that is not a whole number, a bool, a class name the model does not have or an index out of
 range is refused with a one-line :class:`~vitlens.VitlensError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,21 +64,89 @@ class TopK:
 class EmbeddingSimilarity:
     """A score function: cosine similarity of the model's output to a reference embedding.
 
-    For models whose output is an embedding (or to ask how much each patch makes the logits look like
-    those of a reference image). Pass it as ``target``.
+    The target for a model without a classifier head (DINOv2's ``Dinov2Model``, Hugging Face ``ViTModel``, a
+    timm ViT with ``num_classes=0``), whose output is an embedding: the explanation shows which patches make
+    the image's embedding point where the reference does. On a classifier it compares logit vectors (which
+    patches make the logits look like those of a reference image). Pass it as ``target``.
+
+    Build the reference from an embedding you have, from a reference image (:meth:`of_image`: embedded with
+    the same model) or from one patch of a reference image (:meth:`of_patch`: that patch's final token).
 
     Args:
         reference: ``[D]`` (one reference for every image) or ``[B, D]`` (one per image).
 
     Examples:
-        >>> ref = model(reference_image)[0]              # the output for a reference image
-        >>> vitlens.explain(model, images, method="gradcam", target=EmbeddingSimilarity(ref))
+        >>> model = vitlens.load_model("hf:facebook/dinov2-small")           # no head: outputs embeddings
+        >>> target = EmbeddingSimilarity.of_image(model, reference_image)   # [3, H, W] in [0, 1]
+        >>> vitlens.explain(model, images, method="gradcam", target=target)
+        >>> target = EmbeddingSimilarity.of_patch(model, reference_image, row=3, col=5)
+        >>> vitlens.explain(model, images, method="inputxgrad", target=target)
+        >>> vitlens.explain(model, images, method="ig", target=EmbeddingSimilarity(text_or_other_embedding))
     """
 
     def __init__(self, reference: Tensor):
         if not torch.is_tensor(reference) or reference.ndim not in (1, 2) or not reference.is_floating_point():
             raise VitlensError("EmbeddingSimilarity: reference must be a float tensor [D] or [B, D]")
         self.reference = reference.detach()
+
+    @classmethod
+    def of_image(cls, model, image: Tensor, *, normalized: bool = False) -> EmbeddingSimilarity:
+        """The similarity to a reference image's embedding, computed by ``model`` itself.
+
+        Args:
+            model (object): the model that will be explained (anything :func:`vitlens.load_model` accepts).
+            image: one image ``[3, H, W]`` (or ``[1, 3, H, W]``: one reference for every explained image), or
+                ``[B, 3, H, W]`` (one reference per explained image); float in [0, 1] or uint8.
+            normalized: the image is already normalised with the model's mean/std.
+
+        Returns:
+            An :class:`EmbeddingSimilarity` whose reference is the model's output for ``image``.
+
+        Examples:
+            >>> target = EmbeddingSimilarity.of_image(model, images[0])
+            >>> target(model(images))  # 1.0 for the first image
+        """
+        with _reference(model, image, normalized) as (backbone, images):
+            output = backbone(images)
+        return cls(output[0] if len(images) == 1 else output)
+
+    @classmethod
+    def of_patch(cls, model, image: Tensor, row: int, col: int, *, normalized: bool = False) -> EmbeddingSimilarity:
+        """The similarity to one patch of a reference image: its final (normed) patch token.
+
+        For a model without a classifier head the explained images' embeddings (class token or mean of the
+        patch tokens) are compared with that token: which patches make an image look like this part of the
+        reference. On a classifier the reference is the classifier applied to that patch token
+        (``Backbone.token_logits``).
+
+        Args:
+            model (object): the model that will be explained (anything :func:`vitlens.load_model` accepts).
+            image: one reference image ``[3, H, W]`` or ``[1, 3, H, W]``, float in [0, 1] or uint8.
+            row: the patch's row on the model's patch grid (0 = top).
+            col: the patch's column (0 = left).
+            normalized: the image is already normalised with the model's mean/std.
+
+        Returns:
+            An :class:`EmbeddingSimilarity` whose reference is that patch's token ``[D]``.
+
+        Examples:
+            >>> target = EmbeddingSimilarity.of_patch(model, reference_image, row=2, col=7)
+            >>> vitlens.explain(model, images, method="gradcam", target=target)
+        """
+        with _reference(model, image, normalized) as (backbone, images):
+            if len(images) != 1:
+                raise VitlensError(f"EmbeddingSimilarity.of_patch: give one reference image, got {len(images)}")
+            trace = backbone.run(images)
+            gh, gw = trace.grid
+            for name, value, n in (("row", row, gh), ("col", col, gw)):
+                if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < n:
+                    raise VitlensError(
+                        f"EmbeddingSimilarity.of_patch: {name}={value!r} is not on the {gh}x{gw} patch grid"
+                    )
+            token = trace.to_grid(trace.patch_tokens)[:, int(row), int(col)]
+            if not backbone.headless:
+                token = backbone.token_logits(token[:, None])[:, 0]
+        return cls(token[0])
 
     def __call__(self, output: Tensor) -> Tensor:
         ref = self.reference.to(output)
@@ -88,6 +162,20 @@ class EmbeddingSimilarity:
 
     def __repr__(self) -> str:
         return f"EmbeddingSimilarity(dim={self.reference.shape[-1]})"
+
+
+@contextlib.contextmanager
+def _reference(model, image: Tensor, normalized: bool) -> Iterator[tuple]:
+    """The backbone of ``model`` (eval mode, float32, no gradients; restored afterwards) and ``image`` checked
+    as a batch: the setting an explanation runs in, for computing its reference."""
+    from ..models import load_model
+    from .base import check_size, float32_compute, frozen_eval, prepare_images
+
+    backbone = load_model(model)
+    images = prepare_images(image, backbone, normalized)
+    with float32_compute(backbone), frozen_eval(backbone), torch.no_grad():
+        check_size(backbone, tuple(images.shape[-2:]))
+        yield backbone, images
 
 
 class Target:
@@ -190,6 +278,14 @@ class PerImageFunctions:
 
     def subset(self, index: Tensor) -> PerImageFunctions:
         return PerImageFunctions([self.fns[i] for i in index.tolist()])
+
+
+def is_score_function(target: object) -> bool:
+    """Whether ``target`` is a score function (or a list of per-image ones) rather than classes."""
+    if callable(target) and not isinstance(target, type):
+        return True
+    items = target if isinstance(target, list | tuple) else None
+    return bool(items) and all(callable(t) and not isinstance(t, str | type) for t in items)
 
 
 def _is_scalar(v: object) -> bool:

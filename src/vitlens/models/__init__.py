@@ -3,7 +3,9 @@
 Model URIs::
 
     timm:NAME[?pretrained=0&key=value...]      timm.create_model(NAME, **kwargs); pretrained by default
-    hf:NAME_OR_PATH                            transformers AutoModelForImageClassification (ViT, DeiT, Swin, Swin V2)
+    hf:NAME_OR_PATH[?embedding=cls|mean&...]  transformers AutoModelForImageClassification (ViT, DeiT, DINOv2,
+                                               Swin), or AutoModel for a checkpoint without a classifier head
+                                               (output: an embedding)
     torchvision:NAME[?pretrained=0&key=value]  torchvision.models.get_model(NAME, weights=...)
     bcos:NAME[?weights=PATH&pretrained=1&key=value]  vitlens' B-cos ViT; official B-cos-v2 weights load unchanged
     vitlens:NAME                               a model shipped with vitlens (``vitlens models`` lists them)
@@ -24,8 +26,10 @@ from torch import nn
 
 from .._utils import require
 from ..backbones import Backbone, adapt
+from ..backbones.base import check_embedding
 from ..backbones.bcos_vit import load_bcos
-from ..backbones.hf_vit import is_hf_vit
+from ..backbones.hf_dinov2 import HFDinov2, dinov2_preprocessing, is_hf_dinov2
+from ..backbones.hf_vit import HFViT, hf_preprocessing, is_hf_vit
 from ..errors import VitlensError
 from ..options import parse_options
 
@@ -39,6 +43,11 @@ EXPECTED = (
 #: ``hf:`` URI options passed on to ``from_pretrained``; nothing else is (no ``trust_remote_code``: a folder's
 #: own Python code runs only with the environment variable ``VITLENS_TRUST_REMOTE_CODE=1``).
 HF_OPTIONS = ("revision", "subfolder", "local_files_only", "num_labels", "ignore_mismatched_sizes")
+#: ``hf:`` URI options vitlens reads itself: ``embedding`` (``cls`` or ``mean``), the output of a model without
+#: a classifier head.
+HF_OWN_OPTIONS = ("embedding",)
+#: Options of ``from_pretrained`` that also apply to ``AutoConfig`` / ``AutoImageProcessor``.
+HF_HUB_OPTIONS = ("revision", "subfolder", "local_files_only")
 
 
 def trust_remote_code() -> bool:
@@ -99,42 +108,66 @@ def _load_uri(uri: str, options: dict) -> Backbone:
             backbone.spec = {"source": "torchvision", "name": name, "kwargs": kwargs}
         else:
             transformers = require("transformers", extra="hf", what=uri)
-            unknown = sorted(set(kwargs) - set(HF_OPTIONS))
+            unknown = sorted(set(kwargs) - set(HF_OPTIONS) - set(HF_OWN_OPTIONS))
             if unknown:
                 hint = (
                     " (set VITLENS_TRUST_REMOTE_CODE=1 to run a model's own code)"
                     if "trust_remote_code" in unknown
                     else ""
                 )
-                raise VitlensError(
-                    f"option {', '.join(unknown)} not allowed in an hf: URI (allowed: {', '.join(HF_OPTIONS)}){hint}"
-                )
-            remote = {"trust_remote_code": trust_remote_code()}
-            bars = transformers.utils.logging.is_progress_bar_enabled()
-            transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for a local load
-            try:
-                model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs, **remote)
-            finally:
-                if bars:
-                    transformers.utils.logging.enable_progress_bar()
-            if not is_hf_vit(model):
-                adapt(model)  # raises: not a supported Vision Transformer
-            try:
-                processor = transformers.AutoImageProcessor.from_pretrained(name, **remote)
-            except (OSError, ValueError):
-                processor = None
-            from ..backbones.hf_vit import hf_preprocessing
-
-            backbone = adapt(model, hf_preprocessing(model, processor))
-            backbone.spec = {"source": "hf", "name": type(model).__name__, "config": model.config.to_dict()}
+                allowed = ", ".join(HF_OPTIONS + HF_OWN_OPTIONS)
+                raise VitlensError(f"option {', '.join(unknown)} not allowed in an hf: URI (allowed: {allowed}){hint}")
+            backbone = _load_hf(transformers, name, kwargs)
     except VitlensError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, AssertionError, AttributeError, ImportError,
             EOFError, pickle.UnpicklingError) as e:  # download, config, kwargs, a pickle refused  # fmt: skip
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VitlensError(f"could not load {uri}: {first[:200]}") from e
-    if backbone.num_classes < 1:
-        raise VitlensError(f"{uri}: the model has no classifier head (num_classes={backbone.num_classes})")
+    return backbone
+
+
+def _load_hf(transformers, name: str, kwargs: dict) -> Backbone:
+    """An ``hf:`` model through transformers' own Auto classes (no remote code unless the user allowed it).
+
+    The checkpoint's config says which: an ``…ForImageClassification`` architecture (or ``num_labels`` in
+    the URI) loads with ``AutoModelForImageClassification``, anything else with ``AutoModel`` (a model
+    without a classifier head, whose output is an embedding: ``embedding=cls|mean``). Only the classes
+    vitlens adapts are accepted.
+    """
+    chosen = "embedding" in kwargs
+    embedding = check_embedding(kwargs.pop("embedding", "cls"))  # before anything is read
+    remote = {"trust_remote_code": trust_remote_code()}
+    hub = {k: v for k, v in kwargs.items() if k in HF_HUB_OPTIONS}
+    config = transformers.AutoConfig.from_pretrained(name, **hub, **remote)
+    archs = getattr(config, "architectures", None) or []
+    classify = "num_labels" in kwargs or any("ForImageClassification" in a for a in archs)
+    auto = transformers.AutoModelForImageClassification if classify else transformers.AutoModel
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for a local load
+    try:
+        model = auto.from_pretrained(name, **kwargs, **remote)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    own = is_hf_vit(model) or is_hf_dinov2(model)  # the families with an embedding choice
+    if not own:
+        adapt(model)  # raises: not a supported Vision Transformer
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name, **hub, **remote)
+    except (OSError, ValueError):
+        processor = None
+    if is_hf_vit(model):
+        backbone = HFViT(model, hf_preprocessing(model, processor), embedding=embedding)
+    elif is_hf_dinov2(model):
+        backbone = HFDinov2(model, dinov2_preprocessing(model, processor), embedding=embedding)
+    elif chosen:
+        raise VitlensError(f"embedding= applies to ViT, DeiT and DINOv2 models, not {type(model).__name__}")
+    else:  # Swin: its own pooling
+        backbone = adapt(model, hf_preprocessing(model, processor))
+    if chosen and not backbone.headless:
+        raise VitlensError("embedding= applies to models without a classifier head; this one has one")
+    backbone.spec = {"source": "hf", "name": type(model).__name__, "config": model.config.to_dict()}
     return backbone
 
 

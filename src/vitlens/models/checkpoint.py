@@ -68,6 +68,7 @@ MODEL_BOUNDS = {
     "intermediate_size": 131072, "mlp_ratio": 64,
     "img_size": MAX_SIDE, "image_size": MAX_SIDE, "patch_size": MAX_SIDE,
     "num_classes": MAX_CLASSES, "num_labels": MAX_CLASSES, "num_channels": 64, "in_chans": 64,
+    "num_register_tokens": 1024, "reg_tokens": 1024,
 }  # fmt: skip
 #: Hugging Face classes a checkpoint may name (the ones vitlens adapts); nothing else is looked up.
 HF_CLASSES = {
@@ -76,6 +77,8 @@ HF_CLASSES = {
     "DeiTForImageClassificationWithTeacher": "deit",
     "SwinForImageClassification": "swin",
     "Swinv2ForImageClassification": "swinv2",
+    "Dinov2ForImageClassification": "dinov2",
+    "Dinov2WithRegistersForImageClassification": "dinov2_with_registers",
 }
 
 
