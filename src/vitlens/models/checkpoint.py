@@ -408,18 +408,30 @@ def build_module(spec: dict) -> tuple[torch.nn.Module, Preprocessing | None]:
 
 
 def _build(config: dict, path: str | os.PathLike, device: str | None = None) -> torch.nn.Module:
-    """The randomly initialised module ``config`` names (on ``device``), or one line saying why not."""
+    """The randomly initialised module ``config`` names (on ``device``), or one line saying why not.
+
+    On the ``meta`` device (shapes only), a library whose initialisation reads values (older timm calls
+    ``.item()`` while building) is built on the CPU instead.
+    """
     try:
         with torch.device(device) if device else contextlib.nullcontext():
             module, _ = build_module(config["model"])
     except VitlensError:
         raise
-    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError, ImportError,
+    except RuntimeError as e:
+        if device != "meta" or "meta" not in str(e):
+            raise _build_error(config, path, e) from e
+        return _build(config, path)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ImportError,
             NotImplementedError, AssertionError, OverflowError, ZeroDivisionError) as e:  # fmt: skip
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        model = f"{config['model']['source']}:{config['model']['name']}"
-        raise VitlensError(f"{path}: cannot build the model {model} named in {CONFIG} ({first[:200]})") from e
+        raise _build_error(config, path, e) from e
     return module
+
+
+def _build_error(config: dict, path: str | os.PathLike, e: Exception) -> VitlensError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    model = f"{config['model']['source']}:{config['model']['name']}"
+    return VitlensError(f"{path}: cannot build the model {model} named in {CONFIG} ({first[:200]})")
 
 
 def load_training_state(path: str | os.PathLike) -> dict:
