@@ -23,22 +23,27 @@ _LAZY = {
     "TopK": ".explainers",
     "EmbeddingSimilarity": ".explainers",
     "show": ".viz",
+    "TextPrompt": ".backbones.image_text",
+    "zero_shot": ".backbones.image_text",
 }
 
 __all__ = [
     "Backbone",
     "EmbeddingSimilarity",
     "Explanation",
+    "TextPrompt",
     "TopK",
     "VitlensError",
     "__version__",
     "explain",
     "load_model",
     "show",
+    "zero_shot",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
     from .backbones import Backbone
+    from .backbones.image_text import TextPrompt, zero_shot
     from .explainers import EmbeddingSimilarity, Explanation, TopK, explain
     from .models import load_model
     from .viz import show

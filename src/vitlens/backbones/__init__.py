@@ -24,7 +24,10 @@ from .base import (
     upsample,
 )
 from .bcos_vit import BcosViT, is_bcos_vit
+from .hf_clip import HFCLIP, is_hf_clip
+from .hf_siglip import HFSiglip, is_hf_siglip
 from .hf_vit import HFViT, is_hf_vit
+from .open_clip_vit import OpenCLIPViT, is_open_clip
 from .timm_vit import TimmViT, is_timm_vit
 from .torchvision_vit import TorchvisionViT, is_torchvision_vit
 
@@ -47,6 +50,9 @@ ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_hf_vit, HFViT),
     (is_torchvision_vit, TorchvisionViT),
     (is_bcos_vit, BcosViT),
+    (is_open_clip, OpenCLIPViT),
+    (is_hf_clip, HFCLIP),
+    (is_hf_siglip, HFSiglip),
 ]
 
 
@@ -103,5 +109,5 @@ def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=
     raise VitlensError(
         f"{type(model).__name__} is not a supported Vision Transformer "
         "(supported: timm VisionTransformer, transformers ViT/DeiT image classifiers, torchvision ViT, "
-        "vitlens B-cos ViT)"
+        "vitlens B-cos ViT, OpenCLIP ViTs, transformers CLIPModel / SiglipModel)"
     )

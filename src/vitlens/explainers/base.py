@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backbones import Backbone
+from ..backbones.image_text import bind_target
 from ..errors import VitlensError
 from ..models import load_model
 from .explanation import SCALES, Explanation
@@ -195,13 +196,15 @@ class Explainer:
         Args:
             images: ``[B, 3, H, W]`` (or one ``[3, H, W]``) float in [0, 1] or uint8 in 0..255.
             target: what to explain (see :mod:`vitlens.explainers.targets`): ``None`` (the predicted class),
-                a class index or name, one per image, a list per image, :class:`TopK`, or a score function.
+                a class index or name, one per image, a list per image, :class:`TopK`, a score function, or for
+                an image–text model without classes a :class:`~vitlens.TextPrompt` (or a prompt string).
             normalized: the images are already normalised with the model's mean/std.
 
         Returns:
             An :class:`Explanation` (maps ``[B, gh, gw]``, or ``[B, K, gh, gw]`` for ``K`` targets per image).
         """
         images = prepare_images(images, self.backbone, normalized)
+        target = bind_target(target, self.backbone)  # text prompts of image–text models
         plan = parse_target(target, len(images), self.backbone.classes)
         with float32_compute(self.backbone), frozen_eval(self.backbone):
             check_size(self.backbone, tuple(images.shape[-2:]))
