@@ -27,6 +27,8 @@ REFUSES = {
     ("attention", "timm-vit-avg-pool"): "class token",
     ("attention", "vitlens-bcos-vit"): "class token",
     ("chefer", "vitlens-bcos-vit"): "lrp rules",
+    ("attention", "hf-siglip"): "class token",  # SigLIP pools with attention (MAP): no class token
+    ("chefer", "hf-siglip"): "lrp rules",  # no relevance rules for the attention-pooling head
 }
 
 #: pairs whose map is legitimately all zero on the zoo's random model: Grad-CAM's ReLU removes a layer whose
