@@ -128,7 +128,7 @@ def char_tokenizer(texts: list[str], length: int = 16) -> torch.Tensor:
 def tiny_open_clip(**vision) -> nn.Module:
     import open_clip
 
-    vision_cfg = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=2, **vision)
+    vision_cfg = {**dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=2), **vision}
     text_cfg = dict(context_length=16, width=32, heads=4, layers=2)  # OpenCLIP's own BPE vocabulary
     return open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg)
 

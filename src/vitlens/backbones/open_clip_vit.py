@@ -231,3 +231,47 @@ class OpenCLIPViT(ImageTextBackbone):
         finally:
             for mha in patched:
                 del mha.forward
+
+
+#: ``open_clip`` model classes a checkpoint may name, built from the model config it records
+BUILDERS = ("CLIP", "CustomTextCLIP")
+
+
+def open_clip_spec(model: nn.Module, config: dict) -> dict | None:
+    """How a checkpoint rebuilds ``model`` (its class and OpenCLIP model config); ``None`` for towers that
+    :func:`build_open_clip` would refuse."""
+    spec = {"source": "open_clip", "name": type(model).__name__, "config": config}
+    try:
+        check_open_clip_spec(spec, "model")
+    except VitlensError:
+        return None
+    return spec
+
+
+def check_open_clip_spec(spec: dict, where: str) -> None:
+    """A checkpoint's OpenCLIP spec: an allowed class, a config with no tower that loads other weights."""
+    config = spec.get("config")
+    if spec.get("name") not in BUILDERS or not isinstance(config, dict):
+        raise VitlensError(f"{where}: an OpenCLIP model needs 'model.name' in {', '.join(BUILDERS)} and a 'model.config'")
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    if not isinstance(vision, dict) or not isinstance(text, dict):
+        raise VitlensError(f"{where}: 'model.config.vision_cfg' and 'text_cfg' must be objects")
+    named = [k for k in ("timm_model_name",) if vision.get(k)] + [k for k in ("hf_model_name",) if text.get(k)]
+    if named:
+        raise VitlensError(f"{where}: OpenCLIP towers built from {named[0]} are not supported in a checkpoint")
+
+
+def build_open_clip(spec: dict) -> nn.Module:
+    """A randomly initialised OpenCLIP model from a checkpoint's spec (class and model config)."""
+    import inspect
+
+    import open_clip
+
+    check_open_clip_spec(spec, "checkpoint")
+    cls = getattr(open_clip, spec["name"])  # one of BUILDERS
+    config = {k: v for k, v in spec["config"].items() if k != "custom_text"}
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "cast_dtype"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise VitlensError(f"checkpoint: unknown OpenCLIP model setting {unknown[0]!r}")
+    return cls(**config)
