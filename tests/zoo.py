@@ -110,18 +110,18 @@ def _bcos_vit():
 PROMPT_CLASSES = ["cat", "dog", "car", "tree", "boat"]
 
 _HF_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=0)  # fmt: skip
 _HF_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4)  # fmt: skip
 
 
 def char_tokenizer(texts: list[str], length: int = 16) -> torch.Tensor:
     """A tokenizer built offline for the tiny Hugging Face text towers: one id per character, then the end
-    token (id 2), zero padding to ``length``."""
+    token (id 1, where CLIP pools), zero padding to ``length``."""
     ids = torch.zeros(len(texts), length, dtype=torch.long)
     for i, text in enumerate(texts):
         chars = [3 + ord(c) % 120 for c in text][: length - 1]
-        ids[i, : len(chars) + 1] = torch.tensor([*chars, 2])
+        ids[i, : len(chars) + 1] = torch.tensor([*chars, 1])
     return ids
 
 

@@ -72,7 +72,7 @@ def tokenize(tokenizer: Tokenizer, texts: list[str], hf_options: dict | None = N
     if torch.is_tensor(out):
         out = {"input_ids": out}
     if not isinstance(out, Mapping) or not torch.is_tensor(out.get("input_ids")):
-        raise VitlensError(f"the tokenizer returned a {type(out).__name__}; expected token ids or a dict with input_ids")
+        raise VitlensError(f"the tokenizer returned a {type(out).__name__}; expected token ids or a dict of them")
     ids = out["input_ids"]
     if ids.ndim != 2 or ids.shape[0] != len(texts) or ids.is_floating_point():
         raise VitlensError(f"the tokenizer gave token ids of shape {tuple(ids.shape)} for {len(texts)} texts")
@@ -224,7 +224,9 @@ class ImageTextBackbone(Backbone):
                 emb = self.encode_text(inputs)
             except (IndexError, RuntimeError) as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise VitlensError(f"the text tower cannot read these token ids (wrong tokenizer?): {first[:160]}")
+                raise VitlensError(
+                    f"the text tower cannot read these token ids (wrong tokenizer?): {first[:160]}"
+                ) from e
         return F.normalize(emb.float(), dim=-1)
 
     def with_classes(self, classes: Sequence[str], class_embeddings: Tensor) -> ImageTextBackbone:

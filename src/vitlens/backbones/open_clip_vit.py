@@ -252,7 +252,7 @@ def check_open_clip_spec(spec: dict, where: str) -> None:
     """A checkpoint's OpenCLIP spec: an allowed class, a config with no tower that loads other weights."""
     config = spec.get("config")
     if spec.get("name") not in BUILDERS or not isinstance(config, dict):
-        raise VitlensError(f"{where}: an OpenCLIP model needs 'model.name' in {', '.join(BUILDERS)} and a 'model.config'")
+        raise VitlensError(f"{where}: an OpenCLIP model needs 'model.name' in {', '.join(BUILDERS)} and 'model.config'")
     vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
     if not isinstance(vision, dict) or not isinstance(text, dict):
         raise VitlensError(f"{where}: 'model.config.vision_cfg' and 'text_cfg' must be objects")

@@ -168,7 +168,7 @@ def _load_open_clip(uri: str, name: str, kwargs: dict) -> Backbone:
         if pretrained and not tag:
             tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
             tags = ", ".join(tags[:6]) + (", …" if len(tags) > 6 else "") if tags else "none"
-            raise VitlensError(f"{uri}: name the pretrained weights, {model_name}/TAG (tags: {tags}), or add ?pretrained=0")
+            raise VitlensError(f"{uri}: name the pretrained weights, {model_name}/TAG (tags: {tags}) or ?pretrained=0")
         if pretrained and (model_name, tag) not in set(open_clip.list_pretrained()):
             raise VitlensError(f"unknown OpenCLIP pretrained tag {tag!r} for {model_name}")
     load = pretrained or tag is None  # hf-hub: and local folders hold their weights
