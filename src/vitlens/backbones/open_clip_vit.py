@@ -88,7 +88,7 @@ class OpenCLIPViT(ImageTextBackbone):
         if not all(type(b) is ResidualAttentionBlock for b in visual.transformer.resblocks):
             raise VitlensError("OpenCLIP vision towers with custom blocks (block_type='custom') are not supported")
         if not getattr(visual.transformer, "batch_first", False):
-            raise VitlensError("OpenCLIP transformers built sequence-first are not supported (open-clip-torch >= 2.24)")
+            raise VitlensError("OpenCLIP transformers built sequence-first are not supported (upgrade open-clip-torch)")
         super().__init__(
             model,
             preprocessing or open_clip_preprocessing(model),
