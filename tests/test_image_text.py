@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import vitlens
+from conftest import run_cli
 from vitlens.backbones import adapt
 from vitlens.backbones.image_text import CLIP_TEMPLATES
 from vitlens.errors import VitlensError
+from vitlens.explainers import EXPLAINERS
 from vitlens.models.checkpoint import load_checkpoint, save_checkpoint
 from zoo import char_tokenizer, tiny_hf_clip, tiny_hf_siglip, tiny_open_clip
 
@@ -210,8 +212,6 @@ def test_unsupported_open_clip_towers_refuse_in_one_line():
 def test_train_with_classes_from_prompts(tmp_path, task, capsys):
     """``vitlens train pm|diffmask --classes-from-prompts``: the zero-shot head over the data's class names is the
     classifier; the checkpoint loads back as the zero-shot model with those classes."""
-    from conftest import run_cli
-
     folder, _ = _open_clip_dir(tmp_path, size=64)  # fashion-canvas images are 64 px
 
     def train(model: str, out) -> tuple[int, str]:
@@ -231,3 +231,34 @@ def test_train_with_classes_from_prompts(tmp_path, task, capsys):
     assert maps.shape == (1, 8, 8) and torch.isfinite(maps).all()
     code, err = train("timm:vit_tiny_patch16_224?pretrained=0&img_size=64", tmp_path / "timm")
     assert code == 2 and "needs an image–text model" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", sorted(EXPLAINERS))
+def test_every_method_explains_a_text_prompt_or_says_why(method):
+    """Methods that take a score function explain the prompt's similarity (a map that depends on the prompt);
+    the others refuse in one line (their map ignores the target, or they explain classes only)."""
+    from test_families import explainer_for
+
+    x = _images(1)
+    try:
+        explainer = explainer_for(method, _open_clip_model())  # DiffMask with fresh gates, sampling ones quick
+        cat = explainer(x, vitlens.TextPrompt("a photo of a cat"))
+    except VitlensError as e:
+        assert "\n" not in str(e) and ("score function" in str(e) or "b-cos" in str(e).lower()), str(e)
+        assert method in ("attention", "rollout", "flow", "pm", "diffmask", "bcos"), f"{method} refused: {e}"
+        return
+    dog = explainer(x, vitlens.TextPrompt("a photo of a dog"))
+    assert cat.maps.shape == (1, 4, 4) and torch.isfinite(cat.maps).all() and not cat.degenerate.any()
+    assert not torch.allclose(cat.maps, dog.maps), method
+
+
+def test_cli_explain_takes_a_prompt_as_target(tmp_path, capsys):
+    from PIL import Image
+
+    folder, _ = _open_clip_dir(tmp_path)
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp_path / "a.png")
+    code, out, err = run_cli(["explain", str(tmp_path / "a.png"), "--model", f"open_clip:{folder}", "--method",
+                              "gradcam", "--target", "a photo of a cat", "--out", str(tmp_path / "o"), "--json"],
+                             capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)[0]["target_class"] == "a photo of a cat"

@@ -318,7 +318,8 @@ def explain(
         images: ``[B, 3, H, W]`` float in [0, 1] or uint8 in 0..255; one ``[3, H, W]`` image is a batch of one.
         method: a registered method (``vitlens methods`` lists them with their options).
         target: ``None`` (the predicted class), a class index or name, one per image, a list per image,
-            ``vitlens.TopK(k)``, or a score function of the model's output ``[B, C] → [B]``.
+            ``vitlens.TopK(k)``, a score function of the model's output ``[B, C] → [B]``, or for an image–text
+            model without classes a ``vitlens.TextPrompt`` (or a prompt string).
         normalized: the images are already normalised with the model's mean/std.
         **options (object): the method's options (``steps=64`` for ``ig``, …).
 

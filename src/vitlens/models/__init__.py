@@ -116,7 +116,7 @@ def _load_uri(uri: str, options: dict) -> Backbone:
                     f"option {', '.join(unknown)} not allowed in an hf: URI (allowed: {', '.join(HF_OPTIONS)}){hint}"
                 )
             remote = {"trust_remote_code": trust_remote_code()}
-            image_text = _load_hf_image_text(transformers, name, kwargs)
+            image_text = _load_hf_image_text(transformers, name, kwargs, remote)
             if image_text is not None:
                 return image_text
             bars = transformers.utils.logging.is_progress_bar_enabled()
@@ -180,18 +180,18 @@ def _load_open_clip(uri: str, name: str, kwargs: dict) -> Backbone:
     return backbone
 
 
-def _load_hf_image_text(transformers, name: str, kwargs: dict) -> Backbone | None:
+def _load_hf_image_text(transformers, name: str, kwargs: dict, remote: dict) -> Backbone | None:
     """``hf:`` URIs of CLIP and SigLIP models, with their image processor and tokenizer; ``None`` for others."""
     from ..backbones.hf_clip import HFCLIP
     from ..backbones.hf_siglip import HFSiglip
 
     options = {k: v for k, v in kwargs.items() if k in ("revision", "subfolder", "local_files_only")}
-    config = transformers.AutoConfig.from_pretrained(name, **options)  # never a model's own code
+    config = transformers.AutoConfig.from_pretrained(name, **options, **remote)
     classes = {"clip": (transformers.CLIPModel, HFCLIP), "siglip": (transformers.SiglipModel, HFSiglip)}
     if getattr(config, "model_type", None) not in classes:
         return None
     model_class, adapter = classes[config.model_type]
-    model = model_class.from_pretrained(name, **options)
+    model = model_class.from_pretrained(name, **options)  # transformers' own classes: never a model's own code
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(name, **options)
     except (OSError, ValueError):
