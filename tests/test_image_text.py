@@ -171,6 +171,8 @@ def test_open_clip_uri_local_folder_and_zero_shot_checkpoint_round_trip(tmp_path
     x = _images()
     with torch.no_grad():
         assert torch.allclose(backbone(x), model.encode_image((x - 0.5) / 0.25), atol=1e-6)
+    with torch.no_grad():  # ?pretrained=0: the folder's architecture, random weights
+        assert not torch.allclose(vitlens.load_model(f"open_clip:{folder}?pretrained=0")(x), backbone(x))
     zs = vitlens.zero_shot(f"open_clip:{folder}", CLASSES)
     save_checkpoint(tmp_path / "ck", zs)
     loaded = load_checkpoint(tmp_path / "ck")

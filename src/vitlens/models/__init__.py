@@ -116,12 +116,12 @@ def _load_uri(uri: str, options: dict) -> Backbone:
                     f"option {', '.join(unknown)} not allowed in an hf: URI (allowed: {', '.join(HF_OPTIONS)}){hint}"
                 )
             remote = {"trust_remote_code": trust_remote_code()}
-            image_text = _load_hf_image_text(transformers, name, kwargs, remote)
-            if image_text is not None:
-                return image_text
             bars = transformers.utils.logging.is_progress_bar_enabled()
             transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for a local load
             try:
+                image_text = _load_hf_image_text(transformers, name, kwargs, remote)
+                if image_text is not None:
+                    return image_text
                 model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs, **remote)
             finally:
                 if bars:
@@ -171,9 +171,8 @@ def _load_open_clip(uri: str, name: str, kwargs: dict) -> Backbone:
             raise VitlensError(f"{uri}: name the pretrained weights, {model_name}/TAG (tags: {tags}) or ?pretrained=0")
         if pretrained and (model_name, tag) not in set(open_clip.list_pretrained()):
             raise VitlensError(f"unknown OpenCLIP pretrained tag {tag!r} for {model_name}")
-    load = pretrained or tag is None  # hf-hub: and local folders hold their weights
     model = open_clip.create_model(model_name, pretrained=tag if pretrained else None, pretrained_hf=False,
-                                   pretrained_image=False, load_weights=load, weights_only=True)  # fmt: skip
+                                   pretrained_image=False, load_weights=pretrained, weights_only=True)  # fmt: skip
     model.eval()
     backbone = OpenCLIPViT(model, tokenizer=open_clip.get_tokenizer(model_name))
     backbone.spec = open_clip_spec(model, open_clip.get_model_config(model_name))
