@@ -83,7 +83,7 @@ def _open_clip_similarity(model, prompt: str):
     return lambda pixels: F.cosine_similarity(model.encode_image(pixels), text[None], dim=-1)
 
 
-def _hf_clip_similarity(model, prompt: str):
+def _hf_clip_similarity(model, prompt: str):  # CLIPModel and SiglipModel alike
     with torch.no_grad():
         text = F.normalize(model.get_text_features(input_ids=char_tokenizer([prompt])).pooler_output, dim=-1)[0]
     return lambda pixels: F.cosine_similarity(
@@ -91,14 +91,15 @@ def _hf_clip_similarity(model, prompt: str):
     )
 
 
-@pytest.mark.parametrize("family", ["open_clip", "hf_clip"])
+@pytest.mark.parametrize("family", ["open_clip", "hf_clip", "hf_siglip"])
 def test_prompt_explanations_differ_and_each_is_the_gradient_of_its_similarity(family):
     """inputxgrad of TextPrompt(p) is x · ∂cos(image, text p)/∂x summed per patch, computed here with the
     library's own encoders; "a photo of a cat" and "a photo of a dog" give different maps."""
     if family == "open_clip":
         model, tokenizer, similarity = _open_clip_model(), None, _open_clip_similarity
     else:
-        model, tokenizer, similarity = _hf(tiny_hf_clip), char_tokenizer, _hf_clip_similarity
+        build = tiny_hf_clip if family == "hf_clip" else tiny_hf_siglip
+        model, tokenizer, similarity = _hf(build), char_tokenizer, _hf_clip_similarity
     backbone = adapt(model)
     x = _images()
     maps = {}
@@ -198,11 +199,28 @@ def test_hf_clip_checkpoint_round_trip(tmp_path):
     ("open_clip:no-such-model/x", "unknown OpenCLIP model"),
     ("open_clip:ViT-B-32/no-such-tag", "unknown OpenCLIP pretrained tag"),
     ("open_clip:ViT-B-32/openai?foo=1", "not allowed"),
+    ("open_clip:ViT-B-32/openai?pretrained=maybe", "pretrained"),
 ])  # fmt: skip
 def test_open_clip_uri_errors_are_one_line(uri, message):
     with pytest.raises(VitlensError, match=message) as e:
         vitlens.load_model(uri)
     assert "\n" not in str(e.value)
+
+
+def test_custom_text_clip_and_layer_scale():
+    """OpenCLIP's CustomTextCLIP is adapted like CLIP; layer scale folds into Chefer's rules, which check that
+    they reproduce the model block by block (and refuse otherwise)."""
+    torch.manual_seed(0)
+    vision = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=2, ls_init_value=0.5)
+    model = open_clip.CustomTextCLIP(16, vision, dict(context_length=16, width=32, heads=4, layers=2)).eval()
+    x = _images()
+    with torch.no_grad():
+        assert torch.allclose(adapt(model)(x), model.encode_image(adapt(model).normalize(x)), atol=1e-6)
+    with pytest.raises(VitlensError, match="no tokenizer"):  # its tokenizer is not known from the module
+        vitlens.zero_shot(model, CLASSES)
+    zs = vitlens.zero_shot(model, CLASSES, tokenizer=lambda texts: open_clip.tokenize(texts, context_length=16))
+    e = vitlens.explain(zs, x, method="chefer")
+    assert e.maps.shape == (2, 4, 4) and not e.degenerate.any()
 
 
 def test_unsupported_open_clip_towers_refuse_in_one_line():

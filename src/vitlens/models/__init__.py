@@ -190,6 +190,9 @@ def _load_hf_image_text(transformers, name: str, kwargs: dict, remote: dict) -> 
     if getattr(config, "model_type", None) not in classes:
         return None
     model_class, adapter = classes[config.model_type]
+    ignored = sorted(set(kwargs) - set(options))
+    if ignored:
+        raise VitlensError(f"option {', '.join(ignored)} does not apply to {config.model_type} image–text models")
     model = model_class.from_pretrained(name, **options)  # transformers' own classes: never a model's own code
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(name, **options)
