@@ -200,8 +200,8 @@ def _load_hf_image_text(transformers, name: str, kwargs: dict, remote: dict) -> 
         processor = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, **options)
-    except (OSError, ValueError, ImportError):  # no tokenizer files, or sentencepiece missing (SigLIP)
-        tokenizer = None
+    except Exception:  # noqa: BLE001 - optional: no tokenizer files, sentencepiece missing (SigLIP), …
+        tokenizer = None  # zero_shot and TextPrompt then ask for tokenizer= in one line
     if tokenizer is not None and len(tokenizer) <= len(tokenizer.all_special_tokens):
         tokenizer = None  # built from no vocabulary file: special tokens only
     backbone = adapter(model.eval(), tokenizer=tokenizer, image_processor=processor)
