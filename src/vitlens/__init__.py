@@ -23,8 +23,8 @@ _LAZY = {
     "TopK": ".explainers",
     "EmbeddingSimilarity": ".explainers",
     "show": ".viz",
-    "TextPrompt": ".backbones.image_text",
-    "zero_shot": ".backbones.image_text",
+    "TextPrompt": ".explainers.prompts",
+    "zero_shot": ".models.image_text",
 }
 
 __all__ = [
@@ -43,9 +43,10 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
     from .backbones import Backbone
-    from .backbones.image_text import TextPrompt, zero_shot
     from .explainers import EmbeddingSimilarity, Explanation, TopK, explain
+    from .explainers.prompts import TextPrompt
     from .models import load_model
+    from .models.image_text import zero_shot
     from .viz import show
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from .backbones import Backbone, upsample
-from .backbones.image_text import bind_target
 from .data.images import IMAGE_SUFFIXES, is_image_file, read_image, resize
 from .errors import VitlensError
 from .explainers import TopK, get_explainer, parse_target
 from .explainers.bcos import colour_picture
+from .explainers.prompts import bind_target
 from .io import atomic_save_npy, atomic_write_text, check_output_dir
 from .models import load_model
 from .viz import save_png

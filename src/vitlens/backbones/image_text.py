@@ -2,9 +2,9 @@
 
 An image–text backbone explains the model's vision tower. Its output depends on whether classes are set:
 
-- without classes (``vitlens.adapt(clip_model)``): the image embedding ``[B, E]``, exactly the model's own
-  ``encode_image`` / ``get_image_features``; explain it for a :class:`TextPrompt` (or any score function);
-- with classes (:func:`zero_shot`): the model's own zero-shot logits ``[B, C]``,
+- without classes (``vitlens.load_model(clip_model)``): the image embedding ``[B, E]``, exactly the model's own
+  ``encode_image`` / ``get_image_features``; explain it for a :class:`vitlens.TextPrompt` (or any score function);
+- with classes (:func:`vitlens.zero_shot`): the model's own zero-shot logits ``[B, C]``,
   ``logit_scale · cos(image embedding, class embedding)`` (``+ logit_bias`` for SigLIP), where each class
   embedding is the normalised mean of the class name's prompt embeddings over the authors' templates. Every
   class-based method (PM and DiffMask training included) then works as on a classifier.
@@ -91,7 +91,7 @@ class ImageTextBackbone(Backbone):
         tokenizer: turns prompts into the text tower's token ids (see :func:`tokenize`); ``None`` when unknown.
     """
 
-    #: the prompt templates of the model's authors (see :func:`zero_shot`)
+    #: the prompt templates of the model's authors (see :func:`vitlens.zero_shot`)
     templates: tuple[str, ...] = CLIP_TEMPLATES
     #: keyword arguments for a Hugging Face tokenizer
     tokenizer_options: dict = {"padding": True, "truncation": True}
@@ -241,145 +241,3 @@ class ImageTextBackbone(Backbone):
         if not self.has_classes:
             return {}, {}
         return {"class_embeddings": self.class_embeddings}, {"zero_shot": {"embed_dim": self.embed_dim}}
-
-    def check_target(self, target: object) -> object:
-        """A model without classes explains prompts: a plain string becomes a :class:`TextPrompt`; class
-        targets are refused in one line."""
-        if self.has_classes:
-            return target
-        if isinstance(target, str):
-            return TextPrompt(target).bind(self)
-        if callable(target) or (isinstance(target, list | tuple) and target and all(map(callable, target))):
-            return target
-        raise VitlensError(
-            "this image–text model has no classes: give a text prompt as the target (vitlens.TextPrompt(...)) "
-            "or give it classes with vitlens.zero_shot(model, class_names)"
-        )
-
-
-class TextPrompt:
-    """A target for image–text models: the cosine similarity of the image and text embeddings.
-
-    The score of an image is ``cos(image embedding, text embedding)``: the model's own logit for the prompt
-    divided by its logit scale (less SigLIP's logit bias), so its gradient is the logit's up to that constant.
-    Every method that takes a score function explains it (gradients, Grad-CAM, GAE, Chefer, IG,
-    SmoothGrad, RISE, occlusion); class-agnostic methods do not depend on a target. It needs the model's
-    image-embedding output (``vitlens.adapt(model)`` or a URI), not a :func:`zero_shot` model, whose
-    targets are its class names.
-
-    Args:
-        text: a prompt, several prompts (their normalised embeddings averaged: a prompt ensemble) or a text
-            embedding ``[E]`` (one for every image) or ``[B, E]`` (one per image).
-        tokenizer: tokenizes the prompts (default: the model's own; see
-            :meth:`ImageTextBackbone.text_embeddings`).
-
-    Examples:
-        >>> clip = vitlens.load_model("open_clip:ViT-B-32/laion2b_s34b_b79k")
-        >>> cat = vitlens.explain(clip, images, method="gradients", target=vitlens.TextPrompt("a photo of a cat"))
-        >>> dog = vitlens.explain(clip, images, method="gae", target=vitlens.TextPrompt(["a dog", "a puppy"]))
-    """
-
-    def __init__(self, text: str | Sequence[str] | Tensor, tokenizer: Tokenizer | None = None):
-        if torch.is_tensor(text):
-            if text.ndim not in (1, 2) or not text.is_floating_point():
-                raise VitlensError("TextPrompt: a text embedding must be a float tensor [E] or [B, E]")
-            self.embedding, self.texts = text.detach(), None
-        else:
-            texts = [text] if isinstance(text, str) else list(text)
-            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise VitlensError("TextPrompt: give a non-empty prompt, a list of them or a text embedding")
-            self.embedding, self.texts = None, texts
-        self.tokenizer = tokenizer
-
-    @property
-    def name(self) -> str:
-        if self.texts is None:
-            return "text embedding"
-        return self.texts[0] if len(self.texts) == 1 else " | ".join(self.texts)
-
-    def bind(self, backbone: Backbone):
-        """The score function of this prompt on ``backbone``'s image embeddings (an ``EmbeddingSimilarity``)."""
-        from ..explainers.targets import EmbeddingSimilarity
-
-        if not isinstance(backbone, ImageTextBackbone):
-            raise VitlensError(f"TextPrompt needs an image–text model (CLIP, OpenCLIP, SigLIP), not {backbone.family}")
-        if backbone.has_classes:
-            raise VitlensError(
-                "TextPrompt explains the image embedding; this model gives zero-shot logits: give one of its "
-                "class names as the target, or explain the model without vitlens.zero_shot"
-            )
-        if self.embedding is not None:
-            if self.embedding.shape[-1] != backbone.embed_dim:
-                raise VitlensError(
-                    f"TextPrompt: the text embedding has {self.embedding.shape[-1]} dimensions, the model's "
-                    f"{backbone.embed_dim}"
-                )
-            reference = self.embedding
-        else:
-            reference = F.normalize(backbone.text_embeddings(self.texts, self.tokenizer).mean(0), dim=-1)
-        fn = EmbeddingSimilarity(reference)
-        fn.__name__ = self.name
-        return fn
-
-    def __repr__(self) -> str:
-        return f"TextPrompt({self.name!r})"
-
-
-def bind_target(target: object, backbone: Backbone) -> object:
-    """``target`` as the explainers read it on ``backbone``: text prompts bound to the model (also inside a
-    list), then the model's own check (:meth:`ImageTextBackbone.check_target`)."""
-    if isinstance(target, TextPrompt):
-        target = target.bind(backbone)
-    elif isinstance(target, list | tuple) and any(isinstance(t, TextPrompt) for t in target):
-        target = [t.bind(backbone) if isinstance(t, TextPrompt) else t for t in target]
-    check = getattr(backbone, "check_target", None)
-    return check(target) if check is not None else target
-
-
-def zero_shot(
-    model,
-    class_names: Sequence[str],
-    templates: Sequence[str] | None = None,
-    tokenizer: Tokenizer | None = None,
-) -> ImageTextBackbone:
-    """An image–text model as a zero-shot classifier over ``class_names``: logits are the model's own
-    ``logit_scale · cos(image, class)`` (``+ logit_bias`` for SigLIP).
-
-    Each class embedding is the normalised mean of the normalised text embeddings of the class name in
-    every template (CLIP's prompt ensembling). Class targets, :class:`~vitlens.TopK`, PM and DiffMask then
-    work as on a classifier; the returned backbone shares the model's modules and weights.
-
-    Args:
-        model (object): an OpenCLIP ``CLIP`` model, a Hugging Face ``CLIPModel`` / ``SiglipModel``, their
-            backbone, or a URI (``open_clip:NAME/TAG``, ``hf:openai/clip-vit-base-patch32``).
-        class_names: the classes, in the order of the logits.
-        templates: prompt templates with one ``{}`` for the class name (default: the model's authors' —
-            CLIP's seven ImageNet templates, SigLIP's ``"a photo of a {}."``).
-        tokenizer: tokenizes the prompts (default: the model's own: OpenCLIP's, or the Hugging Face tokenizer
-            loaded with an ``hf:`` URI); a Hugging Face tokenizer or processor, or a function of a list of texts.
-
-    Returns:
-        An :class:`ImageTextBackbone` whose ``classes`` are ``class_names``.
-
-    Examples:
-        >>> clip = vitlens.zero_shot("open_clip:ViT-B-32/laion2b_s34b_b79k", ["cat", "dog", "car"])
-        >>> clip(images).argmax(1)                                    # zero-shot predictions
-        >>> e = vitlens.explain(clip, images, method="gae", target="dog")
-        >>> hf = vitlens.zero_shot(hf_clip_model, ["cat", "dog"], tokenizer=hf_tokenizer)
-    """
-    from ..models import load_model
-
-    backbone = load_model(model)
-    if not isinstance(backbone, ImageTextBackbone):
-        raise VitlensError(f"zero_shot needs an image–text model (CLIP, OpenCLIP, SigLIP), not {backbone.family}")
-    names = list(class_names) if not isinstance(class_names, str) else None
-    if not names or not all(isinstance(c, str) and c.strip() for c in names):
-        raise VitlensError("zero_shot: class_names must be a non-empty list of non-empty strings")
-    if len(set(names)) != len(names):
-        raise VitlensError("zero_shot: class names must be unique")
-    templates = list(templates) if templates is not None else list(backbone.templates)
-    if isinstance(templates, str) or not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
-        raise VitlensError("zero_shot: templates must be a non-empty list of strings with one '{}' for the class")
-    texts = [t.format(c) for c in names for t in templates]
-    emb = backbone.text_embeddings(texts, tokenizer).view(len(names), len(templates), -1)
-    return backbone.with_classes(names, F.normalize(emb.mean(1), dim=-1))

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from ..backbones import Backbone
-from ..backbones.image_text import bind_target
 from ..errors import VitlensError
 from ..models import load_model
 from .explanation import SCALES, Explanation
+from .prompts import bind_target
 from .targets import Target, TopK, class_index, parse_target  # noqa: F401  (re-exported)
 
 EXPLAINERS: dict[str, type[Explainer]] = {}

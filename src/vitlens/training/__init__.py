@@ -169,7 +169,8 @@ def prompt_classes(backbone: Backbone, dataset) -> Backbone:
     """An image–text model as a classifier of ``dataset``: :func:`vitlens.zero_shot` over its class names with
     the model's prompt templates. The class embeddings become the classifier's weights (trained with the rest).
     """
-    from ..backbones.image_text import ImageTextBackbone, zero_shot
+    from ..backbones.image_text import ImageTextBackbone
+    from ..models.image_text import zero_shot
 
     if not isinstance(backbone, ImageTextBackbone):
         raise VitlensError(f"--classes-from-prompts needs an image–text model (CLIP, SigLIP), not {backbone.family}")
