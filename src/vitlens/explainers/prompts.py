@@ -24,10 +24,10 @@ class TextPrompt:
 
     The score of an image is ``cos(image embedding, text embedding)``: the model's own logit for the prompt
     divided by its logit scale (less SigLIP's logit bias), so its gradient is the logit's up to that constant.
-    Every method that takes a score function explains it (gradients, Grad-CAM, GAE, Chefer, IG,
-    SmoothGrad, RISE, occlusion); class-agnostic methods do not depend on a target. It needs the model's
-    image-embedding output (the model itself or its URI), not a :func:`vitlens.zero_shot` model, whose
-    targets are its class names.
+    Every method that takes a score function explains it (Input×Gradient, Grad-CAM, GAE, Chefer, IG,
+    SmoothGrad, RISE, occlusion); the others refuse in one line (class-agnostic maps, or classes only: PM).
+    It needs the model's image-embedding output (the model itself or its URI), not a
+    :func:`vitlens.zero_shot` model, whose targets are its class names.
 
     Args:
         text: a prompt, several prompts (their normalised embeddings averaged: a prompt ensemble) or a text
@@ -37,7 +37,7 @@ class TextPrompt:
 
     Examples:
         >>> clip = vitlens.load_model("open_clip:ViT-B-32/laion2b_s34b_b79k")
-        >>> cat = vitlens.explain(clip, images, method="gradients", target=vitlens.TextPrompt("a photo of a cat"))
+        >>> cat = vitlens.explain(clip, images, method="gradcam", target=vitlens.TextPrompt("a photo of a cat"))
         >>> dog = vitlens.explain(clip, images, method="gae", target=vitlens.TextPrompt(["a dog", "a puppy"]))
     """
 
