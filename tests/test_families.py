@@ -33,6 +33,9 @@ REFUSES = {
         for method in ("attention", "rollout", "flow", "gae", "chefer", "attnlrp", "diffmask")
         for name in ("timm-swin", "timm-swinv2", "hf-swin", "hf-swinv2")
     },
+    ("attention", "hf-siglip"): "class token",  # SigLIP pools with attention (MAP): no class token
+    ("chefer", "hf-siglip"): "lrp rules",  # no relevance rules for the attention-pooling head
+    ("attnlrp", "hf-siglip"): "lrp rules",
 }
 
 #: pairs whose map is legitimately all zero on the zoo's random model: Grad-CAM's ReLU removes a layer whose

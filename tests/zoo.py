@@ -267,3 +267,70 @@ def _hf_swinv2():
     from transformers import Swinv2Config, Swinv2ForImageClassification
 
     return Swinv2ForImageClassification(_hf_swin_config(Swinv2Config))
+
+
+#: class names of the zero-shot image–text entries (prompts built with the model's own templates)
+PROMPT_CLASSES = ["cat", "dog", "car", "tree", "boat"]
+
+_HF_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=0)  # fmt: skip
+_HF_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)  # fmt: skip
+
+
+def char_tokenizer(texts: list[str], length: int = 16) -> torch.Tensor:
+    """A tokenizer built offline for the tiny Hugging Face text towers: one id per character, then the end
+    token (id 1, where CLIP pools), zero padding to ``length``."""
+    ids = torch.zeros(len(texts), length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        chars = [3 + ord(c) % 120 for c in text][: length - 1]
+        ids[i, : len(chars) + 1] = torch.tensor([*chars, 1])
+    return ids
+
+
+def tiny_open_clip(**vision) -> nn.Module:
+    import open_clip
+
+    vision_cfg = {**dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=2), **vision}
+    text_cfg = dict(context_length=16, width=32, heads=4, layers=2)  # OpenCLIP's own BPE vocabulary
+    return open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg)
+
+
+def tiny_hf_clip() -> nn.Module:
+    from transformers import CLIPConfig, CLIPModel
+
+    return CLIPModel(CLIPConfig(text_config=_HF_TEXT, vision_config=_HF_VISION, projection_dim=16))
+
+
+def tiny_hf_siglip() -> nn.Module:
+    from transformers import SiglipConfig, SiglipModel
+
+    return SiglipModel(SiglipConfig(text_config=_HF_TEXT, vision_config=_HF_VISION))
+
+
+@entry("open-clip-vit")
+def _open_clip():
+    from vitlens import zero_shot
+
+    return zero_shot(tiny_open_clip().eval(), PROMPT_CLASSES)
+
+
+@entry("open-clip-vit-avg-pool")
+def _open_clip_avg():
+    from vitlens import zero_shot
+
+    return zero_shot(tiny_open_clip(pool_type="avg", final_ln_after_pool=True).eval(), PROMPT_CLASSES)
+
+
+@entry("hf-clip")
+def _hf_clip():
+    from vitlens import zero_shot
+
+    return zero_shot(tiny_hf_clip().eval(), PROMPT_CLASSES, tokenizer=char_tokenizer)
+
+
+@entry("hf-siglip")
+def _hf_siglip():
+    from vitlens import zero_shot
+
+    return zero_shot(tiny_hf_siglip().eval(), PROMPT_CLASSES, tokenizer=char_tokenizer)

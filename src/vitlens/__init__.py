@@ -23,24 +23,30 @@ _LAZY = {
     "TopK": ".explainers",
     "EmbeddingSimilarity": ".explainers",
     "show": ".viz",
+    "TextPrompt": ".explainers.prompts",
+    "zero_shot": ".models.image_text",
 }
 
 __all__ = [
     "Backbone",
     "EmbeddingSimilarity",
     "Explanation",
+    "TextPrompt",
     "TopK",
     "VitlensError",
     "__version__",
     "explain",
     "load_model",
     "show",
+    "zero_shot",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports them
     from .backbones import Backbone
     from .explainers import EmbeddingSimilarity, Explanation, TopK, explain
+    from .explainers.prompts import TextPrompt
     from .models import load_model
+    from .models.image_text import zero_shot
     from .viz import show
 
 

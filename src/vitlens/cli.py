@@ -132,7 +132,14 @@ def _train_config(a: argparse.Namespace):
 
 
 MODEL_HELP = (
-    "vitlens:NAME (see `vitlens models`), timm:NAME, hf:NAME, torchvision:NAME, bcos:NAME or a checkpoint directory"
+    "vitlens:NAME (see `vitlens models`), timm:NAME, hf:NAME, torchvision:NAME, bcos:NAME, open_clip:NAME/TAG or a "
+    "checkpoint directory"
+)
+
+
+PROMPTS_HELP = (
+    "--model is an image–text model (open_clip:NAME/TAG, hf: CLIP or SigLIP): its zero-shot classifier over the "
+    "data's class names, with the model authors' prompt templates, is the classifier"
 )
 
 
@@ -182,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     pm.epilog = ("Unset options follow the best fashion-canvas recipe (benchmarks/pm.md, run 9), scaled to the "
                  "data set; the command prints what it chose.")  # fmt: skip
     pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
+    pm.add_argument("--classes-from-prompts", action="store_true", help=PROMPTS_HELP)
     bc = tsub.add_parser("bcos", help="train a B-cos ViT (Böhle et al. 2024): BCE, Adam, AGC; --weight-decay ignored")
     _train_options(bc)
     bc.add_argument("--arch", help="B-cos architecture (default: bcos_vit_fashion; simple_vit_ti_patch16_224, …)")
@@ -217,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--model", required=True, help="the frozen classifier (URI, vitlens:NAME or directory)")
     dm.add_argument("--kl-margin", type=_number(), default=0.1, help="KL(p_orig || p_masked) allowed, in nats")
     dm.add_argument("--multiplier-lr", type=_number(), default=0.3, help="learning rate of the Lagrange multipliers")
+    dm.add_argument("--classes-from-prompts", action="store_true", help=PROMPTS_HELP)
     bn = sub.add_parser("bench", help="time methods against one plain forward pass")
     bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0", help=MODEL_HELP)
     bn.add_argument("--methods", default="pm,attention,rollout", help="comma-separated method names")
@@ -455,7 +464,7 @@ def _train(a: argparse.Namespace) -> int:
 
         summary = train_diffmask(
             a.model, a.data, a.out, _train_config(a), kl_margin=a.kl_margin, multiplier_lr=a.multiplier_lr,
-            resume=a.resume, overwrite=a.overwrite,
+            resume=a.resume, overwrite=a.overwrite, classes_from_prompts=a.classes_from_prompts,
         )  # fmt: skip
     if a.task == "pm":
         from .training import train_pm
@@ -463,7 +472,7 @@ def _train(a: argparse.Namespace) -> int:
         summary = train_pm(
             a.model, a.data, a.out, _train_config(a), mask_fraction=a.mask_fraction, lam=a.lam,
             pos_weight=a.pos_weight, mask_batch=a.mask_batch, composites=a.composites, pseudo_rounds=a.pseudo_masks,
-            resume=a.resume, eval_data=a.eval_data, overwrite=a.overwrite,
+            resume=a.resume, eval_data=a.eval_data, overwrite=a.overwrite, classes_from_prompts=a.classes_from_prompts,
         )  # fmt: skip
     if a.task == "bcos":
         from .training.bcos import train_bcos

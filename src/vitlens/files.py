@@ -19,6 +19,7 @@ from .data.images import IMAGE_SUFFIXES, is_image_file, read_image, resize
 from .errors import VitlensError
 from .explainers import TopK, get_explainer, parse_target
 from .explainers.bcos import colour_picture
+from .explainers.prompts import bind_target
 from .io import atomic_save_npy, atomic_write_text, check_output_dir
 from .models import load_model
 from .viz import save_png
@@ -105,7 +106,8 @@ def explain_files(
             and the run goes on.
         model: a model URI, a checkpoint directory or a :class:`Backbone`.
         method: the method (``vitlens methods``).
-        target: a class index or name for every image (``None``: the predicted class).
+        target: a class index or name for every image (``None``: the predicted class); for an image–text
+            model without classes, a text prompt.
         top_k: explain each image's ``top_k`` highest-scoring classes instead (one overlay per class).
         out: the output folder; outputs mirror the inputs' tree in it.
         batch_size: images per batch.
@@ -137,6 +139,7 @@ def explain_files(
         if target is not None:
             raise VitlensError("give either a target or top_k, not both")
         target = TopK(top_k)
+    target = bind_target(target, backbone)  # a text prompt of an image–text model: embedded once
     parse_target(target, 1, backbone.classes)  # refuse a bad target before reading any image
     out = check_output_dir(out)
     paths = image_paths([paths] if isinstance(paths, str | os.PathLike) else paths, skip=out)

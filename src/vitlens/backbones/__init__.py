@@ -24,9 +24,12 @@ from .base import (
     upsample,
 )
 from .bcos_vit import BcosViT, is_bcos_vit
+from .hf_clip import HFCLIP, is_hf_clip
 from .hf_dinov2 import HFDinov2, is_hf_dinov2
+from .hf_siglip import HFSiglip, is_hf_siglip
 from .hf_swin import HFSwin, is_hf_swin
 from .hf_vit import HFViT, is_hf_vit
+from .open_clip_vit import OpenCLIPViT, is_open_clip
 from .timm_beit import TimmBeit, is_timm_beit
 from .timm_eva import TimmEva, is_timm_eva
 from .timm_swin import TimmSwin, is_timm_swin
@@ -57,6 +60,9 @@ ADAPTERS: list[tuple[Callable[[nn.Module], bool], type[Backbone]]] = [
     (is_bcos_vit, BcosViT),
     (is_timm_swin, TimmSwin),
     (is_hf_swin, HFSwin),
+    (is_open_clip, OpenCLIPViT),
+    (is_hf_clip, HFCLIP),
+    (is_hf_siglip, HFSiglip),
 ]
 
 
@@ -113,5 +119,6 @@ def adapt(model: nn.Module, preprocessing: Preprocessing | None = None, classes=
     raise VitlensError(
         f"{type(model).__name__} is not a supported Vision Transformer "
         "(supported: timm VisionTransformer (ViT, DeiT, DeiT III, FlexiViT), timm Eva (EVA, EVA-02), timm Beit, "
-        "timm / transformers Swin, transformers ViT/DeiT and DINOv2 models, torchvision ViT, vitlens B-cos ViT)"
+        "timm / transformers Swin, transformers ViT/DeiT and DINOv2 models, torchvision ViT, vitlens B-cos ViT, "
+        "OpenCLIP ViTs, transformers CLIPModel / SiglipModel)"
     )

@@ -67,10 +67,16 @@ class HeadParts:
 
     The logits are the mean of the heads' outputs (two heads for distilled models); ``pre`` is the norm
     between pooling and the linear layer (timm's ``fc_norm``).
+
+    Attributes:
+        pre_constant_scale: ``pre`` with every normalising scale it computes treated as a constant (LRP's
+            identity rule for norms), for a ``pre`` that is a function rather than a norm module (an image–text
+            model's L2 normalisation and logit scale); ``None`` otherwise.
     """
 
     heads: list[tuple[int | None, Affine]]
     pre: Callable[[Tensor], Tensor]
+    pre_constant_scale: Callable[[Tensor], Tensor] | None = None
 
 
 def linear_parts(m: nn.Module, gamma: Tensor | None = None) -> Affine:

@@ -166,9 +166,8 @@ def lrp_block(p: BlockParts, x: Tensor, grid: tuple[int, int], cp: bool = False)
 def lrp_head(head: HeadParts, tokens: Tensor, num_prefix: int) -> Tensor:
     """The classifier from its parts (pooling and heads linear; ``pre`` under :func:`norm_rules`)."""
     pooled = [tokens[:, i] if i is not None else tokens[:, num_prefix:].mean(1) for i, _ in head.heads]
-    return sum(F.linear(head.pre(z), *affine) for z, (_, affine) in zip(pooled, head.heads, strict=True)) / len(
-        head.heads
-    )
+    pre = head.pre_constant_scale or head.pre
+    return sum(F.linear(pre(z), *affine) for z, (_, affine) in zip(pooled, head.heads, strict=True)) / len(head.heads)
 
 
 def attnlrp_pass(backbone: Backbone, images: Tensor, cp: bool = False) -> tuple[Tensor, Tensor, tuple[int, int]]:
@@ -184,7 +183,7 @@ def attnlrp_pass(backbone: Backbone, images: Tensor, cp: bool = False) -> tuple[
     head = backbone.head_parts()
     for p in parts:
         _check_norms(p)
-    if not isinstance(head.pre, nn.Identity) and _norm_rule(head.pre) is None:
+    if not isinstance(head.pre, nn.Identity) and _norm_rule(head.pre) is None and head.pre_constant_scale is None:
         raise UnsupportedParts(f"a {type(head.pre).__name__} before the classifier")
     with norm_rules(backbone):
         x = backbone.add_prefix_and_position(embeddings, grid)

@@ -23,6 +23,7 @@ from ..backbones.base import NO_HEAD
 from ..errors import VitlensError
 from ..models import load_model
 from .explanation import SCALES, Explanation
+from .prompts import bind_target
 from .targets import Target, TopK, class_index, is_score_function, parse_target  # noqa: F401  (re-exported)
 
 EXPLAINERS: dict[str, type[Explainer]] = {}
@@ -215,13 +216,15 @@ class Explainer:
         Args:
             images: ``[B, 3, H, W]`` (or one ``[3, H, W]``) float in [0, 1] or uint8 in 0..255.
             target: what to explain (see :mod:`vitlens.explainers.targets`): ``None`` (the predicted class),
-                a class index or name, one per image, a list per image, :class:`TopK`, or a score function.
+                a class index or name, one per image, a list per image, :class:`TopK`, a score function, or for
+                an image–text model without classes a :class:`~vitlens.TextPrompt` (or a prompt string).
             normalized: the images are already normalised with the model's mean/std.
 
         Returns:
             An :class:`Explanation` (maps ``[B, gh, gw]``, or ``[B, K, gh, gw]`` for ``K`` targets per image).
         """
         images = prepare_images(images, self.backbone, normalized)
+        target = bind_target(target, self.backbone)  # text prompts of image–text models
         if self.backbone.headless and self.class_specific and not is_score_function(target):
             raise VitlensError(NO_HEAD)
         plan = parse_target(target, len(images), self.backbone.classes)
@@ -337,7 +340,8 @@ def explain(
         images: ``[B, 3, H, W]`` float in [0, 1] or uint8 in 0..255; one ``[3, H, W]`` image is a batch of one.
         method: a registered method (``vitlens methods`` lists them with their options).
         target: ``None`` (the predicted class), a class index or name, one per image, a list per image,
-            ``vitlens.TopK(k)``, or a score function of the model's output ``[B, C] → [B]``.
+            ``vitlens.TopK(k)``, a score function of the model's output ``[B, C] → [B]``, or for an image–text
+            model without classes a ``vitlens.TextPrompt`` (or a prompt string).
         normalized: the images are already normalised with the model's mean/std.
         **options (object): the method's options (``steps=64`` for ``ig``, …).
 

@@ -4,8 +4,10 @@ Model URIs::
 
     timm:NAME[?pretrained=0&key=value...]      timm.create_model(NAME, **kwargs); pretrained by default
     hf:NAME_OR_PATH[?embedding=cls|mean&...]  transformers AutoModelForImageClassification (ViT, DeiT, DINOv2,
-                                               Swin), or AutoModel for a checkpoint without a classifier head
-                                               (output: an embedding)
+                                               Swin); CLIPModel and SiglipModel with their tokenizer; AutoModel
+                                               for a checkpoint without a classifier head (output: an embedding)
+    open_clip:NAME/TAG[?pretrained=0]          open_clip.create_model(NAME, pretrained=TAG); also
+                                               open_clip:hf-hub:ORG/REPO and open_clip:/local/dir
     torchvision:NAME[?pretrained=0&key=value]  torchvision.models.get_model(NAME, weights=...)
     bcos:NAME[?weights=PATH&pretrained=1&key=value]  vitlens' B-cos ViT; official B-cos-v2 weights load unchanged
     vitlens:NAME                               a model shipped with vitlens (``vitlens models`` lists them)
@@ -35,9 +37,10 @@ from ..options import parse_options
 
 __all__ = ["SCHEMES", "check_device", "load_model", "parse_model_uri"]
 
-SCHEMES = ("timm", "hf", "torchvision", "bcos", "vitlens")
+SCHEMES = ("timm", "hf", "torchvision", "bcos", "vitlens", "open_clip")
 EXPECTED = (
-    "expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME, vitlens:NAME or a vitlens checkpoint directory"
+    "expected timm:NAME, hf:NAME_OR_PATH, torchvision:NAME, bcos:NAME, open_clip:NAME/TAG, vitlens:NAME or a "
+    "vitlens checkpoint directory"
 )
 
 #: ``hf:`` URI options passed on to ``from_pretrained``; nothing else is (no ``trust_remote_code``: a folder's
@@ -88,6 +91,8 @@ def _load_uri(uri: str, options: dict) -> Backbone:
     try:
         if scheme == "bcos":
             backbone = load_bcos(name, **kwargs)
+        elif scheme == "open_clip":
+            backbone = _load_open_clip(uri, name, kwargs)
         elif scheme == "timm":
             import timm
 
@@ -139,13 +144,20 @@ def _load_hf(transformers, name: str, kwargs: dict) -> Backbone:
     embedding = check_embedding(kwargs.pop("embedding", "cls"))  # before anything is read
     remote = {"trust_remote_code": trust_remote_code()}
     hub = {k: v for k, v in kwargs.items() if k in HF_HUB_OPTIONS}
-    config = transformers.AutoConfig.from_pretrained(name, **hub, **remote)
-    archs = getattr(config, "architectures", None) or []
-    classify = "num_labels" in kwargs or any("ForImageClassification" in a for a in archs)
-    auto = transformers.AutoModelForImageClassification if classify else transformers.AutoModel
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar for a local load
     try:
+        image_text = _load_hf_image_text(transformers, name, kwargs, remote)
+        if image_text is not None:
+            if chosen:
+                raise VitlensError(
+                    "embedding= does not apply to image–text models (their output is the image embedding)"
+                )
+            return image_text
+        config = transformers.AutoConfig.from_pretrained(name, **hub, **remote)
+        archs = getattr(config, "architectures", None) or []
+        classify = "num_labels" in kwargs or any("ForImageClassification" in a for a in archs)
+        auto = transformers.AutoModelForImageClassification if classify else transformers.AutoModel
         model = auto.from_pretrained(name, **kwargs, **remote)
     finally:
         if bars:
@@ -171,10 +183,73 @@ def _load_hf(transformers, name: str, kwargs: dict) -> Backbone:
     return backbone
 
 
+def _load_open_clip(uri: str, name: str, kwargs: dict) -> Backbone:
+    """``open_clip:NAME/TAG`` (a pretrained tag of ``open_clip.list_pretrained()``), ``open_clip:hf-hub:ORG/REPO``
+    or ``open_clip:DIR`` (a folder with ``open_clip_config.json`` and weights); ``?pretrained=0``: random weights."""
+    open_clip = require("open_clip", extra="clip", what=uri)
+    from ..backbones.open_clip_vit import OpenCLIPViT, open_clip_spec
+
+    pretrained = kwargs.pop("pretrained", True)
+    if kwargs:
+        raise VitlensError(f"option {', '.join(sorted(kwargs))} not allowed in an open_clip: URI (allowed: pretrained)")
+    tag = None
+    if name.startswith("hf-hub:"):
+        model_name = name
+    elif os.path.isdir(name):
+        model_name = f"local-dir:{name}"
+    else:
+        model_name, _, tag = name.partition("/")
+        if model_name not in open_clip.list_models():
+            raise VitlensError(f"unknown OpenCLIP model {model_name!r} (see open_clip.list_models())")
+        if pretrained and not tag:
+            tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
+            tags = ", ".join(tags[:6]) + (", …" if len(tags) > 6 else "") if tags else "none"
+            raise VitlensError(f"{uri}: name the pretrained weights, {model_name}/TAG (tags: {tags}) or ?pretrained=0")
+        if pretrained and (model_name, tag) not in set(open_clip.list_pretrained()):
+            raise VitlensError(f"unknown OpenCLIP pretrained tag {tag!r} for {model_name}")
+    model = open_clip.create_model(model_name, pretrained=tag if pretrained else None, pretrained_hf=False,
+                                   pretrained_image=False, load_weights=pretrained, weights_only=True)  # fmt: skip
+    model.eval()
+    backbone = OpenCLIPViT(model, tokenizer=open_clip.get_tokenizer(model_name))
+    backbone.spec = open_clip_spec(model, open_clip.get_model_config(model_name))
+    return backbone
+
+
+def _load_hf_image_text(transformers, name: str, kwargs: dict, remote: dict) -> Backbone | None:
+    """``hf:`` URIs of CLIP and SigLIP models, with their image processor and tokenizer; ``None`` for others."""
+    from ..backbones.hf_clip import HFCLIP
+    from ..backbones.hf_siglip import HFSiglip
+
+    options = {k: v for k, v in kwargs.items() if k in ("revision", "subfolder", "local_files_only")}
+    config = transformers.AutoConfig.from_pretrained(name, **options, **remote)
+    classes = {"clip": (transformers.CLIPModel, HFCLIP), "siglip": (transformers.SiglipModel, HFSiglip)}
+    if getattr(config, "model_type", None) not in classes:
+        return None
+    model_class, adapter = classes[config.model_type]
+    ignored = sorted(set(kwargs) - set(options))
+    if ignored:
+        raise VitlensError(f"option {', '.join(ignored)} does not apply to {config.model_type} image–text models")
+    model = model_class.from_pretrained(name, **options)  # transformers' own classes: never a model's own code
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name, **options)
+    except (OSError, ValueError):
+        processor = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, **options)
+    except Exception:  # noqa: BLE001 - optional: no tokenizer files, sentencepiece missing (SigLIP), …
+        tokenizer = None  # zero_shot and TextPrompt then ask for tokenizer= in one line
+    if tokenizer is not None and len(tokenizer) <= len(tokenizer.all_special_tokens):
+        tokenizer = None  # built from no vocabulary file: special tokens only
+    backbone = adapter(model.eval(), tokenizer=tokenizer, image_processor=processor)
+    backbone.spec = {"source": "hf", "name": type(model).__name__, "config": model.config.to_dict()}
+    return backbone
+
+
 HUB_HOST = "huggingface.co"
 OFFLINE_HELP = (
-    "without a network, load weights from disk: hf:/path/to/saved/model, bcos:NAME?weights=PATH, a vitlens "
-    "checkpoint directory, or models already in the Hugging Face / torch hub cache (HF_HUB_OFFLINE=1)"
+    "without a network, load weights from disk: hf:/path/to/saved/model, open_clip:/path/to/dir, "
+    "bcos:NAME?weights=PATH, a vitlens checkpoint directory, or models already in the Hugging Face / torch hub "
+    "cache (HF_HUB_OFFLINE=1)"
 )
 
 

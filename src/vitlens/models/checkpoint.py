@@ -37,7 +37,7 @@ from ..io import atomic_replace_dir
 FORMAT = "vitlens-checkpoint"
 FORMAT_VERSION = 1
 KINDS = ("classifier", "pm", "diffmask", "bcos")
-SOURCES = ("preset", "timm", "torchvision", "bcos", "hf")
+SOURCES = ("preset", "timm", "torchvision", "bcos", "hf", "open_clip")
 WEIGHTS, CONFIG, STATE = "model.safetensors", "config.json", "training_state.pt"
 
 
@@ -79,6 +79,8 @@ HF_CLASSES = {
     "Swinv2ForImageClassification": "swinv2",
     "Dinov2ForImageClassification": "dinov2",
     "Dinov2WithRegistersForImageClassification": "dinov2_with_registers",
+    "CLIPModel": "clip",
+    "SiglipModel": "siglip",
 }
 
 
@@ -110,6 +112,10 @@ def _model_bounds(spec: dict, where: str) -> None:
     if denied:
         raise VitlensError(f"{where}: 'model.kwargs.{denied[0]}' is not allowed in a checkpoint")
     check_model_sizes(spec, where)
+    if spec["source"] == "open_clip":
+        from ..backbones.open_clip_vit import check_open_clip_spec
+
+        check_open_clip_spec(spec, where)
     if spec["source"] == "hf":
         expected = HF_CLASSES.get(spec["name"])
         if expected is None:
@@ -158,6 +164,9 @@ SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     ),
     "preprocessing.interpolation": (False, lambda v: isinstance(v, str), "a string"),
     "training": (False, lambda v: isinstance(v, dict), "an object"),
+    # image–text models with zero-shot classes: their class embeddings are the extra tensor class_embeddings
+    "zero_shot": (False, lambda v: isinstance(v, dict), "an object"),
+    "zero_shot.embed_dim": (False, lambda v: _int(v) and v <= 16384, "an integer in 1..16384"),
     "vitlens_version": (False, lambda v: isinstance(v, str), "a string"),
     "weights_sha256": (True, _sha, "a SHA-256 hex digest"),
     "training_state_sha256": (False, _sha, "a SHA-256 hex digest"),
@@ -245,7 +254,9 @@ def save_checkpoint(
     path = Path(path)
     recover(path)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in backbone.model.state_dict().items()}
-    tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+    head, head_config = backbone.checkpoint_extras() if hasattr(backbone, "checkpoint_extras") else ({}, {})
+    extra_tensors, extra_config = {**head, **(extra_tensors or {})}, {**head_config, **(extra_config or {})}
+    tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in extra_tensors.items()})
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -400,6 +411,11 @@ def build_module(spec: dict) -> tuple[torch.nn.Module, Preprocessing | None]:
         return torchvision.models.get_model(name, weights=None, **kwargs), None
     if source == "bcos":
         return build_bcos(name, **kwargs)
+    if source == "open_clip":
+        require("open_clip", extra="clip", what="an OpenCLIP checkpoint")
+        from ..backbones.open_clip_vit import build_open_clip
+
+        return build_open_clip(spec), None
     if source == "hf":
         transformers = require("transformers", extra="hf", what="a Hugging Face checkpoint")
         config = transformers.AutoConfig.for_model(**spec["config"])
@@ -461,6 +477,20 @@ def load_training_state(path: str | os.PathLike) -> dict:
     return state
 
 
+def _zero_shot_backbone(backbone: Backbone, config: dict, extra: dict[str, torch.Tensor], where: str) -> Backbone:
+    """An image–text backbone with the zero-shot classes and class embeddings the checkpoint stores."""
+    from ..backbones.image_text import ImageTextBackbone
+
+    if not isinstance(backbone, ImageTextBackbone):
+        raise VitlensError(f"{where}: 'zero_shot' is set, but {backbone.family} models are not image–text models")
+    emb = extra.pop("class_embeddings", None)
+    expected = (len(config["classes"]), backbone.embed_dim)
+    if emb is None or tuple(emb.shape) != expected:
+        got = "missing" if emb is None else f"shape {list(emb.shape)}"
+        raise VitlensError(f"{where}: extra.class_embeddings {got}, expected {list(expected)}")
+    return backbone.with_classes(config["classes"], emb)
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Backbone:
     """Load a checkpoint directory as a :class:`Backbone` (eval mode).
 
@@ -486,7 +516,11 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Backbon
     except RuntimeError as e:  # dtype or other mismatch the name/shape check cannot see
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise VitlensError(f"{where}: weights do not match the architecture ({' '.join(lines[1:3])[:300]})") from e
-    backbone = adapt(module, Preprocessing.from_dict(config["preprocessing"]), config["classes"])
+    preprocessing = Preprocessing.from_dict(config["preprocessing"])
+    if "zero_shot" in config:  # an image–text model whose classes are text embeddings
+        backbone = _zero_shot_backbone(adapt(module, preprocessing), config, extra, where)
+    else:
+        backbone = adapt(module, preprocessing, config["classes"])
     if len(config["classes"]) != backbone.num_classes:
         raise VitlensError(
             f"{path}: {CONFIG} lists {len(config['classes'])} classes, but the model has {backbone.num_classes} outputs"

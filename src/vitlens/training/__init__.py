@@ -165,6 +165,21 @@ def _labels(dataset, indices: list[int]) -> set[int]:
     return {int(s["label"]) for s in map(dataset.__getitem__, indices) if "error" not in s}
 
 
+def prompt_classes(backbone: Backbone, dataset) -> Backbone:
+    """An image–text model as a classifier of ``dataset``: :func:`vitlens.zero_shot` over its class names with
+    the model's prompt templates. The class embeddings become the classifier's weights (trained with the rest).
+    """
+    from ..backbones.image_text import ImageTextBackbone
+    from ..models.image_text import zero_shot
+
+    if not isinstance(backbone, ImageTextBackbone):
+        raise VitlensError(f"--classes-from-prompts needs an image–text model (CLIP, SigLIP), not {backbone.family}")
+    classes = getattr(dataset, "classes", None)
+    if not classes:
+        raise VitlensError("--classes-from-prompts needs data with class names")
+    return zero_shot(backbone, [str(c) for c in classes])
+
+
 def train_pm(
     model,
     data: str,
@@ -180,6 +195,7 @@ def train_pm(
     resume: bool = False,
     eval_data: str | None = None,
     overwrite: bool = False,
+    classes_from_prompts: bool = False,
     log=None,
 ) -> dict:
     """``vitlens train pm``: PM fine-tuning of a classifier; reports accuracy before and after.
@@ -205,6 +221,8 @@ def train_pm(
         resume: continue the interrupted run in ``out``.
         eval_data: held-out data spec (default: the test split of ``data``).
         overwrite: replace a model already in ``out`` instead of refusing.
+        classes_from_prompts: ``model`` is an image–text model (CLIP, SigLIP): its zero-shot classifier over
+            the data's class names is the classifier PM fine-tunes (:func:`prompt_classes`).
         log (Callable[[str], None] | None): where the chosen settings are reported (one line each).
 
     Returns:
@@ -240,6 +258,8 @@ def train_pm(
             raise VitlensError("PM fine-tuning needs a model loaded from a URI or a vitlens checkpoint")
         before, source = None, str(model)
     dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    if classes_from_prompts and not resume:
+        backbone = prompt_classes(backbone, dataset)
     labelled = labelled_indices(dataset)
     if not labelled and not pseudo_rounds:
         raise VitlensError(
@@ -282,6 +302,7 @@ def train_diffmask(
     multiplier_lr: float = 0.3,
     resume: bool = False,
     overwrite: bool = False,
+    classes_from_prompts: bool = False,
 ) -> dict:
     """``vitlens train diffmask``: DiffMask gates for a frozen classifier.
 
@@ -297,6 +318,8 @@ def train_diffmask(
         multiplier_lr: learning rate of the Lagrange multipliers.
         resume: continue the interrupted run in ``out``.
         overwrite: replace a model already in ``out`` instead of refusing.
+        classes_from_prompts: ``model`` is an image–text model (CLIP, SigLIP): its zero-shot classifier over
+            the data's class names is the classifier (:func:`prompt_classes`).
 
     Returns:
         The run's summary (training seconds, held-out KL and share within the margin).
@@ -312,16 +335,19 @@ def train_diffmask(
         backbone = load_checkpoint(out, kind="diffmask")
         task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, gates=load_gates(backbone))
         source = backbone.config["training"].get("base_model")
+        dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     else:
         backbone = load_model(model)
         if backbone.spec is None:
             raise VitlensError("DiffMask needs a model loaded from a URI or a vitlens checkpoint")
         if (backbone.config or {}).get("kind") == "diffmask":
             raise VitlensError(f"{model} is already a DiffMask checkpoint; pass the classifier it was trained on")
+        dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+        if classes_from_prompts:
+            backbone = prompt_classes(backbone, dataset)
         task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, seed=cfg.seed)
         source = str(model)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     provenance = {"command": _command(), "data": str(spec), "base_model": source}
 
     def evaluate(bb, d):
