@@ -206,6 +206,23 @@ def test_bf16_autocast_on_cpu_follows_the_explicit_path_and_float32(name, method
     torch.testing.assert_close(fused / top, full / top, atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["timm-vit", "timm-qk-norm-layer-scale", "hf-deit-distilled", "torchvision-vit"])
+def test_bf16_autocast_on_cpu_gradients_follow_the_explicit_path(name, images):
+    """GAE reads the explicit path under CPU autocast (the fused bf16 backward is slow there); the fused
+    probe's ∂score/∂A under bf16 still follows the explicit path's, block by block."""
+    bb = backbone(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs, grads = explicit_probabilities_and_gradients(bb, images, torch.float32)
+        with torch.enable_grad(), bb.probe_attention(gradients=True) as probe:
+            trace = bb.run(images, grad_from=0)
+            probe.backward(Target().fixed(trace.logits).score(trace.logits).sum())
+        for b, (a, g) in enumerate(zip(probs, grads, strict=True)):
+            assert probe.gradient(b).dtype == probe.probabilities(b).dtype == torch.float32
+            torch.testing.assert_close(probe.probabilities(b), a.float(), atol=0.02, rtol=0)
+            top = g.abs().max()
+            torch.testing.assert_close(probe.gradient(b) / top, g.float() / top, atol=0.03, rtol=0)
+
+
 def test_fallback_for_families_without_hooks(images):
     """A family that does not override ``probe_attention`` (B-cos: its attention is always explicit) reads the
     explicit path's matrices through the same interface."""

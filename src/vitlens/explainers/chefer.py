@@ -15,9 +15,9 @@ vector-matrix products from the last block down (never forming T×T products).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -53,12 +53,12 @@ def probe_gradients(
     The graph starts at the input of the first block (``grad_from=0``) and no parameter gradients are
     computed. Returns the trace and the probe; ``probe.gradient(b, rows)`` and ``probe.probabilities(b, rows)``
     give a block's attention gradient and probabilities for the rows asked for. Under autocast on the CPU the
-    attention runs as explicit matrix products (as in training): PyTorch's 16-bit flash-attention backward
-    there is several times slower than the matrix products.
+    explicit path's matrices are read instead (as training computes attention there): PyTorch's 16-bit
+    flash-attention backward on the CPU is several times slower than the explicit matrix products.
     """
     cpu_autocast = images.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    kernels = backbone.unfused_attention() if cpu_autocast else contextlib.nullcontext()
-    with torch.enable_grad(), kernels, backbone.probe_attention(blocks, gradients=True) as probe:
+    probing = partial(Backbone.probe_attention, backbone) if cpu_autocast else backbone.probe_attention
+    with torch.enable_grad(), probing(blocks, gradients=True) as probe:
         trace = backbone.run(images, grad_from=0)
         probe.backward(target.fixed(trace.logits).score(trace.logits).sum())
     return trace, probe
