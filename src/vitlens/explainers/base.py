@@ -47,21 +47,24 @@ def register(cls: type[Explainer]) -> type[Explainer]:
 def frozen_eval(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients for the duration; both restored afterwards, even on error.
 
-    Only modules in training mode and parameters that require grad are touched (a model already in eval
-    mode costs no per-module work: that Python work is a visible share of a fast GPU forward pass)."""
-    training = [m for m in module.modules() if m.training]
-    grads = [p for p in module.parameters() if p.requires_grad]
+    Only modes and flags that change are set (for a model already in eval mode no module is touched: that
+    Python work is a visible share of a fast GPU forward pass)."""
+    modes = [(m, m.training) for m in module.modules()]
+    grads = [(p, p.requires_grad) for p in module.parameters()]
     try:
-        if training:
+        if any(mode for _, mode in modes):
             module.eval()
-        for p in grads:
-            p.requires_grad_(False)
+        for p, flag in grads:
+            if flag:
+                p.requires_grad_(False)
         yield
     finally:
-        for m in training:
-            m.training = True
-        for p in grads:
-            p.requires_grad_(True)
+        for m, mode in modes:
+            if m.training != mode:
+                m.training = mode
+        for p, flag in grads:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
