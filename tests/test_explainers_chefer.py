@@ -42,6 +42,8 @@ def sharpen(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if p.ndim == 0:  # scalars (an image–text model's logit scale) keep their value
+                continue
             noise = torch.randn(p.shape, generator=g)
             if p.ndim == 1:  # norm scales around 1, biases around 0
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)

@@ -5,13 +5,17 @@ Skipped where no GPU is present (CI); run on a GPU machine with ``pytest tests/t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import committed, tiny_timm
 from vitlens import load_model
 from vitlens.backbones import adapt
-from vitlens.bench import bench, with_untrained_gates
+from vitlens.bench import bench, format_bench, with_untrained_gates
+from vitlens.cli import main
 from vitlens.data import open_dataset
 from vitlens.explainers import EXPLAINERS, get_explainer
 from vitlens.training import TrainConfig, accuracy, train_classifier, train_pm
@@ -93,6 +97,41 @@ def test_bench_on_gpu_reports_allocator_peaks():
     assert record["device"] == torch.cuda.get_device_name(CUDA)
     for r in record["results"].values():
         assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] > 0 and r["ratio_to_forward"] > 0
+
+
+@pytest.mark.parametrize("method", ["attention", "rollout", "gae"])
+def test_attention_methods_keep_the_fused_kernel_under_bf16(method, monkeypatch):
+    """The forward pass runs F.scaled_dot_product_attention once per block; the maps follow the explicit path."""
+    from test_attention_probe import backbone, explicit
+
+    bb = backbone("timm-vit").to(CUDA)
+    torch.manual_seed(1)
+    images = torch.rand(4, 3, 32, 32, device=CUDA)
+    calls, original = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = get_explainer(method, bb)(images).maps
+        assert len(calls) == len(bb.blocks)
+        with explicit(bb):
+            reference = get_explainer(method, bb)(images).maps
+    top = reference.abs().amax((1, 2), keepdim=True)
+    torch.testing.assert_close(fused / top, reference / top, atol=0.05, rtol=0)
+
+
+def test_bench_bf16_on_gpu(capsys):
+    """``vitlens bench --autocast bf16`` at ViT-B/16, batch 64: every ratio against the fused bf16 forward
+    (targets on a GPU: pm ≤ 1.05×, attention ≤ 1.15×, rollout ≤ 1.6×, gae ≤ 2.6×, diffmask ≤ 1.2×; printed,
+    not asserted: timings are not a test)."""
+    model = "timm:vit_base_patch16_224?pretrained=0"
+    methods = "pm,attention,rollout,gae,diffmask"
+    args = ["bench", "--model", model, "--device", "cuda", "--autocast", "bf16", "--methods", methods,
+            "--batch-size", "64", "--repeat", "5", "--json"]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["autocast"] == "bfloat16" and record["device"] == torch.cuda.get_device_name(CUDA)
+    assert all(r["ratio_to_forward"] > 0 for r in record["results"].values())
+    with capsys.disabled():
+        print("\n" + format_bench(record))
 
 
 def test_training_on_gpu_learns_and_loads_on_cpu(tmp_path):

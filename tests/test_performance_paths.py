@@ -27,7 +27,6 @@ from vitlens.explainers.chefer import (
     _add_rule,
     _head_relevance,
     _zplus,
-    attention_gradients,
     rollout_with_identity,
 )
 from vitlens.explainers.perturbation import grid_to_pixels, keep_patches
@@ -69,10 +68,12 @@ def naive_lrp_block(p, c, r_out: Tensor, to_input: bool):
 
 
 def chefer_by_recomputation(bb, images: Tensor) -> Tensor:
-    """The plain way: gradients from the model's own forward (hooked attention), then every block recomputed
+    """The plain way: gradients from the model's forward with explicit attention, then every block recomputed
     from its input in the trace and the LRP rules written out with four products per linear layer."""
     with torch.enable_grad():
-        trace, grads = attention_gradients(bb, images, Target())
+        trace = bb.run(images, attention=True, grad_from=0)
+        score = Target().fixed(trace.logits).score(trace.logits).sum()
+        grads = torch.autograd.grad(score, trace.attentions)
     with torch.no_grad():
         start = torch.nn.functional.one_hot(trace.logits.argmax(1), bb.num_classes).float()
         r, _ = _head_relevance(bb.head_parts(), trace.tokens, start, trace.num_prefix_tokens)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import VitlensError
 from .parts import BlockParts, HeadParts, UnsupportedParts
+from .probe import AttentionProbe, RecordedAttention, block_indices
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,28 @@ class Backbone(nn.Module):
         """Switch every block to explicit attention and collect its probabilities; restore on exit."""
         raise NotImplementedError
         yield []  # pragma: no cover
+
+    @contextlib.contextmanager
+    def probe_attention(
+        self, blocks: Sequence[int] | None = None, *, gradients: bool = False
+    ) -> Iterator[AttentionProbe]:
+        """Read the attention of ``blocks`` during the one forward pass run in the ``with`` body.
+
+        Families that can hook their queries and keys keep the model's own (fused) attention and recompute
+        the probabilities afterwards, only for the rows asked for (:mod:`.probe`). This default switches every
+        block to the explicit path (:meth:`capture_attention`) and reads its matrices.
+
+        Args:
+            blocks: block indices to read (negative count from the end); ``None`` for every block.
+            gradients: also make ∂score/∂A available (:meth:`AttentionProbe.backward`); the forward pass must
+                then run with gradients enabled.
+
+        Returns:
+            The :class:`~vitlens.backbones.probe.AttentionProbe`, filled once the forward pass has run.
+        """
+        indices = block_indices(blocks, len(self.blocks))
+        with self.capture_attention() as found:
+            yield RecordedAttention(found, indices, len(self.blocks))
 
     @contextlib.contextmanager
     def capture_outputs(self, modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:

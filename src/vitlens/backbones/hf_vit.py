@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from ..errors import VitlensError
 from .base import NO_HEAD, Backbone, Preprocessing, check_embedding, pool_embedding
 from .parts import BlockParts, HeadParts, UnsupportedParts, embedding_head, linear_parts
+from .probe import AttentionProbe, RecomputedAttention, block_indices, heads_of
 
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resampling codes
 
@@ -233,3 +235,40 @@ class HFViT(Backbone):
             for h in handles:
                 h.remove()
             self.model.set_attn_implementation(saved)
+
+    @contextlib.contextmanager
+    def probe_attention(
+        self, blocks: Sequence[int] | None = None, *, gradients: bool = False
+    ) -> Iterator[AttentionProbe]:
+        """q, k and v hooked at the outputs of ``q_proj`` / ``k_proj`` / ``v_proj``, the per-head output at the
+        input of ``o_proj``; the model's attention implementation (``sdpa`` by default) is left as it is.
+        Attention modules of other layouts fall back to the explicit (eager) path."""
+        indices = block_indices(blocks, len(self.blocks))
+        attns = [getattr(self.blocks[i], "attention", None) for i in indices]
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "num_attention_heads")
+        if not all(all(hasattr(a, n) for n in names) for a in attns):
+            with super().probe_attention(indices, gradients=gradients) as probe:
+                yield probe
+            return
+        scale = {i: float(a.scaling) for i, a in zip(indices, attns, strict=True)}
+        probe = RecomputedAttention(indices, len(self.blocks), scale, gradients)
+
+        def record(i: int, name: str, heads: int, _module, _inputs, out: Tensor) -> None:
+            probe.record(i, **{name: heads_of(out, heads)})
+
+        def record_out(i: int, heads: int, _module, inputs: tuple) -> None:
+            probe.record(i, out=inputs[0], out_heads=partial(heads_of, heads=heads))
+
+        handles = []
+        try:
+            for i, attn in zip(indices, attns, strict=True):
+                heads = attn.num_attention_heads
+                wanted = {"q": attn.q_proj, "k": attn.k_proj, **({"v": attn.v_proj} if gradients else {})}
+                for name, module in wanted.items():
+                    handles.append(module.register_forward_hook(partial(record, i, name, heads)))
+                if gradients:
+                    handles.append(attn.o_proj.register_forward_pre_hook(partial(record_out, i, heads)))
+            yield probe
+        finally:
+            for h in handles:
+                h.remove()

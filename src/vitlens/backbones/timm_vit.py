@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 from torch import Tensor, nn
 
 from ..errors import VitlensError
 from .base import NO_HEAD, Backbone, Preprocessing
 from .parts import BlockParts, HeadParts, UnsupportedParts, embedding_head, linear_parts
+from .probe import AttentionProbe, RecomputedAttention, block_indices, heads_of
 
 
 def is_timm_vit(model: nn.Module) -> bool:
@@ -209,3 +211,43 @@ class TimmViT(Backbone):
             finally:
                 for h in handles:
                     h.remove()
+
+    @contextlib.contextmanager
+    def probe_attention(
+        self, blocks: Sequence[int] | None = None, *, gradients: bool = False
+    ) -> Iterator[AttentionProbe]:
+        """timm's ``Attention``: q and k hooked at the outputs of ``q_norm`` / ``k_norm``, v at the output of
+        ``qkv``, the per-head output at the input of ``attn.norm``; ``fused_attn`` is left as it is. Other
+        attention modules fall back to the explicit path."""
+        from timm.layers import Attention
+
+        indices = block_indices(blocks, len(self.blocks))
+        attns = [getattr(self.blocks[i], "attn", None) for i in indices]
+        if not all(type(a) is Attention and hasattr(a, "norm") for a in attns):
+            with super().probe_attention(indices, gradients=gradients) as probe:
+                yield probe
+            return
+        scale = {i: float(a.scale) for i, a in zip(indices, attns, strict=True)}
+        probe = RecomputedAttention(indices, len(self.blocks), scale, gradients)
+
+        def record(i: int, name: str, _module, _inputs, out: Tensor) -> None:
+            probe.record(i, **{name: out})
+
+        def record_v(i: int, heads: int, _module, _inputs, qkv: Tensor) -> None:
+            probe.record(i, v=qkv.unflatten(-1, (3, heads, -1))[:, :, 2].transpose(1, 2))
+
+        def record_out(i: int, heads: int, _module, inputs: tuple) -> None:
+            probe.record(i, out=inputs[0], out_heads=partial(heads_of, heads=heads))
+
+        handles = []
+        try:
+            for i, attn in zip(indices, attns, strict=True):
+                handles.append(attn.q_norm.register_forward_hook(partial(record, i, "q")))
+                handles.append(attn.k_norm.register_forward_hook(partial(record, i, "k")))
+                if gradients:
+                    handles.append(attn.qkv.register_forward_hook(partial(record_v, i, attn.num_heads)))
+                    handles.append(attn.norm.register_forward_pre_hook(partial(record_out, i, attn.num_heads)))
+            yield probe
+        finally:
+            for h in handles:
+                h.remove()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from ..errors import VitlensError
 from .base import Backbone, Preprocessing, explicit_attention
 from .parts import BlockParts, HeadParts, UnsupportedParts, linear_parts
+from .probe import AttentionProbe, RecomputedAttention, block_indices, heads_of
 
 
 def is_torchvision_vit(model: nn.Module) -> bool:
@@ -39,6 +41,17 @@ def _explicit_forward(mha: nn.MultiheadAttention, found: list[Tensor]) -> Callab
         return mha.out_proj(out.transpose(1, 2).reshape(b, t, d)), None
 
     return forward
+
+
+def _plain_mha(mha: nn.Module) -> bool:
+    """A batch-first ``nn.MultiheadAttention`` with one packed q/k/v projection and no extra key/value rows."""
+    return (
+        isinstance(mha, nn.MultiheadAttention)
+        and mha._qkv_same_embed_dim
+        and mha.bias_k is None
+        and not mha.add_zero_attn
+        and mha.batch_first
+    )
 
 
 class TorchvisionViT(Backbone):
@@ -127,7 +140,7 @@ class TorchvisionViT(Backbone):
         try:
             for block in self.blocks:
                 mha = block.self_attention
-                if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn or not mha.batch_first:
+                if not _plain_mha(mha):
                     raise VitlensError(f"cannot capture attention of this {type(mha).__name__} configuration")
                 mha.forward = _explicit_forward(mha, found)
                 patched.append(mha)
@@ -135,3 +148,45 @@ class TorchvisionViT(Backbone):
         finally:
             for mha in patched:
                 del mha.forward
+
+    @contextlib.contextmanager
+    def probe_attention(
+        self, blocks: Sequence[int] | None = None, *, gradients: bool = False
+    ) -> Iterator[AttentionProbe]:
+        """``nn.MultiheadAttention`` computes q, k, v inside one fused call: a pre-hook recomputes them from the
+        block's input with ``in_proj`` (no graph), and a hook on its output y = O·W_oᵀ + b gives
+        ∂score/∂O = ∂score/∂y · W_o. The module's own (fused) forward runs unchanged."""
+        indices = block_indices(blocks, len(self.blocks))
+        mhas = [self.blocks[i].self_attention for i in indices]
+        if not all(_plain_mha(m) for m in mhas):
+            with super().probe_attention(indices, gradients=gradients) as probe:
+                yield probe
+            return
+        scale = {i: (m.embed_dim // m.num_heads) ** -0.5 for i, m in zip(indices, mhas, strict=True)}
+        probe = RecomputedAttention(indices, len(self.blocks), scale, gradients)
+
+        def record_qkv(i: int, mha: nn.MultiheadAttention, _module, inputs: tuple) -> None:
+            d = mha.embed_dim
+            with torch.no_grad():
+                w, b = mha.in_proj_weight, mha.in_proj_bias
+                n = 3 * d if gradients else 2 * d  # v only for gradients
+                qkv = F.linear(inputs[0], w[:n], None if b is None else b[:n])
+                q, k, *v = (heads_of(t, mha.num_heads) for t in qkv.split(d, dim=-1))
+            probe.record(i, q=q, k=k, **({"v": v[0]} if v else {}))
+
+        def out_heads(mha: nn.MultiheadAttention, grad: Tensor) -> Tensor:
+            return heads_of(grad @ mha.out_proj.weight.to(grad.dtype), mha.num_heads)
+
+        def record_out(i: int, mha: nn.MultiheadAttention, _module, _inputs, out: tuple) -> None:
+            probe.record(i, out=out[0], out_heads=partial(out_heads, mha))
+
+        handles = []
+        try:
+            for i, mha in zip(indices, mhas, strict=True):
+                handles.append(mha.register_forward_pre_hook(partial(record_qkv, i, mha)))
+                if gradients:
+                    handles.append(mha.register_forward_hook(partial(record_out, i, mha)))
+            yield probe
+        finally:
+            for h in handles:
+                h.remove()

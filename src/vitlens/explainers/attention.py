@@ -2,29 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
+from ..backbones import Backbone, Trace
+from ..backbones.probe import AttentionProbe
 from ..errors import VitlensError
 from .base import Explainer, register
 from .targets import Target
 
 
-def rollout_rows(attentions: list[Tensor], start: Tensor, residual: bool = True) -> Tensor:
-    """Propagate the readout row ``start`` [B, T] down through the blocks, last to first.
+def readout_rollout(
+    start: Tensor, blocks: Sequence[int], matrix_rows: Callable[[int, Tensor | None], Tensor]
+) -> Tensor:
+    """``start · N_L ⋯ N_1`` for per-block matrices N_b, as vector-matrix products from the last block down.
 
-    Each block's matrix is the head-mean attention, with the identity added for the residual path
-    and rows renormalised: Â = (A + I) / rowsum. The result is ``start · Â_L ⋯ Â_1`` [B, T],
-    computed as vector-matrix products (never forming the T×T rollout product).
+    ``matrix_rows(b, rows)`` gives the rows ``rows`` of N_b ``[B, R, T]`` (all ``T`` for ``None``). Only the first
+    product (the last block) reads a subset: the rows where the readout ``start`` [B, T] is non-zero (the class
+    token's row for a class-token model); every later product reads full rows, as the row vector is then dense.
+    The T×T product of the matrices is never formed.
     """
+    nonzero = (start != 0).any(0).nonzero()[:, 0]
+    rows = None if len(nonzero) == start.shape[1] else nonzero
     row = start
-    for a in reversed(attentions):
-        a = a.mean(1)
-        if residual:
-            a = a + torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
-            a = a / a.sum(-1, keepdim=True)
-        row = torch.bmm(row[:, None], a)[:, 0]
+    for b in reversed(blocks):
+        n = matrix_rows(b, rows)
+        r = row if rows is None else row[:, rows]
+        row = torch.bmm(r[:, None].to(n.dtype), n)[:, 0]
+        rows = None
     return row
+
+
+def identity_rows(rows: Tensor | None, t: int, like: Tensor) -> Tensor:
+    """Rows ``rows`` of the T×T identity (all of it for ``None``), in ``like``'s dtype and device."""
+    eye = torch.eye(t, dtype=like.dtype, device=like.device)
+    return eye if rows is None else eye[rows]
+
+
+def probed_run(backbone: Backbone, images: Tensor, blocks: Sequence[int] | None = None) -> tuple[Trace, AttentionProbe]:
+    """One forward pass (the model's own attention kernel) reading the attention of ``blocks``."""
+    with backbone.probe_attention(blocks) as probe:
+        trace = backbone.run(images)
+    return trace, probe
 
 
 @register
@@ -39,7 +60,7 @@ class Rollout(Explainer):
     name = "rollout"
     needs_global_attention = True
     paper = "Abnar & Zuidema, Quantifying Attention Flow in Transformers, ACL 2020"
-    cost = "1 forward (explicit attention)"
+    cost = "1 forward + every block's attention recomputed from its queries and keys"
     meaning = "how much each patch feeds the readout token through all attention layers (class-agnostic)"
     class_specific = False
 
@@ -49,10 +70,16 @@ class Rollout(Explainer):
 
     @torch.no_grad()
     def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
-        trace = self.backbone.run(images, attention=True)
-        t = trace.attentions[0].shape[-1]
-        start = self.backbone.readout(t).expand(len(images), t)
-        row = rollout_rows(trace.attentions[self.start_layer :], start)
+        bb = self.backbone
+        trace, probe = probed_run(bb, images, range(self.start_layer, len(bb.blocks)))
+        t = trace.hidden[0].shape[1]
+
+        def residual(b: int, rows: Tensor | None) -> Tensor:  # Â = (Ā + I) / rowsum, rows of it
+            a = probe.probabilities(b, rows).mean(1)
+            a = a + identity_rows(rows, t, a)
+            return a / a.sum(-1, keepdim=True)
+
+        row = readout_rollout(bb.readout(t).expand(len(images), t), probe.blocks, residual)
         return trace.to_grid(row[:, trace.num_prefix_tokens :]), trace.logits
 
 
@@ -63,7 +90,7 @@ class Attention(Explainer):
     name = "attention"
     needs_global_attention = True
     paper = "raw attention: last block, class-token row, heads averaged"
-    cost = "1 forward (explicit attention)"
+    cost = "1 forward + the last block's class-token row recomputed from its queries and keys"
     meaning = "where the class token looks in the last block (class-agnostic)"
     class_specific = False
 
@@ -72,8 +99,8 @@ class Attention(Explainer):
         cls = self.backbone.class_token_index
         if cls is None:
             raise VitlensError("method 'attention' needs a class token; this model has none (try rollout)")
-        trace = self.backbone.run(images, attention=True)
-        row = trace.attentions[-1].mean(1)[:, cls]
+        trace, probe = probed_run(self.backbone, images, [-1])
+        row = probe.probabilities(-1, [cls]).mean(1)[:, 0]
         return trace.to_grid(row[:, trace.num_prefix_tokens :]), trace.logits
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone, Trace, to_grid
 from ..backbones.parts import Affine, BlockParts, HeadParts, UnsupportedParts
+from ..backbones.probe import AttentionProbe
 from ..errors import VitlensError
-from .attention import block_index
+from .attention import block_index, identity_rows, probed_run, readout_rollout
 from .base import Explainer, register
 from .targets import Target
 
@@ -43,41 +45,61 @@ def rollout_with_identity(mats: Sequence[Tensor], start: Tensor) -> Tensor:
     return row
 
 
-def attention_gradients(backbone: Backbone, images: Tensor, target: Target) -> tuple[Trace, tuple[Tensor, ...]]:
-    """One forward with explicit attention and one backward: ∂ score / ∂ A_b for every block.
+def probe_gradients(
+    backbone: Backbone, images: Tensor, target: Target, blocks: Sequence[int] | None = None
+) -> tuple[Trace, AttentionProbe]:
+    """One forward pass (the model's own attention kernel) and one backward: ∂ score / ∂ A_b of ``blocks``.
 
-    The graph starts at the input of the first block (``grad_from=0``) and no parameter gradients
-    are computed. Returns the trace and the gradients [B, heads, T, T].
+    The graph starts at the input of the first block (``grad_from=0``) and no parameter gradients are
+    computed. Returns the trace and the probe; ``probe.gradient(b, rows)`` and ``probe.probabilities(b, rows)``
+    give a block's attention gradient and probabilities for the rows asked for. Under autocast on the CPU the
+    explicit path's matrices are read instead (as training computes attention there): PyTorch's 16-bit
+    flash-attention backward on the CPU is several times slower than the explicit matrix products.
     """
-    with torch.enable_grad():
-        trace = backbone.run(images, attention=True, grad_from=0)
-        score = target.fixed(trace.logits).score(trace.logits).sum()
-        grads = torch.autograd.grad(score, trace.attentions)
-    return trace, grads
+    cpu_autocast = images.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    probing = partial(Backbone.probe_attention, backbone) if cpu_autocast else backbone.probe_attention
+    with torch.enable_grad(), probing(blocks, gradients=True) as probe:
+        trace = backbone.run(images, grad_from=0)
+        probe.backward(target.fixed(trace.logits).score(trace.logits).sum())
+    return trace, probe
 
 
-def _readout_map(backbone: Backbone, trace: Trace, mats: Sequence[Tensor]) -> Tensor:
-    t = mats[0].shape[-1]
-    start = backbone.readout(t).to(mats[0].dtype).expand(mats[0].shape[0], t)
-    row = rollout_with_identity(mats, start)
-    return trace.to_grid(row[:, trace.num_prefix_tokens :])
+def attention_gradients(backbone: Backbone, images: Tensor, target: Target) -> tuple[Trace, tuple[Tensor, ...]]:
+    """∂ score / ∂ A_b [B, heads, T, T] for every block, from one forward and one backward (:func:`probe_gradients`).
+
+    Returns the trace (without ``attentions``) and the gradients.
+    """
+    trace, probe = probe_gradients(backbone, images, target)
+    with torch.no_grad():
+        return trace, tuple(probe.gradient(b) for b in probe.blocks)
 
 
 @register
 class GAE(Explainer):
-    """Chefer et al. ICCV 2021: Ā_b = E_h[(∇A_b ⊙ A_b)⁺], R ← R + Ā_b·R from R = I; the readout row of R."""
+    """Chefer et al. ICCV 2021: Ā_b = E_h[(∇A_b ⊙ A_b)⁺], R ← R + Ā_b·R from R = I; the readout row of R.
+
+    The model's own attention kernel runs; A_b is recomputed from the block's queries and keys and
+    ∇A_b = (∂score/∂O_b)·V_bᵀ from its per-head output O_b = A_b V_b, for the rows the readout row reads.
+    """
 
     name = "gae"
     needs_global_attention = True
     paper = "Chefer, Gur, Wolf, Generic Attention-model Explainability, ICCV 2021"
-    cost = "1 forward + 1 backward (explicit attention)"
+    cost = "1 forward + 1 backward (+ every block's attention and its gradient recomputed)"
     meaning = "attention weighted by its gradient for the target, positive part, rolled out over the blocks"
 
     def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
-        trace, grads = attention_gradients(self.backbone, images, target)
+        bb = self.backbone
+        trace, probe = probe_gradients(bb, images, target)
         with torch.no_grad():
-            mats = [(g * a).clamp(min=0).mean(1) for g, a in zip(grads, trace.attentions, strict=True)]
-            return _readout_map(self.backbone, trace, mats), trace.logits
+            t = trace.hidden[0].shape[1]
+
+            def with_identity(b: int, rows: Tensor | None) -> Tensor:  # I + Ā_b, rows of it
+                a = (probe.gradient(b, rows) * probe.probabilities(b, rows)).clamp(min=0).mean(1)
+                return a + identity_rows(rows, t, a)
+
+            row = readout_rollout(bb.readout(t).expand(len(images), t), probe.blocks, with_identity)
+            return trace.to_grid(row[:, trace.num_prefix_tokens :]), trace.logits.detach()
 
 
 # --- transformer attribution (LRP) ----------------------------------------------------------------
@@ -443,15 +465,16 @@ class Flow(Explainer):
 
     @torch.no_grad()
     def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
-        trace = self.backbone.run(images, attention=True)
-        t = trace.attentions[0].shape[-1]
+        trace, probe = probed_run(self.backbone, images)
+        t = trace.hidden[0].shape[1]
         if t > self.max_tokens:
             raise VitlensError(
                 f"method 'flow' solves one max-flow per token per image: {t} tokens exceed max_tokens="
                 f"{self.max_tokens} (raise it if you accept the cost, or use 'rollout')"
             )
         eye = torch.eye(t, device=images.device)
-        mats = torch.stack([0.5 * a.mean(1) + 0.5 * eye for a in trace.attentions], 1).double().cpu().numpy()
+        mats = [0.5 * probe.probabilities(b).mean(1) + 0.5 * eye for b in probe.blocks]
+        mats = torch.stack(mats, 1).double().cpu().numpy()
         readout = self.backbone.readout(t).double().cpu().numpy()
         flows = np.stack([_input_flows(m, readout) for m in mats])
         flows = torch.as_tensor(flows, dtype=images.dtype, device=images.device)
