@@ -288,13 +288,14 @@ def cmd_explain(a: argparse.Namespace) -> int:
                         batch_size=a.batch_size, options=options, device=a.device, boxes=a.boxes)  # fmt: skip
     try:
         for r in run:  # records are printed as they come (the --json list too)
-            if "error" not in r and not math.isfinite(r["probability"]):  # a model whose outputs overflow
+            if "error" not in r and not math.isfinite(r.get("probability", 0.0)):  # a model whose outputs overflow
                 r = {"image": r["image"], "error": f"{r['image']}: the model's output is not finite (NaN or Inf)"}
             if a.json:
                 print(("[\n" if done == 0 else ",\n") + finite_json(r), end="", flush=True)
             elif "error" not in r:
                 shown = r["overlay"] if "overlay" in r else ", ".join(r["overlays"])
-                print(f"{r['image']}: {r['predicted_class']} ({r['probability']:.2f}) -> {shown}")
+                said = f"{r['predicted_class']} ({r['probability']:.2f})" if "predicted" in r else r["target_class"]
+                print(f"{r['image']}: {said} -> {shown}")
             done += 1
             if "error" in r:
                 failed.append(r["error"])

@@ -140,6 +140,7 @@ def explain_files(
             raise VitlensError("give either a target or top_k, not both")
         target = TopK(top_k)
     target = bind_target(target, backbone)  # a text prompt of an image–text model: embedded once
+    classified = getattr(backbone, "has_classes", True)  # an image–text model without classes has no prediction
     parse_target(target, 1, backbone.classes)  # refuse a bad target before reading any image
     out = check_output_dir(out)
     paths = image_paths([paths] if isinstance(paths, str | os.PathLike) else paths, skip=out)
@@ -155,15 +156,15 @@ def explain_files(
             continue
         images = torch.stack([resize(pic[None], size)[0] for _, _, pic, _ in good]).to(device)
         e = explainer(images, target)
-        probs = e.probabilities.cpu()
+        probs = e.probabilities.cpu() if classified else None
         for i, (p, name, picture, original) in enumerate(good):
             stem = Path(name).with_suffix("")
             if written.setdefault(str(stem), p) != p:
                 raise VitlensError(f"{p} and {written[str(stem)]} would both be written as {out / stem}.*")
-            if not torch.isfinite(e.maps[i]).all() or not torch.isfinite(probs[i]).all():
+            if not torch.isfinite(e.maps[i]).all() or (probs is not None and not torch.isfinite(probs[i]).all()):
                 yield {"image": p, "error": f"{p}: the model's output or the map is not finite (NaN or Inf)"}
                 continue
-            record = _write(e[i], picture, out / stem, p, probs[i])
+            record = _write(e[i], picture, out / stem, p, None if probs is None else probs[i])
             if boxes is not None:
                 record["box"] = map_box(e.maps[i].reshape(-1, *e.grid)[0].cpu(), original, boxes)
                 localisation.append(",".join([Path(name).as_posix(), *map(str, record["box"])]))
@@ -190,30 +191,30 @@ def map_box(heat: torch.Tensor, size: tuple[int, int], threshold: float) -> list
     return [int(v) for v in found[0].tolist()]
 
 
-def _write(e, picture: torch.Tensor, stem: Path, path: str, prob: torch.Tensor) -> dict:
-    """Write one image's map, overlays and own pictures; return its record."""
+def _write(e, picture: torch.Tensor, stem: Path, path: str, prob: torch.Tensor | None) -> dict:
+    """Write one image's map, overlays and own pictures; return its record (``prob`` ``None``: the model
+    predicts no class, e.g. an image–text model explained for a prompt)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    method, pred = e.method, int(prob.argmax())
+    method = e.method
     maps = e.maps[0].cpu()
     names = e.class_names[0] if e.multi_target else [e.class_names[0]]
     constant = e.degenerate[0].reshape(-1).tolist()
-    pred_name = e.classes[pred]
-    caption = f"pred {pred_name} {prob[pred]:.2f}"
+    record = {"image": path}
+    caption = ""
+    if prob is not None:
+        pred = int(prob.argmax())
+        pred_name = e.classes[pred]
+        caption = f" · pred {pred_name} {prob[pred]:.2f}"
+        record.update(predicted=pred, predicted_class=pred_name, probability=round(float(prob[pred]), 4))
     map_path = Path(f"{stem}.{method}.npy")
     atomic_save_npy(map_path, maps.numpy())
     overlays = []
     for k, (m, name) in enumerate(zip(maps if e.multi_target else maps[None], names, strict=True)):
         suffix = f".top{k + 1}" if e.multi_target else ""
         png = Path(f"{stem}.{method}{suffix}.png")
-        save_png(overlay(picture, m, title=f"{method} · {name} · {caption}", scale=e.scale), png)
+        save_png(overlay(picture, m, title=f"{method} · {name}{caption}", scale=e.scale), png)
         overlays.append(str(png))
-    record = {
-        "image": path,
-        "predicted": pred,
-        "predicted_class": pred_name,
-        "probability": round(float(prob[pred]), 4),
-        "map": str(map_path),
-    }
+    record["map"] = str(map_path)
     targets = e.targets[0].reshape(-1).tolist() if e.targets is not None else [None] * len(names)
     if e.multi_target:
         record.update(targets=targets, target_classes=names, constant=constant, overlays=overlays)
