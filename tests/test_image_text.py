@@ -284,6 +284,6 @@ def test_cli_explain_takes_a_prompt_as_target(tmp_path, capsys):
     record = json.loads(out)[0]
     assert record["target_class"] == "a photo of a cat"
     assert "predicted" not in record and "probability" not in record  # no classes: nothing is predicted
-    code, out, err = run_cli(["explain", str(tmp_path / "a.png"), "--model", f"open_clip:{folder}", "--method",
-                              "inputxgrad", "--target", "a photo of a cat", "--out", str(tmp_path / "o")], capsys)  # fmt: skip
+    args = ["explain", str(tmp_path / "a.png"), "--model", f"open_clip:{folder}", "--method", "inputxgrad"]
+    code, out, err = run_cli([*args, "--target", "a photo of a cat", "--out", str(tmp_path / "o")], capsys)
     assert code == 0 and f"{tmp_path / 'a.png'}: a photo of a cat -> " in out, err
