@@ -133,7 +133,13 @@ def table_values(page: str) -> dict[str, dict[str, str]]:
     out = {}
     for row in re.findall(r"<tr><td class='l m'>(.*?)</tr>", table):
         method = re.search(r"<b>([a-z]+)</b>", row).group(1)
-        out[method] = dict(zip(header, re.findall(r"<td(?: class=best)?>([^<]*)</td>", row), strict=True))
+        out[method] = dict(
+            zip(
+                header,
+                re.findall(r'<td(?: class=\w+)?>([^<]*)(?:<span class="ci">[^<]*</span>)?</td>', row),
+                strict=True,
+            )
+        )
     return out
 
 
