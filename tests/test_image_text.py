@@ -287,3 +287,16 @@ def test_cli_explain_takes_a_prompt_as_target(tmp_path, capsys):
     args = ["explain", str(tmp_path / "a.png"), "--model", f"open_clip:{folder}", "--method", "inputxgrad"]
     code, out, err = run_cli([*args, "--target", "a photo of a cat", "--out", str(tmp_path / "o")], capsys)
     assert code == 0 and f"{tmp_path / 'a.png'}: a photo of a cat -> " in out, err
+
+
+def test_zero_shot_leaves_the_users_model_in_its_mode():
+    from zoo import tiny_open_clip
+
+    torch.manual_seed(0)
+    model = tiny_open_clip().eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model.encode_image(x)
+        clip = vitlens.zero_shot(model, ["cat", "dog", "car"])
+        assert not any(m.training for m in model.modules())
+        assert torch.equal(clip(x), clip(x)) and torch.equal(model.encode_image(x), before)

@@ -134,7 +134,8 @@ def test_chefer_single_pass_equals_recomputation(kind, images):
 
 
 def test_chefer_checks_its_recomputation_against_the_model(images, monkeypatch):
-    """The single pass is checked against the model's own forward once per explainer (first call)."""
+    """The single pass is checked against the model's own forward once per model (the first call), also
+    through new explainers (every ``vitlens.explain`` call builds one); a model that fails is refused."""
     from vitlens.explainers import chefer, get_explainer
 
     bb = adapt(make_timm("vit"))
@@ -144,8 +145,9 @@ def test_chefer_checks_its_recomputation_against_the_model(images, monkeypatch):
     e = get_explainer("chefer", bb)
     e(images)
     e(images[:2])
+    get_explainer("chefer", adapt(bb.model))(images)  # a new explainer and backbone on the same model
     assert calls == [1]
-    broken = get_explainer("chefer", bb)
+    broken = get_explainer("chefer", adapt(make_timm("vit")))  # a model not checked yet
     monkeypatch.setattr(chefer, "_activations", lambda p, x, grid=None: real_activations_off_by_one(p, x))
     with pytest.raises(Exception, match="does not reproduce"):
         broken(images)

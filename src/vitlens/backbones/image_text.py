@@ -237,7 +237,8 @@ class ImageTextBackbone(Backbone):
         other = type(self)(self.model, self.preprocessing, list(classes), class_embeddings=class_embeddings,
                            tokenizer=self.tokenizer)  # fmt: skip
         other.spec, other.checkpoint = self.spec, self.checkpoint
-        return other.train(self.training)
+        other.training = self.training  # the flag only: the shared modules keep their own mode
+        return other
 
     def checkpoint_extras(self) -> tuple[dict[str, Tensor], dict]:
         """What a checkpoint stores beside the model: the class embeddings (extra tensors, config entry)."""

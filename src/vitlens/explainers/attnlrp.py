@@ -32,7 +32,7 @@ from torch.autograd import Function
 from ..backbones import Backbone, to_grid
 from ..backbones.parts import BlockParts, HeadParts, UnsupportedParts
 from ..errors import VitlensError
-from .base import Explainer, register
+from .base import Explainer, register, verify_once
 from .targets import Target
 
 
@@ -233,13 +233,10 @@ class AttnLRP(Explainer):
         if attention not in ("attnlrp", "cp"):
             raise VitlensError(f"attnlrp: attention must be 'attnlrp' or 'cp', got {attention!r}")
         self.attention = attention
-        self.checked = False
 
     def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         try:
-            if not self.checked:
-                self._check(images[:1])
-                self.checked = True
+            verify_once(self.backbone, "attnlrp-parts", lambda: self._check(images[:1]))
             with torch.enable_grad():
                 embeddings, logits, grid = attnlrp_pass(self.backbone, images, self.attention == "cp")
                 score = target.fixed(logits).score(logits).sum()

@@ -14,7 +14,8 @@ import contextlib
 import inspect
 import math
 import re
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -28,6 +29,19 @@ from .prompts import bind_target
 from .targets import Target, TopK, class_index, is_score_function, parse_target  # noqa: F401  (re-exported)
 
 EXPLAINERS: dict[str, type[Explainer]] = {}
+
+
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → checks it has passed
+
+
+def verify_once(backbone: Backbone, key: str, check: Callable[[], None]) -> None:
+    """Run ``check`` (it raises when the model fails it) the first time ``key`` meets the model inside
+    ``backbone``: checks of the architecture (a method's recomputation reproduces the model) then cost nothing
+    on later calls, also through new explainers such as every :func:`explain` call builds."""
+    done = _VERIFIED.setdefault(backbone.model, set())
+    if key not in done:
+        check()
+        done.add(key)
 
 
 def register(cls: type[Explainer]) -> type[Explainer]:

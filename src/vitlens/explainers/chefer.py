@@ -29,7 +29,7 @@ from ..backbones.parts import Affine, BlockParts, HeadParts, UnsupportedParts
 from ..backbones.probe import AttentionProbe
 from ..errors import VitlensError
 from .attention import block_index, identity_rows, probed_run, readout_rollout
-from .base import Explainer, register
+from .base import Explainer, register, verify_once
 from .targets import Target
 
 
@@ -381,7 +381,6 @@ class Chefer(Explainer):
     def __init__(self, model, *, start_layer: int = 0):
         super().__init__(model)
         self.start_layer = block_index(self.name, "start_layer", start_layer, len(self.backbone.blocks))
-        self.checked = False
 
     def explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         try:
@@ -391,9 +390,7 @@ class Chefer(Explainer):
 
     def _explain(self, images: Tensor, target: Target) -> tuple[Tensor, Tensor]:
         bb = self.backbone
-        if not self.checked:
-            _check_against_model(bb, images[:1])
-            self.checked = True
+        verify_once(bb, "chefer-parts", lambda: _check_against_model(bb, images[:1]))
         with torch.enable_grad():
             run = forward_parts(bb, images)
             score = target.fixed(run.logits).score(run.logits).sum()
