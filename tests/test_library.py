@@ -347,3 +347,21 @@ def test_explain_boxes_writes_a_localization_file_folder_data_reads(tmp_path, ca
     assert [b[:4] for b in boxes["a/x.png"]] == [[float(v) for v in records["x.png"]["box"]]]
     x0, y0, x1, y1 = records["x.png"]["box"]
     assert 0 <= x0 <= x1 < 90 and 0 <= y0 <= y1 < 60
+
+
+def test_one_line_errors_for_overlay_images_and_per_image_references():
+    import vitlens
+    from vitlens.errors import VitlensError
+
+    model = vitlens.load_model("vitlens:fashion-vit")
+    images = torch.rand(2, 3, 64, 64)
+    e = vitlens.explain(model, images, method="gradcam")
+    with pytest.raises(VitlensError, match=r"overlay: images must be a tensor \[2, 3, H, W\]"):
+        e.overlay([object(), object()])
+    with pytest.raises(
+        VitlensError, match=r"in \[0, 1\], got \(3, 3, 64, 64\)"
+    ):
+        e.overlay(torch.rand(3, 3, 64, 64))
+    refs = vitlens.EmbeddingSimilarity(torch.rand(3, 10))
+    with pytest.raises(VitlensError, match="3 references .one per image. for 2 images"):
+        vitlens.explain(model, images, method="gradcam", target=refs)

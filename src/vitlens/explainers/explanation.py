@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import VitlensError
+
 #: How a method's values map to colours. ``minmax``: relative evidence, min-max scaled per map;
 #: ``signed``: positive and negative evidence, a diverging colour map centred at 0; ``probability``:
 #: absolute probabilities in [0, 1]; ``positive``: the positive part relative to the largest value.
@@ -144,7 +146,11 @@ class Explanation:
         """
         from ..viz.overlay import explanation_overlays
 
-        return explanation_overlays(self, self.images if images is None else images, size=size, title=title)
+        images = self.images if images is None else images
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[:2] != (len(self.maps), 3):
+            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise VitlensError(f"overlay: images must be a tensor [{len(self.maps)}, 3, H, W] in [0, 1], got {got}")
+        return explanation_overlays(self, images, size=size, title=title)
 
     def show(self, images: Tensor | None = None, **kwargs):
         """A matplotlib grid of the overlays (rows: images; columns: targets). See :func:`vitlens.show`."""

@@ -154,6 +154,11 @@ class EmbeddingSimilarity:
             raise VitlensError(
                 f"EmbeddingSimilarity: reference has {ref.shape[-1]} dimensions, the model's output {output.shape[-1]}"
             )
+        if ref.ndim == 2 and len(ref) != len(output):
+            raise VitlensError(
+                f"EmbeddingSimilarity: {len(ref)} references (one per image) for {len(output)} images; "
+                "give one reference [D] for all, or one per image"
+            )
         return F.cosine_similarity(output, ref.expand_as(output), dim=-1)
 
     def subset(self, index: Tensor) -> EmbeddingSimilarity:
