@@ -358,9 +358,7 @@ def test_one_line_errors_for_overlay_images_and_per_image_references():
     e = vitlens.explain(model, images, method="gradcam")
     with pytest.raises(VitlensError, match=r"overlay: images must be a tensor \[2, 3, H, W\]"):
         e.overlay([object(), object()])
-    with pytest.raises(
-        VitlensError, match=r"in \[0, 1\], got \(3, 3, 64, 64\)"
-    ):
+    with pytest.raises(VitlensError, match=r"in \[0, 1\], got \(3, 3, 64, 64\)"):
         e.overlay(torch.rand(3, 3, 64, 64))
     refs = vitlens.EmbeddingSimilarity(torch.rand(3, 10))
     with pytest.raises(VitlensError, match="3 references .one per image. for 2 images"):
