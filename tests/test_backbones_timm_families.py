@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vitlens
 from vitlens import VitlensError, load_model
 from vitlens.backbones import adapt
 from vitlens.backbones.timm_beit import TimmBeit
@@ -267,6 +268,8 @@ def test_eva_other_sizes_with_dynamic_img_size():
         torch.testing.assert_close(a, manual_attention(model, i, x, (6, 5)), atol=1e-5, rtol=1e-4)
     with torch.no_grad():  # back to the built size: the rotary embedding follows the grid
         torch.testing.assert_close(bb(torch.rand(1, 3, 32, 32)).shape, torch.Size([1, 5]))
+    with pytest.raises(VitlensError, match="or sides that are multiples of 8x8"):  # a size the patches do not tile
+        vitlens.explain(model, torch.rand(1, 3, 44, 40), method="gradcam")
 
 
 @pytest.mark.parametrize("name", ["timm-deit3", "timm-flexivit"])

@@ -146,10 +146,11 @@ def check_size(backbone: Backbone, size: tuple[int, int]) -> None:
     except (AssertionError, RuntimeError, ValueError, VitlensError) as e:
         h, w = backbone.preprocessing.input_size
         ph, pw = backbone.patch_size
+        any_size = backbone.family == "timm" or bool(getattr(backbone.model, "dynamic_img_size", False))
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise VitlensError(
             f"this model cannot take {size[0]}x{size[1]} images ({why}); give {h}x{w} images"
-            + (f" or sides that are multiples of {ph}x{pw}" if backbone.family == "timm" else "")
+            + (f" or sides that are multiples of {ph}x{pw}" if any_size else "")
         ) from None
 
 
