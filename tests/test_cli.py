@@ -107,3 +107,18 @@ def test_console_entry_points(tiny_checkpoint, image_files, tmp_path):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "vitlens", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("vitlens ")
+
+
+@pytest.mark.filterwarnings("always:method 'pm' on a model:UserWarning")
+def test_warnings_are_one_line_on_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import committed, run_cli
+
+    Image.new("RGB", (64, 64), (90, 40, 200)).save(tmp_path / "a.png")
+    code, _, err = run_cli(["explain", str(tmp_path / "a.png"), "--model", committed("fashion-vit"), "--method", "pm",
+                            "--out", str(tmp_path / "o")], capsys)  # fmt: skip
+    assert code == 0
+    line = next(line for line in err.splitlines() if "PM fine-tuned" in line)
+    assert line.startswith("vitlens: warning: method 'pm' on a model that was not PM fine-tuned")
+    assert ".py:" not in err and "get_explainer" not in err

@@ -509,8 +509,17 @@ COMMANDS = {
 }
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one ``vitlens: warning:`` line, without Python's source location."""
+    print(f"vitlens: warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_line
     try:
         return COMMANDS[args.command](args)
     except VitlensError as e:
@@ -522,3 +531,5 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`vitlens explain … --json | head`): stop quietly
         sys.stderr.close()
         return 141
+    finally:
+        warnings.showwarning = shown

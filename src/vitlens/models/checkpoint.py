@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -466,7 +467,9 @@ def load_training_state(path: str | os.PathLike) -> dict:
     if _sha256(file) != expected:
         raise VitlensError(f"{file} is corrupted: its SHA-256 differs from the one recorded in {CONFIG}")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle protocol: the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - the unpickler raises many types; all mean "not a training state"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise VitlensError(f"{file} is not a vitlens training state ({first[:200]})") from e
