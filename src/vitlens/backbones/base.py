@@ -223,8 +223,8 @@ class Backbone(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Class, distillation and register tokens in front of the patch tokens."""
-        raise NotImplementedError
+        """Class, distillation and register tokens in front of the patch tokens (one per :attr:`prefix_kinds`)."""
+        return len(self.prefix_kinds)
 
     @property
     def prefix_kinds(self) -> tuple[str, ...]:
@@ -411,9 +411,10 @@ class Backbone(nn.Module):
         stack = contextlib.ExitStack()
         with stack:
             attentions = stack.enter_context(self.capture_attention()) if attention else []
-            for i, block in enumerate(self.blocks, 1):
-                x = block(x)
-                if grad_from == i:
+            token_grid = tuple(grid)
+            for i in range(len(self.blocks)):
+                x, token_grid = self.stage(i, x, token_grid)
+                if grad_from == i + 1:
                     x = x.detach().requires_grad_(True)
                 hidden.append(x)
         tokens = self.final_norm(x)
@@ -422,10 +423,15 @@ class Backbone(nn.Module):
             embeddings=embeddings,
             hidden=hidden,
             tokens=tokens,
-            grid=grid,
+            grid=token_grid,
             num_prefix_tokens=self.num_prefix_tokens,
             attentions=list(attentions),
         )
+
+    def stage(self, index: int, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        """Block ``index`` on tokens ``[B, T, D]`` on ``grid`` → its output and their grid (the same for a flat
+        ViT; hierarchical models merge tokens between stages)."""
+        return self.blocks[index](x), grid
 
     def describe(self) -> dict:
         """Facts about the layout, for error messages, ``vitlens info`` and tests."""

@@ -39,10 +39,6 @@ class BcosViT(Backbone):
         return self.model.num_classes
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return 0
-
-    @property
     def prefix_kinds(self) -> tuple[str, ...]:
         return ()
 

@@ -170,10 +170,6 @@ class HFCLIP(HFImageText):
         return int(self.model.config.projection_dim)
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return 1
-
-    @property
     def prefix_kinds(self) -> tuple[str, ...]:
         return ("cls",)
 

@@ -116,10 +116,6 @@ class HFDinov2(Backbone):
         return 0 if tokens is None else tokens.shape[1]
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return 1 + self.num_registers
-
-    @property
     def prefix_kinds(self) -> tuple[str, ...]:
         return ("cls",) + ("reg",) * self.num_registers
 

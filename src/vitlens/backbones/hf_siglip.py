@@ -49,10 +49,6 @@ class HFSiglip(HFImageText):
         return self.model.logit_bias
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return 0
-
-    @property
     def prefix_kinds(self) -> tuple[str, ...]:
         return ()
 

@@ -122,10 +122,6 @@ class HFViT(Backbone):
         return "avg" if self.headless and self.embedding == "mean" else "token"
 
     @property
-    def num_prefix_tokens(self) -> int:
-        return len(self.prefix_kinds)
-
-    @property
     def prefix_kinds(self) -> tuple[str, ...]:
         # every DeiT model carries the distillation token, also the one with a single (class-token) head
         return ("cls", "dist") if hasattr(self.base.embeddings, "distillation_token") else ("cls",)

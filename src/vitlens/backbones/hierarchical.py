@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from ..errors import VitlensError
-from .base import Backbone, Trace
+from .base import Backbone
 
 
 class HierarchicalBackbone(Backbone):
@@ -30,10 +30,6 @@ class HierarchicalBackbone(Backbone):
     """
 
     global_attention = False
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 0
 
     @property
     def prefix_kinds(self) -> tuple[str, ...]:
@@ -85,42 +81,3 @@ class HierarchicalBackbone(Backbone):
     def capture_attention(self) -> Iterator[list[Tensor]]:
         raise self._no_global_attention()
         yield []  # pragma: no cover
-
-    def run(
-        self,
-        images: Tensor | None = None,
-        *,
-        embeddings: Tensor | None = None,
-        grid: tuple[int, int] | None = None,
-        attention: bool = False,
-        grad_from: int | None = None,
-    ) -> Trace:
-        """One forward pass, stage by stage (see :meth:`Backbone.run`; ``grid`` goes with ``embeddings``, the
-        trace's ``grid`` is the last stage's). ``attention=True`` is refused: there is no global attention."""
-        if attention:
-            raise self._no_global_attention()
-        if embeddings is None:
-            if images is None:
-                raise ValueError("run() needs images or embeddings")
-            embeddings, grid = self.embed(self.normalize(images))
-        elif grid is None:
-            raise ValueError("run(embeddings=...) needs the grid")
-        x = self.add_prefix_and_position(embeddings, grid)
-        if grad_from == 0:
-            x = x.detach().requires_grad_(True)
-        hidden = [x]
-        stage_grid = tuple(grid)
-        for i in range(len(self.blocks)):
-            x, stage_grid = self.stage(i, x, stage_grid)
-            if grad_from == i + 1:
-                x = x.detach().requires_grad_(True)
-            hidden.append(x)
-        tokens = self.final_norm(x)
-        return Trace(
-            logits=self.head(tokens),
-            embeddings=embeddings,
-            hidden=hidden,
-            tokens=tokens,
-            grid=stage_grid,
-            num_prefix_tokens=0,
-        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from ..errors import VitlensError
 from .base import Preprocessing
 from .image_text import ImageTextBackbone, Tokenizer
 from .parts import BlockParts, UnsupportedParts, linear_parts
-from .torchvision_vit import _explicit_forward
+from .torchvision_vit import capture_mha_attention
 
 CLIP_VOCAB = 49408  # OpenCLIP's own BPE vocabulary (bundled with the package)
 
@@ -112,10 +112,6 @@ class OpenCLIPViT(ImageTextBackbone):
     @property
     def logit_bias(self) -> Tensor | None:
         return getattr(self.model, "logit_bias", None)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1
 
     @property
     def prefix_kinds(self) -> tuple[str, ...]:
@@ -216,21 +212,8 @@ class OpenCLIPViT(ImageTextBackbone):
             fc2=linear_parts(mlp.c_proj, gamma(block.ls_2)),
         )
 
-    @contextlib.contextmanager
-    def capture_attention(self) -> Iterator[list[Tensor]]:
-        found: list[Tensor] = []
-        patched = []
-        try:
-            for block in self.blocks:
-                mha = block.attn
-                if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn or not mha.batch_first:
-                    raise VitlensError(f"cannot capture attention of this {type(mha).__name__} configuration")
-                mha.forward = _explicit_forward(mha, found)
-                patched.append(mha)
-            yield found
-        finally:
-            for mha in patched:
-                del mha.forward
+    def capture_attention(self) -> contextlib.AbstractContextManager[list[Tensor]]:
+        return capture_mha_attention([block.attn for block in self.blocks])
 
 
 #: ``open_clip`` model classes a checkpoint may name, built from the model config it records

@@ -54,6 +54,24 @@ def _plain_mha(mha: nn.Module) -> bool:
     )
 
 
+@contextlib.contextmanager
+def capture_mha_attention(modules: Sequence[nn.Module]) -> Iterator[list[Tensor]]:
+    """Every ``nn.MultiheadAttention`` of ``modules`` computes explicitly and records its probabilities
+    (torchvision's and OpenCLIP's blocks); the modules' own forward is restored on exit, even on error."""
+    found: list[Tensor] = []
+    patched = []
+    try:
+        for mha in modules:
+            if not _plain_mha(mha):
+                raise VitlensError(f"cannot capture attention of this {type(mha).__name__} configuration")
+            mha.forward = _explicit_forward(mha, found)
+            patched.append(mha)
+        yield found
+    finally:
+        for mha in patched:
+            del mha.forward
+
+
 class TorchvisionViT(Backbone):
     family = "torchvision"
 
@@ -63,10 +81,6 @@ class TorchvisionViT(Backbone):
     @property
     def num_classes(self) -> int:
         return self.model.heads.head.out_features
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1
 
     @property
     def prefix_kinds(self) -> tuple[str, ...]:
@@ -133,21 +147,8 @@ class TorchvisionViT(Backbone):
             raise UnsupportedParts("torchvision heads with a pre-logits layer")
         return HeadParts([(self.class_token_index, linear_parts(self.model.heads.head))], nn.Identity())
 
-    @contextlib.contextmanager
-    def capture_attention(self) -> Iterator[list[Tensor]]:
-        found: list[Tensor] = []
-        patched = []
-        try:
-            for block in self.blocks:
-                mha = block.self_attention
-                if not _plain_mha(mha):
-                    raise VitlensError(f"cannot capture attention of this {type(mha).__name__} configuration")
-                mha.forward = _explicit_forward(mha, found)
-                patched.append(mha)
-            yield found
-        finally:
-            for mha in patched:
-                del mha.forward
+    def capture_attention(self) -> contextlib.AbstractContextManager[list[Tensor]]:
+        return capture_mha_attention([block.self_attention for block in self.blocks])
 
     @contextlib.contextmanager
     def probe_attention(
