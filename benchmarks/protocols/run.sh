@@ -33,3 +33,5 @@ ev sanity-counting --model vitlens:counting-vit --methods attention,rollout,gae,
   --data counting:test --limit 16
 ev sanity-counting-diffmask --model vitlens:counting-vit-diffmask --methods diffmask --metrics sanity \
   --data counting:test --limit 16
+ev sanity-fashion-vit --model vitlens:fashion-vit --methods attention,rollout,gae,chefer,gradcam --metrics sanity \
+  --data fashion-canvas:test --limit 16
