@@ -1,23 +1,27 @@
 """PM with default settings on data sets it was never tuned on, against the baselines, through the user path.
 
-For one data set (``--data shapes``, ``counting:grid=3``, ``fashion-canvas``, …):
+For one data set (``--data shapes``, ``counting:grid=3``, ``fashion-canvas``, ``glyphs``, …):
 
-1. export it to the folder layout (``vitlens.data.export``) with boxes and masks for only ``--labelled`` of
-   the training images (the issue's setting: 2%) and for every test image;
+1. export it to the folder layout (``vitlens.data.export``; ``glyphs`` is written there directly by
+   benchmarks/glyphs.py) with boxes and masks for only ``--labelled`` of the training images (2%, as a
+   user's partly annotated data) and for every test image;
 2. train a small classifier on ``folder:ROOT:train`` (the profile's architecture);
 3. fine-tune PM on the same folder data with ``vitlens train pm`` and **no PM option** (the command chooses
    them and says why; only ``--max-steps`` is given in ``--quick`` mode);
 4. score PM (on the PM model) and attention, rollout, GAE, Chefer and Grad-CAM (on the PM model, as in
    benchmarks/pm.md, and on the base classifier) with ``vitlens evaluate`` on ``folder:ROOT:test``;
-5. store the record in ``benchmarks/pm-datasets/<data>[-quick].json`` and regenerate the section of
+5. store the record in ``benchmarks/pm-datasets/<data>[-<profile>].json`` and regenerate the section of
    benchmarks/pm.md between the ``pm_datasets`` markers from every record there.
 
     python benchmarks/pm_datasets.py --data shapes --quick      # a few minutes on 2 CPU cores
-    python benchmarks/pm_datasets.py --data shapes              # the full-size run (hours on a CPU)
+    python benchmarks/pm_datasets.py --data glyphs              # the medium profile (about 20 minutes)
+    python benchmarks/pm_datasets.py --data shapes --profile full   # the full-size data set (hours on a CPU)
     python benchmarks/pm_datasets.py --table-only               # rewrite the pm.md section from the records
 
 ``--quick`` numbers come from a tiny classifier trained for a few hundred steps on 2,000 images and PM
-cut to ``--max-steps``; they test the pipeline and show a direction, not the method's best.
+cut to ``--max-steps``; they test the pipeline and show a direction, not the method's best. The medium
+profile (the default) trains the data set's default architecture for 2,500 steps on 3,000 images and runs
+PM with every default, as a user with a small data set would.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ PROFILES = {
     "quick": {"train_n": 2000, "test_n": 200, "limit": 100, "arch": "fashion-vit",
               "overrides": {"stem": (16, 32, 64), "stem_convs": 1, "embed_dim": 64, "depth": 3, "num_heads": 4},
               "clf_steps": 250, "clf_batch": 64, "clf_lr": 2e-3, "clf_warmup": 25, "pm_steps": 250, "threads": 1},
+    "medium": {"train_n": 3000, "test_n": 300, "limit": 300, "arch": None, "overrides": {}, "clf_steps": 2500,
+               "clf_batch": 64, "clf_lr": 1e-3, "clf_warmup": 100, "pm_steps": None},
     "full": {"train_n": None, "test_n": None, "limit": 500, "arch": None, "overrides": {},
              "clf_steps": None, "clf_epochs": 12, "clf_batch": 64, "clf_lr": 2e-3, "clf_warmup": 200, "pm_steps": None},
 }  # fmt: skip
@@ -106,14 +112,14 @@ def evaluate(model: Path, methods: tuple[str, ...], root: Path, limit: int, log:
     return json.loads(stdout)["results"]
 
 
-def run(data: str, quick: bool, labelled: float, work: Path) -> dict:
+def run(data: str, profile_name: str, labelled: float, work: Path) -> dict:
     import torch
 
     from vitlens.data import open_dataset
     from vitlens.data.export import export_folder
 
     global THREADS
-    profile = PROFILES["quick" if quick else "full"]
+    profile = PROFILES[profile_name]
     THREADS = profile.get("threads")
     if THREADS:
         torch.set_num_threads(THREADS)
@@ -121,7 +127,12 @@ def run(data: str, quick: bool, labelled: float, work: Path) -> dict:
     t0 = time.time()
     root = work / "folder"
     log = work / "log.txt"
-    if not root.exists():  # --reuse: a previous run's export and classifier are kept, PM is redone
+    if not root.exists() and name == "glyphs":
+        from glyphs import write_split
+
+        write_split(root, "train", profile["train_n"] or 20000, labelled)
+        write_split(root, "test", profile["test_n"] or 1000, 1.0)
+    elif not root.exists():  # --reuse: a previous run's export and classifier are kept, PM is redone
         export_folder(spec_for(data, "train", profile["train_n"]), root, labelled=labelled)
         export_folder(spec_for(data, "test", profile["test_n"]), root, labelled=1.0)
     base = work / "classifier"
@@ -144,7 +155,7 @@ def run(data: str, quick: bool, labelled: float, work: Path) -> dict:
     on_base = evaluate(base, BASELINES, root, profile["limit"], log)
     return {
         "data": data,
-        "quick": quick,
+        "profile": profile_name,
         "labelled_share": labelled,
         "train_images": len(open_dataset(f"folder:{root}:train")),
         "test_images_scored": profile["limit"],
@@ -178,7 +189,7 @@ def table(records: list[dict]) -> str:
              "**Quick-mode records** (`--quick`) use a tiny classifier and a shortened PM run: they test the "
              "pipeline and show a direction, not the method's best.", ""]  # fmt: skip
     for r in records:
-        mode = "quick mode" if r["quick"] else "full"
+        mode = {"quick": "quick mode", "medium": "medium profile", "full": "full"}[r["profile"]]
         lines += [f"### {r['data']} ({mode}; {r['train_images']:,} training images, "
                   f"{r['labelled_share']:.0%} labelled; {r['test_images_scored']} test images scored)", ""]  # fmt: skip
         lines += [f"    {r['pm_command']}", ""]
@@ -216,21 +227,24 @@ def write_table() -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="shapes", help="data set name with options, e.g. shapes or counting:grid=3")
-    p.add_argument("--quick", action="store_true", help="a tiny run (minutes on a CPU): tests the pipeline")
+    p.add_argument("--profile", choices=PROFILES, default="medium",
+                   help="quick: a tiny run that tests the pipeline (minutes on a CPU); medium: 3,000 training images, "
+                   "the default architecture, PM with every default (about 20 minutes); full: the whole data set")
+    p.add_argument("--quick", dest="profile", action="store_const", const="quick", help="same as --profile quick")
     p.add_argument("--labelled", type=float, default=0.02, help="share of training images with boxes and masks")
     p.add_argument("--work", help="keep the exported data, models and logs here (default: a temporary folder)")
     p.add_argument("--reuse", action="store_true", help="reuse --work's export and classifier (PM is redone)")
     p.add_argument("--table-only", action="store_true", help="only regenerate the pm.md section from the records")
     a = p.parse_args()
-    sys.path.insert(0, str(HERE.parent / "src"))
+    sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]
     if not a.table_only:
         work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="pm-datasets-"))
         if work.exists() and any(work.iterdir()) and not a.reuse:
             raise SystemExit(f"{work} is not empty")
         work.mkdir(parents=True, exist_ok=True)
-        record = run(a.data, a.quick, a.labelled, work)
+        record = run(a.data, a.profile, a.labelled, work)
         RECORDS.mkdir(exist_ok=True)
-        stem = a.data.replace(":", "_").replace(",", "_").replace("=", "-") + ("-quick" if a.quick else "")
+        stem = a.data.replace(":", "_").replace(",", "_").replace("=", "-") + f"-{a.profile}"
         (RECORDS / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
         print(json.dumps({k: record[k] for k in ("data", "accuracy_before", "accuracy_after", "seconds")}))
         if not a.work:

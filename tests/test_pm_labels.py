@@ -118,12 +118,12 @@ def _recipe_for(command: str, n_images: int, n_used: int, n_classes: int) -> dic
     a = build_parser().parse_args(argv)
     given = {"batch_size": a.batch_size, "max_steps": a.max_steps, "epochs": a.epochs, "lr": a.lr,
              "warmup_steps": a.warmup_steps, "lam": a.lam, "pos_weight": a.pos_weight, "mask_batch": a.mask_batch,
-             "composites": a.composites, "pseudo_rounds": a.pseudo_masks}  # fmt: skip
+             "composites": a.composites, "pseudo_rounds": a.pseudo_masks, "negatives": a.negatives}  # fmt: skip
     return pm_settings(n_images, n_used, n_classes, given)[0]
 
 
 RUN9 = {"batch_size": 88, "max_steps": 4500, "epochs": None, "lr": 2e-4, "warmup_steps": 100, "lam": 10.0,
-        "pos_weight": 10.0, "mask_batch": 8, "composites": 24, "pseudo_rounds": 0}  # fmt: skip
+        "pos_weight": 10.0, "mask_batch": 8, "composites": 24, "pseudo_rounds": 0, "negatives": False}  # fmt: skip
 
 
 def test_recorded_demo_command_still_gives_run_9():
@@ -188,3 +188,36 @@ def test_unreadable_labelled_images_leave_the_pool(tmp_path, tiny_checkpoint, mo
         tiles, _ = task._composite_batch("cpu")
         assert len(tiles) == 2
     assert bad not in task.mask_indices and len(task.mask_indices) == 3
+
+
+def test_pseudo_targets_keep_only_the_component_around_the_peak():
+    from vitlens.training.pm import peak_component
+
+    volume = torch.zeros(6, 6)
+    volume[0:2, 0:2] = 0.7  # the object, with the peak
+    volume[1, 1] = 0.9
+    volume[2, 2] = 0.6  # touches it diagonally: the same 8-connected region
+    volume[4:6, 4:6] = 0.8  # clutter elsewhere above the threshold
+    hard = (volume > 0.5).float()
+    kept = peak_component(hard, volume)
+    expected = torch.zeros(6, 6)
+    expected[0:2, 0:2] = 1
+    expected[2, 2] = 1
+    assert torch.equal(kept, expected)
+    volume[5, 5] = 0.95  # the peak moves to the other region: that one is kept
+    assert kept.sum() == 5 and peak_component(hard, volume)[4:, 4:].sum() == 4 and peak_component(hard, volume).sum() == 4
+
+
+def test_negative_loss_is_bce_towards_zero_on_every_other_class():
+    from vitlens.training.pm import negative_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 2, 2, requires_grad=True)
+    labels = torch.tensor([0, 2, 2])
+    loss = negative_loss(logits, labels)
+    other = torch.ones(3, 4, dtype=torch.bool)
+    other[torch.arange(3), labels] = False
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[other], torch.zeros(9, 2, 2))
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert (logits.grad[torch.arange(3), labels] == 0).all() and (logits.grad[other] != 0).all()

@@ -93,7 +93,10 @@ def test_report_has_every_section_and_embeds_every_picture(results, tmp_path):
     for label in ("rollout", "attention", "diffmask", "counting-vit-diffmask"):
         assert label in gallery
     assert "B-cos" in page and "No B-cos model" in page  # the section says why it is empty
-    assert "Probability that the patch is kept" in page  # DiffMask's one-sentence meaning
+    from vitlens.explainers import EXPLAINERS
+
+    meaning = EXPLAINERS["diffmask"].meaning  # each method's one sentence, from its explainer class
+    assert f"<dd>{meaning[:1].upper()}{meaning[1:]}. Values: absolute, 0–1." in page
 
 
 def test_metric_table_equals_the_results_and_marks_the_best(results):

@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROUNDS",
         help="self-training rounds (default: 2 with fewer than 100 labelled images, else 0)",
     )
+    pm.add_argument(
+        "--negatives",
+        action=argparse.BooleanOptionalAction,
+        help="train the patches of images without a mask towards 0 for every class but the image's label",
+    )
     pm.epilog = ("Unset options follow the best fashion-canvas recipe (benchmarks/pm.md, run 9), scaled to the "
                  "data set; the command prints what it chose.")  # fmt: skip
     pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
@@ -473,6 +478,7 @@ def _train(a: argparse.Namespace) -> int:
         summary = train_pm(
             a.model, a.data, a.out, _train_config(a), mask_fraction=a.mask_fraction, lam=a.lam,
             pos_weight=a.pos_weight, mask_batch=a.mask_batch, composites=a.composites, pseudo_rounds=a.pseudo_masks,
+            negatives=a.negatives,
             resume=a.resume, eval_data=a.eval_data, overwrite=a.overwrite, classes_from_prompts=a.classes_from_prompts,
         )  # fmt: skip
     if a.task == "bcos":

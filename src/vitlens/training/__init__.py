@@ -192,6 +192,7 @@ def train_pm(
     mask_batch: int | None = None,
     composites: int | None = None,
     pseudo_rounds: int | None = None,
+    negatives: bool | None = None,
     resume: bool = False,
     eval_data: str | None = None,
     overwrite: bool = False,
@@ -218,6 +219,7 @@ def train_pm(
         mask_batch: masked images in every batch (they replace ordinary ones).
         composites: 2×2 composites of masked images in every batch (class separation).
         pseudo_rounds: self-training rounds with pseudo-masks.
+        negatives: train every ordinary image's patches towards 0 for every class but its label.
         resume: continue the interrupted run in ``out``.
         eval_data: held-out data spec (default: the test split of ``data``).
         overwrite: replace a model already in ``out`` instead of refusing.
@@ -271,7 +273,7 @@ def train_pm(
     classes_used = len(_labels(dataset, used[:2000]))
     given = {"batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "epochs": cfg.epochs, "lr": cfg.lr,
              "warmup_steps": cfg.warmup_steps, "lam": lam, "pos_weight": pos_weight, "mask_batch": mask_batch,
-             "composites": composites, "pseudo_rounds": pseudo_rounds}  # fmt: skip
+             "composites": composites, "pseudo_rounds": pseudo_rounds, "negatives": negatives}  # fmt: skip
     settings, why = pm_settings(len(dataset), len(used), classes_used, given)
     if why:
         log("chosen (the best fashion-canvas recipe, run 9 of benchmarks/pm.md, scaled; flags override): "
@@ -283,7 +285,7 @@ def train_pm(
     task = PMTask(
         backbone, dataset, mask_fraction=mask_fraction, labelled=labelled, lam=settings["lam"],
         pos_weight=settings["pos_weight"], mask_batch=settings["mask_batch"], composites=settings["composites"],
-        pseudo_rounds=settings["pseudo_rounds"], seed=cfg.seed,
+        pseudo_rounds=settings["pseudo_rounds"], negatives=settings["negatives"], seed=cfg.seed,
         total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))),
     )  # fmt: skip
     provenance = {"command": _command(), "data": str(spec), "eval_data": str(held_out), "base_model": source,

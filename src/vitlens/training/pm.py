@@ -67,6 +67,26 @@ class PMForward(nn.Module):
         return trace.logits, trace.to_grid(patch_logits).permute(0, 3, 1, 2)
 
 
+def negative_loss(patch_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean BCE towards 0 of every class but the label, on every patch (``[B, C, gh, gw]``, ``[B]``).
+
+    What an image-level label says about the patches of a single-object image without a mask: no patch
+    shows any other class. The label's own class is left out (where its object lies is unknown).
+    """
+    other = torch.ones(patch_logits.shape[:2], dtype=torch.bool, device=patch_logits.device)
+    other[torch.arange(len(labels)), labels] = False
+    return F.softplus(patch_logits[other]).mean()
+
+
+def peak_component(hard: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+    """The 8-connected component of a thresholded map ``hard`` ``[gh, gw]`` that holds ``volume``'s peak."""
+    from scipy import ndimage
+
+    components, _ = ndimage.label(hard.cpu().numpy(), structure=np.ones((3, 3)))
+    peak = np.unravel_index(int(volume.argmax()), tuple(volume.shape))
+    return torch.from_numpy(components == components[peak]).to(hard) * hard
+
+
 def is_labelled(sample: dict) -> bool:
     """Whether a sample carries localisation: a mask, or at least one box."""
     return "error" not in sample and ("mask" in sample or len(sample.get("boxes", ())) > 0)
@@ -144,6 +164,7 @@ class PMTask(Task):
         pseudo_pool: int = 2000,
         pseudo_threshold: float = 0.5,
         pseudo_confidence: float = 0.9,
+        negatives: bool = False,
         total_steps: int = 1,
         seed: int = 0,
         label_smoothing: float = 0.1,
@@ -151,7 +172,7 @@ class PMTask(Task):
         super().__init__(backbone)
         self.net = PMForward(backbone)
         self.dataset, self.lam, self.pos_weight, self.mask_batch = dataset, lam, pos_weight, mask_batch
-        self.composites = composites
+        self.composites, self.negatives = composites, negatives
         self.label_smoothing, self.seed = label_smoothing, seed
         self.mask_fraction = mask_fraction
         self.labelled = labelled_indices(dataset) if labelled is None else list(labelled)
@@ -265,10 +286,15 @@ class PMTask(Task):
             tiles, tile_targets = self._composite_batch(x.device)
             parts, targets, n_patch = [mx, tiles], torch.cat([targets, tile_targets]), n_patch + len(tiles)
         keep = max(0, len(x) - n_patch)  # masked images and composites replace ordinary ones: same batch size
-        logits, patch_logits = module(torch.cat([x[:keep], *parts]), n_patch)
+        n_out = keep + n_patch if self.negatives else n_patch
+        logits, patch_logits = module(torch.cat([x[:keep], *parts]), n_out)
         ce = F.cross_entropy(logits[: keep + len(mx)], torch.cat([y[:keep], my]), label_smoothing=self.label_smoothing)
-        bce = pm_loss(patch_logits, targets, self.pos_weight)
-        return ce + self.lam * bce, {"ce": ce.item(), "pm_bce": bce.item()}
+        bce = pm_loss(patch_logits[n_out - n_patch :], targets, self.pos_weight)
+        loss, logs = ce + self.lam * bce, {"ce": ce.item(), "pm_bce": bce.item()}
+        if self.negatives and keep:
+            neg = negative_loss(patch_logits[:keep], y[:keep])
+            loss, logs["pm_negatives"] = loss + self.lam * neg, neg.item()
+        return loss, logs
 
     def after_step(self, step: int) -> None:
         if step + 1 in self.round_steps:
@@ -276,7 +302,12 @@ class PMTask(Task):
 
     @torch.no_grad()
     def pseudo_label_round(self) -> None:
-        """Threshold the current PM maps of confident, correct, unlabelled images into targets."""
+        """Threshold the current PM maps of confident, correct, unlabelled images into targets.
+
+        Only the connected region around the map's peak becomes the target: a single-object image has one
+        object, and scattered patches above the threshold elsewhere (texture, clutter) are the map's false
+        positives, which self-training would otherwise reinforce.
+        """
         was = self.backbone.training
         self.backbone.eval()
         rng = np.random.default_rng([self.seed, 11, len(self.pseudo_indices)])
@@ -295,10 +326,11 @@ class PMTask(Task):
             conf, pred = probs.max(1)
             ok = (pred.cpu() == b["label"]) & (conf.cpu() >= self.pseudo_confidence)
             volume = patch_probabilities(self.backbone, trace)
-            hard = (volume[torch.arange(len(pred)), pred] > self.pseudo_threshold).float()
+            own = volume[torch.arange(len(pred)), pred]
+            hard = (own > self.pseudo_threshold).float()
             for j in torch.nonzero(ok & hard.flatten(1).any(1).cpu()).flatten().tolist():  # never an empty target
                 t = torch.zeros_like(volume[j])
-                t[b["label"][j]] = hard[j]
+                t[b["label"][j]] = peak_component(hard[j], own[j])
                 new_idx.append(int(chunk[j]))
                 new_targets.append(t.cpu())
         if new_idx:
@@ -327,6 +359,7 @@ class PMTask(Task):
                 "composites": self.composites,
                 "pseudo_rounds": self.pseudo_rounds,
                 "pseudo_labelled": len(self.pseudo_indices),
+                "negatives": self.negatives,
             }
         }
 
@@ -396,6 +429,8 @@ def pm_settings(n_images: int, n_used: int, n_classes_used: int, given: dict) ->
                        f"{FEW_LABELS}), {unlabelled:,} others to pseudo-label")  # fmt: skip
         else:
             s["pseudo_rounds"] = 0
+    if s.get("negatives") is None:
+        s["negatives"] = False
     return s, why
 
 

@@ -41,28 +41,12 @@ PAGE = 1240  # pixels of the page's content width (main's 1,280 px less its padd
 CMAP = "inferno"
 PALETTE = ("#4c9be8", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7", "#9c755f")
 
-# What the map of each method means, in one sentence (the seed methods first).
-MEANINGS = {
-    "pm": "Probability (absolute, 0–1) that the patch is evidence for the class: the model's own classifier "
-    "applied to the patch token, through a sigmoid (Kang, Heo, Choe 2025).",
-    "bcos": "Linear contribution of the patch's pixels to the class logit: a B-cos network computes W(x)·x, so "
-    "the contributions plus the fixed bias terms add up to the logit (Böhle et al. 2024).",
-    "diffmask": "Probability that the patch is kept: the product over layers of the chance that its gate stays "
-    "open; the closed patches can be removed without changing the prediction (Nalmpantis et al. 2023).",
-    "attention": "Attention of the class token to the patch in the last block, heads averaged (relative).",
-    "rollout": "Attention flow from the patch to the class token through all blocks, the residual path "
-    "included (Abnar & Zuidema 2020; relative).",
-    "gae": "Gradient-weighted attention, positive part, rolled out through the blocks (Chefer et al. 2021b; "
-    "relative relevance).",
-    "chefer": "LRP relevance times attention gradients, rolled out (Chefer et al. 2021a; relative relevance).",
-    "attnlrp": "LRP relevance of the patch for the class, AttnLRP rules (Achtibat et al. 2024; signed, relative).",
-    "gradcam": "Token activations weighted by the class gradient, positive part (Selvaraju et al. 2017; relative).",
-    "inputxgrad": "Input times gradient of the class score, summed over each patch (relative, signed).",
-    "ig": "Integrated gradients from a baseline image, summed over each patch (Sundararajan et al. 2017).",
-    "smoothgrad": "Gradient magnitude averaged over noisy copies of the image (Smilkov et al. 2017; relative).",
-    "rise": "Class probability averaged over random patch masks that keep the patch (Petsiuk et al. 2018).",
-    "occlusion": "Drop of the class probability when the patch is occluded (Zeiler & Fergus 2014).",
-    "flow": "Maximum attention flow from the patch to the class token (Abnar & Zuidema 2020; relative).",
+# How each display scale reads, after a method's one-sentence meaning.
+SCALE_WORDS = {
+    "probability": "absolute, 0–1",
+    "signed": "signed, relative",
+    "positive": "positive, relative",
+    "minmax": "relative",
 }
 # The perturbation curves and the value each one tracks.
 CURVES = {
@@ -613,17 +597,19 @@ def gallery_cell(columns: int) -> int:
     return max(64, min(CELL, (PAGE - 210) // max(1, columns) - 8))
 
 
-def section_meanings(cols: list[Column]) -> str:
-    items = []
-    for method in dict.fromkeys(c.method for c in cols):
-        text = MEANINGS.get(method)
-        if text is None:
-            from ..explainers import EXPLAINERS
+def method_meaning(method: str) -> str:
+    """One sentence on a method's map, from the explainer's own ``meaning``, ``scale`` and ``paper``."""
+    from ..explainers import EXPLAINERS
 
-            text = (
-                f"Relative relevance ({EXPLAINERS[method].paper})." if method in EXPLAINERS else "Relative relevance."
-            )
-        items.append(f"<dt>{esc(method)}</dt><dd>{esc(text)}</dd>")
+    if method not in EXPLAINERS:
+        return "Relative relevance."
+    cls = EXPLAINERS[method]
+    text = cls.meaning[:1].upper() + cls.meaning[1:]
+    return f"{text}. Values: {SCALE_WORDS.get(cls.scale, 'relative')}. Source: {cls.paper}."
+
+
+def section_meanings(cols: list[Column]) -> str:
+    items = [f"<dt>{esc(m)}</dt><dd>{esc(method_meaning(m))}</dd>" for m in dict.fromkeys(c.method for c in cols)]
     return '<section id="meanings"><h2>What each map means</h2><dl>' + "".join(items) + "</dl></section>"
 
 
