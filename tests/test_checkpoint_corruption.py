@@ -210,9 +210,56 @@ def test_diffmask_checkpoint_round_trip(diffmask_ckpt, images):
     assert explain(bb, images, "diffmask").maps.shape == (3, 4, 4)
 
 
-def test_diffmask_gates_checked(diffmask_ckpt):
+def _refused_when_explaining(path, match, images):
+    from vitlens import explain
+
+    backbone = load_checkpoint(path, kind="diffmask")  # the model itself is intact
+    with pytest.raises(VitlensError, match=match) as info:
+        explain(backbone, images, "diffmask")
+    assert "\n" not in str(info.value)
+    assert str(path / WEIGHTS) in str(info.value)
+
+
+def test_diffmask_gates_checked(diffmask_ckpt, images):
     _rewrite_tensors(diffmask_ckpt, lambda t: t.pop("extra.gates.placeholder"))
-    _refused(diffmask_ckpt, r"DiffMask gates do not match the architecture; missing: placeholder")
+    _refused_when_explaining(
+        diffmask_ckpt, r"DiffMask gates do not match the architecture; missing: placeholder", images
+    )
+
+
+def test_diffmask_gates_of_a_wrong_shape_are_refused_when_explaining(diffmask_ckpt, images):
+    def widen(tensors):
+        tensors["extra.gates.placeholder"] = torch.zeros(1, 48)
+
+    _rewrite_tensors(diffmask_ckpt, widen)
+    _refused_when_explaining(
+        diffmask_ckpt,
+        r"DiffMask gates do not match the architecture; wrong shape .*placeholder \[1, 48\] vs \[1, 32\]",
+        images,
+    )
+
+
+def test_diffmask_gates_round_trip_through_a_saved_checkpoint(ckpt, tmp_path, images):
+    from vitlens.explainers.diffmask import DiffMask
+
+    bb = load_checkpoint(ckpt)
+    torch.manual_seed(1)
+    gates = DiffMaskGates.for_backbone(bb, scale=5.0, offset=1.0)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # away from the initialisation
+    extra = {f"gates.{k}": v for k, v in gates.state_dict().items()}
+    path = save_checkpoint(tmp_path / "rt", bb, kind="diffmask", extra_tensors=extra,
+                           extra_config={"diffmask": {**gates.settings(), "kl_margin": 0.1}})  # fmt: skip
+    loaded = DiffMaskGates.from_checkpoint(load_checkpoint(path, kind="diffmask"))
+    assert loaded.settings() == {"dim": 32, "num_states": 4, "scale": 5.0, "offset": 1.0}
+    assert not loaded.training
+    for k, v in gates.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    expected = DiffMask(bb, gates)(images).maps
+    got = DiffMask(load_checkpoint(path, kind="diffmask"))(images).maps
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.std() > 0  # the trained-looking gates give a non-constant map
 
 
 def test_diffmask_config_checked(diffmask_ckpt):

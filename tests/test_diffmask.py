@@ -9,7 +9,7 @@ from conftest import committed, make_timm
 from vitlens import VitlensError, explain, load_model
 from vitlens.backbones import adapt
 from vitlens.data import collate, open_dataset
-from vitlens.explainers.diffmask import HardConcrete, load_gates
+from vitlens.explainers.diffmask import DiffMaskGates, HardConcrete
 from vitlens.metrics import evaluate
 from vitlens.training import TrainConfig, train_classifier, train_diffmask
 from vitlens.training.diffmask import DiffMaskTask
@@ -58,7 +58,7 @@ def test_training_keeps_the_classifier_frozen_and_the_prediction_within_the_marg
     for k, v in classifier.model.state_dict().items():
         assert torch.equal(v, gated.model.state_dict()[k])  # the checkpoint's classifier is the frozen one
     train_images = collate([open_dataset("counting:train:n=4000")[i] for i in range(64)])["image"]
-    task = DiffMaskTask(gated, kl_margin=0.1, gates=load_gates(gated))
+    task = DiffMaskTask(gated, kl_margin=0.1, gates=DiffMaskGates.from_checkpoint(gated))
     assert task.masked_kl(train_images).mean() <= 0.1
     images = train_images[:4]
     maps = explain(gated, images, "diffmask").maps

@@ -22,7 +22,6 @@ LAYERS: list[set[str]] = [
 UPWARD = {
     ("explainers.explanation", "viz.overlay"): "Explanation.overlay() draws with the package's one overlay style",
     ("explainers.explanation", "viz.show"): "Explanation.show() is vitlens.show for one explanation",
-    ("models.checkpoint", "explainers.diffmask"): "a DiffMask checkpoint's gates are checked against their shapes",
 }
 
 

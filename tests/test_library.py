@@ -219,6 +219,45 @@ def test_show_draws_images_by_methods_and_labels_constant_maps(bb, images):
     assert axes2.shape == (3, 1)
 
 
+def _rectangles(ax):
+    return [(*r.get_xy(), r.get_width(), r.get_height()) for r in ax.patches]
+
+
+def test_show_draws_boxes_at_the_overlay_resolution_with_a_legend():
+    from vitlens.metrics.localisation import map_box
+
+    torch.manual_seed(0)
+    photo = torch.rand(1, 3, 60, 100)  # a non-square photo; its overlay is drawn 256 px wide, aspect kept
+    small = torch.nn.functional.interpolate(photo, size=(32, 32), mode="bilinear", antialias=True)
+    heat = torch.zeros(1, 4, 4)
+    heat[0, 1, 2] = 1.0  # evidence in one cell: the implied box is a part of the image
+    e = Explanation(maps=heat, method="gradcam", class_names=["cat"], images=small)
+    truth = [[(10, 5, 49, 29), (60, 0, 99, 59)]]
+    fig, axes = e.show(photo, boxes=truth, map_boxes=0.4)
+    assert axes.shape == (1, 2) and axes[0, 1].images[0].get_array().shape[:2] == (154, 256)
+    f = 256 / 100
+
+    def expected(boxes, factor):  # inclusive pixel corners, pixel centres at integers
+        return [(x0 * factor - 0.5, y0 * factor - 0.5, (x1 - x0 + 1) * factor, (y1 - y0 + 1) * factor)
+                for x0, y0, x1, y1 in boxes]  # fmt: skip
+
+    np.testing.assert_allclose(_rectangles(axes[0, 0]), expected(truth[0], 1.0))
+    implied = map_box(e.maps[0], (60, 100), 0.4)
+    assert 0 < implied[0] < implied[2] < 99 and 0 < implied[1] < implied[3] < 59
+    np.testing.assert_allclose(_rectangles(axes[0, 1]), expected([*truth[0], implied], f))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ground truth", "from the map (τ = 0.4)"]
+    _, axes = show(photo, e, boxes=truth)  # ground truth alone: no map boxes, one legend entry
+    assert len(axes[0, 1].patches) == 2 and len(axes[0, 1].figure.legends[0].get_texts()) == 1
+
+
+@pytest.mark.parametrize("boxes", [[[(0, 0, 5, 5)], []], [[(0, 0, 5)]], 3])
+def test_show_refuses_boxes_of_a_wrong_shape_in_one_line(bb, images, boxes):
+    e = explain(bb, images[:1], "gae")
+    with pytest.raises(VitlensError, match="show\\(\\): boxes") as info:
+        show(images[:1], e, boxes=boxes)
+    assert "\n" not in str(info.value)
+
+
 def test_model_is_left_as_it_was_under_every_option(images):
     model = tiny_timm()
     model.train()
@@ -321,7 +360,7 @@ def test_folder_data_without_arch_trains_a_default_sized_to_the_images(tmp_path,
 
 
 def test_map_box_is_the_largest_component_above_the_threshold():
-    from vitlens.files import map_box
+    from vitlens.metrics.localisation import map_box
 
     heat = torch.zeros(4, 4)
     heat[1:3, 2:4] = 1.0  # a 2×2-patch blob on the right

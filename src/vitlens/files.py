@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Backbone, upsample
+from .backbones import Backbone
 from .data.images import IMAGE_SUFFIXES, is_image_file, read_image, resize
 from .errors import VitlensError
 from .explainers import TopK, get_explainer, parse_target
@@ -166,29 +166,13 @@ def explain_files(
                 continue
             record = _write(e[i], picture, out / stem, p, None if probs is None else probs[i])
             if boxes is not None:
+                from .metrics.localisation import map_box
+
                 record["box"] = map_box(e.maps[i].reshape(-1, *e.grid)[0].cpu(), original, boxes)
                 localisation.append(",".join([Path(name).as_posix(), *map(str, record["box"])]))
             yield record
     if boxes is not None:
         atomic_write_text(out / "localization.txt", "".join(f"{line}\n" for line in localisation))
-
-
-def map_box(heat: torch.Tensor, size: tuple[int, int], threshold: float) -> list[int]:
-    """The box ``[x0, y0, x1, y1]`` (pixels of an image of ``size``) that a map implies: upsampled, min-max
-    normalised, thresholded at ``threshold`` × its maximum, around the largest component — the box MaxBoxAcc
-    scores, in wsolevaluation's convention ``(x, y, x + w, y + h)`` clipped to the image; the whole image for a
-    constant map."""
-    from .metrics.localisation import boxes_from_map
-
-    h, w = size
-    pixels = upsample(heat[None].float(), (h, w))[0]
-    lo, hi = pixels.min(), pixels.max()
-    if hi <= lo:
-        return [0, 0, w - 1, h - 1]
-    found = boxes_from_map((pixels - lo) / (hi - lo), threshold)
-    if not len(found):
-        return [0, 0, w - 1, h - 1]
-    return [int(v) for v in found[0].tolist()]
 
 
 def _write(e, picture: torch.Tensor, stem: Path, path: str, prob: torch.Tensor | None) -> dict:

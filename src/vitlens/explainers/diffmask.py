@@ -13,13 +13,16 @@ final output. Probe ``k`` reads ``[h_0 ; h_k]`` per token.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ..backbones import Backbone, Trace
+from ..backbones.base import CheckpointRecord
 from ..errors import VitlensError
+from ..models.checkpoint import WEIGHTS, check_tensors
 from .base import Explainer, frozen_eval, register
 
 
@@ -77,10 +80,27 @@ class Probe(nn.Module):
 
 
 class DiffMaskGates(nn.Module):
-    """The trainable part: one probe per hidden state and the placeholder embedding."""
+    """The trainable part: one probe per hidden state and the placeholder embedding.
+
+    Its weights are the regular :meth:`state_dict`; :meth:`settings` are the arguments that rebuild it.
+    A ``vitlens train diffmask`` checkpoint stores both (``gates.*`` tensors, the ``diffmask`` config entry)
+    and :meth:`from_checkpoint` reads them back.
+
+    Args:
+        dim: the width of the model's tokens.
+        num_states: how many hidden states are gated (``L + 2`` for ``L`` blocks).
+        scale: the probes' logit range around the offset.
+        offset: the probes' initial logit (gates start open).
+
+    Examples:
+        >>> gates = DiffMaskGates(32, 4)
+        >>> DiffMaskGates(**gates.settings()).load_state_dict(gates.state_dict())
+        <All keys matched successfully>
+    """
 
     def __init__(self, dim: int, num_states: int, scale: float = 15.0, offset: float = 8.0):
         super().__init__()
+        self.dim, self.num_states, self.scale, self.offset = dim, num_states, float(scale), float(offset)
         self.probes = nn.ModuleList(Probe(dim, scale, offset) for _ in range(num_states))
         self.placeholder = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, dim)))
         self.gate = HardConcrete()
@@ -92,6 +112,45 @@ class DiffMaskGates(nn.Module):
             torch.zeros(1, 3, *backbone.preprocessing.input_size, device=backbone.mean.device)
         ).embeddings.shape[-1]
         return cls(dim, len(backbone.blocks) + 2, scale, offset).to(backbone.mean.device)
+
+    def settings(self) -> dict:
+        """The arguments that rebuild these gates: ``dim``, ``num_states``, ``scale``, ``offset``."""
+        return {"dim": self.dim, "num_states": self.num_states, "scale": self.scale, "offset": self.offset}
+
+    @classmethod
+    def from_checkpoint(cls, source: Backbone | CheckpointRecord) -> DiffMaskGates:
+        """The gates stored in a ``vitlens train diffmask`` checkpoint, in eval mode.
+
+        Args:
+            source: a model loaded from the checkpoint (the gates go to its device) or its
+                :class:`~vitlens.backbones.base.CheckpointRecord` (the gates stay on the CPU).
+
+        Returns:
+            The trained gates.
+
+        Raises:
+            VitlensError: (one line) the model is no DiffMask checkpoint, or its ``gates.*`` tensors do not
+                fit the ``diffmask`` settings of its config.
+
+        Examples:
+            >>> gates = DiffMaskGates.from_checkpoint(load_model("vitlens:fashion-vit-diffmask"))
+        """
+        record = source.checkpoint if isinstance(source, Backbone) else source
+        config = {} if record is None else record.config
+        if config.get("kind") != "diffmask":
+            raise VitlensError(
+                "method 'diffmask' needs a DiffMask checkpoint (train one with `vitlens train diffmask`); "
+                f"this model is {'a ' + config['kind'] + ' checkpoint' if config else 'not a vitlens checkpoint'}"
+            )
+        settings = config["diffmask"]
+        gates = cls(settings["dim"], settings["num_states"], settings["scale"], settings["offset"])
+        state = {k[len("gates.") :]: v for k, v in record.tensors.items() if k.startswith("gates.")}
+        where = str(Path(record.path) / WEIGHTS) if record.path else "the checkpoint"
+        check_tensors(state, gates.state_dict(), f"{where}: the DiffMask gates")
+        gates.load_state_dict(state)
+        if isinstance(source, Backbone):
+            gates = gates.to(source.mean.device)
+        return gates.eval()
 
     @staticmethod
     def states(trace: Trace) -> list[Tensor]:
@@ -116,21 +175,6 @@ class DiffMaskGates(nn.Module):
     def attribution(self, trace: Trace) -> Tensor:
         """Π_k P(gate_k ≠ 0) per patch → ``[B, gh, gw]`` (the paper's deterministic map)."""
         return trace.to_grid(self.gate.log_p_open(self.log_alpha(trace)).sum(1).exp())
-
-
-def load_gates(backbone: Backbone) -> DiffMaskGates:
-    """The DiffMask gates stored in a ``vitlens train diffmask`` checkpoint."""
-    config = backbone.config or {}
-    if config.get("kind") != "diffmask":
-        raise VitlensError(
-            "method 'diffmask' needs a DiffMask checkpoint (train one with `vitlens train diffmask`); "
-            f"this model is {'a ' + config['kind'] + ' checkpoint' if config else 'not a vitlens checkpoint'}"
-        )
-    settings = config["diffmask"]
-    gates = DiffMaskGates(settings["dim"], settings["num_states"], settings["scale"], settings["offset"])
-    state = {k[len("gates.") :]: v for k, v in backbone.checkpoint.tensors.items() if k.startswith("gates.")}
-    gates.load_state_dict(state)
-    return gates.to(backbone.mean.device).eval()
 
 
 @register
@@ -160,7 +204,11 @@ class DiffMask(Explainer):
 
     def __init__(self, model, gates: DiffMaskGates | None = None):
         super().__init__(model)
-        self.gates = load_gates(self.backbone) if gates is None else gates.to(self.backbone.mean.device).eval()
+        self.gates = (
+            DiffMaskGates.from_checkpoint(self.backbone)
+            if gates is None
+            else gates.to(self.backbone.mean.device).eval()
+        )
         if len(self.gates.probes) != len(self.backbone.blocks) + 2:
             raise VitlensError(
                 f"diffmask: the gates read {len(self.gates.probes)} hidden states, this model has "

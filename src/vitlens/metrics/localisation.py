@@ -268,6 +268,22 @@ def boxes_from_map(scoremap: Tensor | np.ndarray, threshold: float, holes: bool 
     return torch.from_numpy(boxes[np.argsort(-sizes, kind="stable")])
 
 
+def map_box(heat: torch.Tensor, size: tuple[int, int], threshold: float) -> list[int]:
+    """The box ``[x0, y0, x1, y1]`` (pixels of an image of ``size``) that a map implies: upsampled, min-max
+    normalised, thresholded at ``threshold`` × its maximum, around the largest component — the box MaxBoxAcc
+    scores, in wsolevaluation's convention ``(x, y, x + w, y + h)`` clipped to the image; the whole image for a
+    constant map."""
+    h, w = size
+    pixels = upsample(heat[None].float(), (h, w))[0]
+    lo, hi = pixels.min(), pixels.max()
+    if hi <= lo:
+        return [0, 0, w - 1, h - 1]
+    found = boxes_from_map((pixels - lo) / (hi - lo), threshold)
+    if not len(found):
+        return [0, 0, w - 1, h - 1]
+    return [int(v) for v in found[0].tolist()]
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of inclusive integer boxes (the +1-pixel convention), broadcasting; degenerate pairs give 0."""
     ix = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)

@@ -378,21 +378,14 @@ def check_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
         raise VitlensError(f"{where} do not match the architecture; {'; '.join(problems)}")
 
 
-def _check_extras(config: dict, extra: dict[str, torch.Tensor], where: str, blocks: int) -> None:
-    """The tensors a kind stores beyond the model (DiffMask's gates) must fit their config."""
-    if config["kind"] != "diffmask":
-        return
-    from ..explainers.diffmask import DiffMaskGates  # the method owns its gates' shapes
-
-    settings = config["diffmask"]
-    if settings["num_states"] != blocks + 2:
+def _check_extras(config: dict, where: str, blocks: int) -> None:
+    """A method's settings must fit the model (DiffMask gates every hidden state); the gates' own tensors
+    are checked when the method reads them (``DiffMaskGates.from_checkpoint``)."""
+    if config["kind"] == "diffmask" and config["diffmask"]["num_states"] != blocks + 2:
         raise VitlensError(
-            f"{where}: 'diffmask.num_states' is {settings['num_states']}, but the model has {blocks} blocks "
-            f"({blocks + 2} hidden states)"
+            f"{where}: 'diffmask.num_states' is {config['diffmask']['num_states']}, but the model has {blocks} "
+            f"blocks ({blocks + 2} hidden states)"
         )
-    gates = DiffMaskGates(settings["dim"], settings["num_states"], settings["scale"], settings["offset"])
-    got = {k[len("gates.") :]: v for k, v in extra.items() if k.startswith("gates.")}
-    check_tensors(got, gates.state_dict(), f"{where}: the DiffMask gates")
 
 
 def build_module(spec: dict) -> tuple[torch.nn.Module, Preprocessing | None]:
@@ -528,7 +521,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Backbon
         raise VitlensError(
             f"{path}: {CONFIG} lists {len(config['classes'])} classes, but the model has {backbone.num_classes} outputs"
         )
-    _check_extras(config, extra, where, len(backbone.blocks))
+    _check_extras(config, where, len(backbone.blocks))
     backbone.spec = config["model"]
     backbone.checkpoint = CheckpointRecord(config, extra, str(path))
     return backbone.eval()

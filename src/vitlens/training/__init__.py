@@ -326,7 +326,7 @@ def train_diffmask(
     Returns:
         The run's summary (training seconds, held-out KL and share within the margin).
     """
-    from ..explainers.diffmask import load_gates
+    from ..explainers.diffmask import DiffMaskGates
     from ..models import load_model
     from ..models.checkpoint import load_checkpoint
     from .diffmask import DiffMaskTask
@@ -335,7 +335,9 @@ def train_diffmask(
     if resume:
         check_resumable(out, str(spec))
         backbone = load_checkpoint(out, kind="diffmask")
-        task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, gates=load_gates(backbone))
+        task = DiffMaskTask(
+            backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, gates=DiffMaskGates.from_checkpoint(backbone)
+        )
         source = backbone.config["training"].get("base_model")
         dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     else:

@@ -57,7 +57,7 @@ class DiffMaskTask(Task):
                 torch.manual_seed(seed)
                 gates = DiffMaskGates(dim, num_states, scale, offset)
         self.gates = gates
-        self.settings = {"dim": dim, "num_states": num_states, "scale": scale, "offset": offset, "kl_margin": kl_margin}
+        self.settings = {**gates.settings(), "kl_margin": kl_margin}
         self.kl_margin, self.multiplier_max, self.placeholder_lr_scale = kl_margin, multiplier_max, placeholder_lr_scale
         self.multipliers = torch.full((num_states,), float(multiplier_init), requires_grad=True)
         self.multiplier_opt = torch.optim.Adam([self.multipliers], lr=multiplier_lr, maximize=True)
