@@ -438,6 +438,7 @@ def _input_flows(mats: np.ndarray, readout: np.ndarray) -> np.ndarray:
     rows, cols = np.concatenate(rows), np.concatenate(cols)
     keep = caps > 0
     graph = csr_array((caps[keep], (rows[keep], cols[keep])), shape=(source + 1, source + 1))
+    graph.indices, graph.indptr = graph.indices.astype(np.int32), graph.indptr.astype(np.int32)  # scipy < 1.12
     flows = np.array([maximum_flow(graph, source, j).flow_value for j in range(t)], dtype=np.float64)
     return flows / flows.sum()
 
