@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 BENCH_METHODS ?= pm,attention,rollout
 
-.PHONY: install data browser test test-all wheel-check demo docs lint bench clean
+.PHONY: install data browser test test-all test-lower wheel-check demo docs lint bench clean
 
 install: $(STAMP) data browser
 
@@ -40,6 +40,16 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m ''
+
+# The fast tests on the lowest versions pyproject.toml admits (constraints-lower.txt), in a venv outside
+# the checkout; vitlens itself is installed without dependencies so that nothing moves the pins. Not in CI
+# (it downloads an old torch); the last result is recorded in benchmarks/lower-bounds.md.
+LOWER_VENV ?= ../venv-lower
+test-lower:
+	python3 -m venv $(LOWER_VENV)
+	$(LOWER_VENV)/bin/pip install -q -r constraints-lower.txt
+	$(LOWER_VENV)/bin/pip install -q --no-deps -e .
+	OMP_NUM_THREADS=1 $(LOWER_VENV)/bin/python -m pytest -q -p no:cacheprovider -rfEs --continue-on-collection-errors
 
 # Build the wheel, install it into a fresh venv outside the checkout that already has torch (pip must
 # install nothing else), and run demo, explain and evaluate on the shipped models from another folder.

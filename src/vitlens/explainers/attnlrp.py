@@ -90,7 +90,7 @@ def _rms_norm_rule(m: nn.Module, x: Tensor) -> Tensor:
 
 
 def _rms_norm_types() -> tuple[type, ...]:
-    types: list[type] = [nn.RMSNorm]
+    types: list[type] = [nn.RMSNorm] if hasattr(nn, "RMSNorm") else []  # torch >= 2.4
     with contextlib.suppress(ImportError):
         from timm.layers import RmsNorm
 

@@ -33,6 +33,14 @@ from .base import Explainer, register, verify_once
 from .targets import Target
 
 
+def _cpu_autocast_enabled() -> bool:
+    """Whether autocast is on for the CPU (``torch.is_autocast_enabled`` takes a device from torch 2.4)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()
+
+
 def rollout_with_identity(mats: Sequence[Tensor], start: Tensor) -> Tensor:
     """``start · (I + Ā_L) ⋯ (I + Ā_1)`` for per-block matrices ``mats`` [B, T, T] and rows ``start`` [B, T].
 
@@ -56,7 +64,7 @@ def probe_gradients(
     explicit path's matrices are read instead (as training computes attention there): PyTorch's 16-bit
     flash-attention backward on the CPU is several times slower than the explicit matrix products.
     """
-    cpu_autocast = images.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    cpu_autocast = images.device.type == "cpu" and _cpu_autocast_enabled()
     probing = partial(Backbone.probe_attention, backbone) if cpu_autocast else backbone.probe_attention
     with torch.enable_grad(), probing(blocks, gradients=True) as probe:
         trace = backbone.run(images, grad_from=0)
@@ -430,6 +438,7 @@ def _input_flows(mats: np.ndarray, readout: np.ndarray) -> np.ndarray:
     rows, cols = np.concatenate(rows), np.concatenate(cols)
     keep = caps > 0
     graph = csr_array((caps[keep], (rows[keep], cols[keep])), shape=(source + 1, source + 1))
+    graph.indices, graph.indptr = graph.indices.astype(np.int32), graph.indptr.astype(np.int32)  # scipy < 1.12
     flows = np.array([maximum_flow(graph, source, j).flow_value for j in range(t)], dtype=np.float64)
     return flows / flows.sum()
 

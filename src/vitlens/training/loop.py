@@ -91,7 +91,10 @@ class Task:
         return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def optimizer(self, cfg: TrainConfig) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameter_groups(cfg), lr=cfg.lr, fused=True)  # one kernel for all tensors
+        try:
+            return torch.optim.AdamW(self.parameter_groups(cfg), lr=cfg.lr, fused=True)  # one kernel for all tensors
+        except RuntimeError:  # torch < 2.4 fuses on CUDA only
+            return torch.optim.AdamW(self.parameter_groups(cfg), lr=cfg.lr)
 
     def loss(self, module: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
