@@ -227,9 +227,13 @@ def write_table() -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="shapes", help="data set name with options, e.g. shapes or counting:grid=3")
-    p.add_argument("--profile", choices=PROFILES, default="medium",
-                   help="quick: a tiny run that tests the pipeline (minutes on a CPU); medium: 3,000 training images, "
-                   "the default architecture, PM with every default (about 20 minutes); full: the whole data set")
+    p.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="medium",
+        help="quick: a tiny run that tests the pipeline (minutes on a CPU); medium: 3,000 training images, "
+        "the default architecture, PM with every default (about 20 minutes); full: the whole data set",
+    )
     p.add_argument("--quick", dest="profile", action="store_const", const="quick", help="same as --profile quick")
     p.add_argument("--labelled", type=float, default=0.02, help="share of training images with boxes and masks")
     p.add_argument("--work", help="keep the exported data, models and logs here (default: a temporary folder)")

@@ -17,7 +17,8 @@ def _script():
 
 def _record(pm: float, best_baseline: float) -> dict:
     base = {b: {m: best_baseline if b == "rollout" else 0.1 for m in _script().METRICS} for b in _script().BASELINES}
-    return {"data": "shapes", "quick": True, "labelled_share": 0.02, "train_images": 2000, "test_images_scored": 100,
+    return {"data": "shapes", "profile": "quick", "labelled_share": 0.02, "train_images": 2000,
+            "test_images_scored": 100,
             "pm_command": "vitlens train pm --model WORK/classifier", "pm_chosen": ["vitlens: pm: 40 of 2,000 …"],
             "accuracy_before": 0.5, "accuracy_after": 0.55, "seconds": 10.0,
             "results_pm_model": {"pm": {m: pm for m in _script().METRICS}, **base},

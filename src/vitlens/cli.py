@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument(
         "--negatives",
         action=argparse.BooleanOptionalAction,
-        help="train the patches of images without a mask towards 0 for every class but the image's label",
+        help="train the patches of images without a mask towards 0 for every class but the image's label "
+        "(default: off)",
     )
     pm.epilog = ("Unset options follow the best fashion-canvas recipe (benchmarks/pm.md, run 9), scaled to the "
                  "data set; the command prints what it chose.")  # fmt: skip
