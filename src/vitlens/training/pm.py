@@ -381,7 +381,8 @@ def pm_settings(n_images: int, n_used: int, n_classes_used: int, given: dict) ->
         n_used: labelled images whose masks are used.
         n_classes_used: classes among them.
         given: ``batch_size``, ``max_steps``, ``epochs``, ``lr``, ``warmup_steps``, ``lam``, ``pos_weight``,
-            ``mask_batch``, ``composites``, ``pseudo_rounds``, each ``None`` when not given.
+            ``mask_batch``, ``composites``, ``pseudo_rounds``, ``negatives``, each ``None`` when not given
+            (``negatives`` defaults to off).
 
     Returns:
         (settings with every key of ``given`` resolved, except ``epochs``/``max_steps``: exactly one is
