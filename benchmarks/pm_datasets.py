@@ -98,11 +98,11 @@ def train_classifier(root: Path, out: Path, profile: dict, data_name: str) -> di
     cfg = TrainConfig(batch_size=profile["clf_batch"], lr=profile["clf_lr"], warmup_steps=profile["clf_warmup"],
                       max_steps=profile["clf_steps"], epochs=profile.get("clf_epochs") if not profile["clf_steps"]
                       else None, log_every=50)  # fmt: skip
-    from vitlens.training import _test_accuracy
+    from vitlens.training.classifier import held_out_accuracy
 
     test = parse_data_spec(f"folder:{root}:test")
     return train(ClassifierTask(backbone), dataset, out, cfg, provenance={"data": str(spec), "arch": arch},
-                 evaluate=_test_accuracy(test))  # fmt: skip
+                 evaluate=held_out_accuracy(test))  # fmt: skip
 
 
 def evaluate(model: Path, methods: tuple[str, ...], root: Path, limit: int, log: Path) -> dict:

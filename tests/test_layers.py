@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vitlens"
 
 #: Lowest first. A module may import its own layer and the layers below, never one above.
 LAYERS: list[set[str]] = [
-    {"errors", "_version", "_utils", "options", "io", "data", "bcos", "pretrained"},
+    {"errors", "_version", "_utils", "options", "trainables", "io", "data", "bcos", "pretrained"},
     {"backbones"},
     {"models"},
     {"explainers"},

@@ -118,7 +118,7 @@ def _recipe_for(command: str, n_images: int, n_used: int, n_classes: int) -> dic
     a = build_parser().parse_args(argv)
     given = {"batch_size": a.batch_size, "max_steps": a.max_steps, "epochs": a.epochs, "lr": a.lr,
              "warmup_steps": a.warmup_steps, "lam": a.lam, "pos_weight": a.pos_weight, "mask_batch": a.mask_batch,
-             "composites": a.composites, "pseudo_rounds": a.pseudo_masks, "negatives": a.negatives}  # fmt: skip
+             "composites": a.composites, "pseudo_rounds": a.pseudo_rounds, "negatives": a.negatives}  # fmt: skip
     return pm_settings(n_images, n_used, n_classes, given)[0]
 
 

@@ -8,6 +8,8 @@ import math
 import sys
 
 from .errors import VitlensError
+from .options import int_at_least, non_negative_int, number, positive_int
+from .trainables import TRAINABLES
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -53,41 +55,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
-def _int_at_least(low: int, what: str, high: int | None = None):
-    """An argparse type: an integer >= ``low`` (and <= ``high``), refused in one line naming ``what`` otherwise."""
-
-    def parse(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            n = low - 1
-        if n < low or (high is not None and n > high):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
-        return n
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "an integer >= 0")
-
-
-def _number(low: float = 0.0, strict: bool = True):
-    """An argparse type for a finite float above ``low`` (or at least ``low`` when not ``strict``)."""
-    what = f"a number {'>' if strict else '>='} {low:g}"
-
-    def parse(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
-        if not (x > low if strict else x >= low) or x == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
-        return x
-
-    return parse
-
-
 def _device(v: str) -> str:
     import torch
 
@@ -100,20 +67,24 @@ def _device(v: str) -> str:
     return v
 
 
-def _train_options(p: argparse.ArgumentParser, lr: float = 1e-3) -> None:
+def _train_options(p: argparse.ArgumentParser, lr: float | None = 1e-3) -> None:
+    """The loop's options, shared by every ``vitlens train`` command; ``lr=None``: the training function
+    chooses ``--batch-size``, ``--lr`` and ``--warmup-steps`` when they are not given."""
+    chosen = "" if lr else " (default: chosen for the data set, printed)"
     p.add_argument("--data", required=True, help="data spec, e.g. fashion-canvas:train")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_number(), help="passes over --data (default: 1 without --max-steps)")
-    length.add_argument("--max-steps", type=_positive_int, help="optimiser steps to run (default: set by --epochs)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per step (per process under torchrun)")
-    p.add_argument("--lr", type=_number(), default=lr, help="peak learning rate")
-    p.add_argument("--weight-decay", type=_number(strict=False), default=0.05, help="AdamW weight decay")
-    p.add_argument("--warmup-steps", type=_non_negative_int, default=100,
-                   help="linear warm-up before the cosine decay; at most half the run")  # fmt: skip
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data order, masks and init")
-    p.add_argument("--workers", type=_non_negative_int, default=0, help="data loader worker processes")
-    p.add_argument("--checkpoint-every", type=_number(strict=False), default=30.0, help="seconds between checkpoints")
+    length.add_argument("--epochs", type=number(), help="passes over --data (default: 1 without --max-steps)")
+    length.add_argument("--max-steps", type=positive_int, help="optimiser steps to run (default: set by --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=64 if lr else None,
+                   help="images per step (per process under torchrun)" + chosen)  # fmt: skip
+    p.add_argument("--lr", type=number(), default=lr, help="peak learning rate" + chosen)
+    p.add_argument("--weight-decay", type=number(strict=False), default=0.05, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=100 if lr else None,
+                   help="linear warm-up before the cosine decay; at most half the run" + chosen)  # fmt: skip
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data order, masks and init")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data loader worker processes")
+    p.add_argument("--checkpoint-every", type=number(strict=False), default=30.0, help="seconds between checkpoints")
     p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--autocast", choices=["bf16"],
                    help="mixed precision (float32 weights); fast on CPUs with AMX (default: float32)")  # fmt: skip
@@ -137,12 +108,6 @@ MODEL_HELP = (
 )
 
 
-PROMPTS_HELP = (
-    "--model is an image–text model (open_clip:NAME/TAG, hf: CLIP or SigLIP): its zero-shot classifier over the "
-    "data's class names, with the model authors' prompt templates, is the classifier"
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -152,54 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a classifier or a trainable explainer")
     tsub = train.add_subparsers(dest="task", required=True, parser_class=_Parser)
-    clf = tsub.add_parser("classifier", help="train a ViT classifier")
-    _train_options(clf)
-    clf.add_argument("--arch", help="architecture preset (fashion-vit, counting-vit, …) or timm model name "
-                     "(default: the preset of --data's dataset)")  # fmt: skip
-    clf.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
-    clf.add_argument("--init", help="start from this model's weights, a second training stage (default: random init)")
-    pm = tsub.add_parser("pm", help="PM fine-tuning: patch-level mask prediction (Kang et al. 2025)")
-    _train_options(pm)
-    pm.add_argument("--model", required=True, help="the classifier to fine-tune (URI, vitlens:NAME or directory)")
-    pm.set_defaults(batch_size=None, lr=None, warmup_steps=None)  # None: chosen from the recipe (printed)
-    for action in pm._actions:
-        if action.dest in ("batch_size", "lr", "warmup_steps"):
-            action.help += " (default: chosen from the PM recipe for the data set, printed)"
-    pm.add_argument(
-        "--mask-fraction",
-        type=_number(),
-        help="use this share of the training images' masks (default: every labelled image)",
-    )
-    pm.add_argument(
-        "--lambda", dest="lam", type=_number(strict=False), help="weight of the patch-level BCE (default: 10)"
-    )
-    pm.add_argument("--pos-weight", type=_number(), help="weight of positive (object) patch targets (default: 10)")
-    pm.add_argument("--mask-batch", type=_positive_int, help="masked images in every batch (default: 8)")
-    pm.add_argument(
-        "--composites",
-        type=_non_negative_int,
-        help="2×2 composites of masked images in every batch, for class separation (default: 24, 0 with few labels)",
-    )
-    pm.add_argument(
-        "--pseudo-masks",
-        type=_non_negative_int,
-        metavar="ROUNDS",
-        help="self-training rounds (default: 2 with fewer than 100 labelled images, else 0)",
-    )
-    pm.add_argument(
-        "--negatives",
-        action=argparse.BooleanOptionalAction,
-        help="train the patches of images without a mask towards 0 for every class but the image's label "
-        "(default: off)",
-    )
-    pm.epilog = ("Unset options follow the best fashion-canvas recipe (benchmarks/pm.md, run 9), scaled to the "
-                 "data set; the command prints what it chose.")  # fmt: skip
-    pm.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
-    pm.add_argument("--classes-from-prompts", action="store_true", help=PROMPTS_HELP)
-    bc = tsub.add_parser("bcos", help="train a B-cos ViT (Böhle et al. 2024): BCE, Adam, AGC; --weight-decay ignored")
-    _train_options(bc)
-    bc.add_argument("--arch", help="B-cos architecture (default: bcos_vit_fashion; simple_vit_ti_patch16_224, …)")
-    bc.add_argument("--eval-data", help="held-out data spec (default: the test split of --data)")
+    for trainable in TRAINABLES.values():
+        command = tsub.add_parser(trainable.name, help=trainable.summary, epilog=trainable.epilog or None)
+        _train_options(command, lr=trainable.lr)
+        trainable.add_options(command)
 
     ex = sub.add_parser("explain", help="explain image files with one method")
     ex.add_argument("images", nargs="+", help="image files or folders of them")
@@ -207,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--method", default="rollout", help="explanation method (see `vitlens methods`)")
     target = ex.add_mutually_exclusive_group()
     target.add_argument("--target", help="class to explain, an index or a name (default: the predicted class)")
-    target.add_argument("--top-k", type=_positive_int, metavar="K",
+    target.add_argument("--top-k", type=positive_int, metavar="K",
                         help="explain each image's K top classes (default: one map, for --target)")  # fmt: skip
     ex.add_argument("--out", default="vitlens-out",
                     help="output folder: maps (.npy) and overlays (.png) mirror the inputs' folder tree")  # fmt: skip
@@ -215,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--boxes", type=float, nargs="?", const=0.5, default=None, metavar="TAU",
                     help="also write the box each map implies (largest component above TAU x max; TAU default 0.5) "
                          "to OUT/localization.txt (default: no boxes)")  # fmt: skip
-    ex.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass")
+    ex.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     ex.add_argument("--json", action="store_true", help="print one JSON list with a record per image (streamed)")
 
@@ -226,29 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model's layout as vitlens sees it")
     info.add_argument("model", help=MODEL_HELP)
 
-    dm = tsub.add_parser("diffmask", help="Vision DiffMask gates for a frozen classifier (Nalmpantis et al. 2023)")
-    _train_options(dm, lr=3e-4)  # the gate probes read the raw residual stream: 1e-3 can collapse them
-    dm.add_argument("--model", required=True, help="the frozen classifier (URI, vitlens:NAME or directory)")
-    dm.add_argument("--kl-margin", type=_number(), default=0.1, help="KL(p_orig || p_masked) allowed, in nats")
-    dm.add_argument("--multiplier-lr", type=_number(), default=0.3, help="learning rate of the Lagrange multipliers")
-    dm.add_argument("--classes-from-prompts", action="store_true", help=PROMPTS_HELP)
     bn = sub.add_parser("bench", help="time methods against one plain forward pass")
     bn.add_argument("--model", default="timm:deit_small_patch16_224?pretrained=0", help=MODEL_HELP)
     bn.add_argument("--methods", default="pm,attention,rollout", help="comma-separated method names")
-    bn.add_argument("--batch-size", type=_positive_int, default=16, help="images per timed batch")
-    bn.add_argument("--image-size", type=_int_at_least(1, "an image size in 1..4096", 4096),
+    bn.add_argument("--batch-size", type=positive_int, default=16, help="images per timed batch")
+    bn.add_argument("--image-size", type=int_at_least(1, "an image size in 1..4096", 4096),
                     help="square input size (default: the model's own)")  # fmt: skip
     bn.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
-    bn.add_argument("--repeat", type=_positive_int, default=5, help="timed rounds; the median is reported")
+    bn.add_argument("--repeat", type=positive_int, default=5, help="timed rounds; the median is reported")
     bn.add_argument("--autocast", choices=["bf16", "fp16"],
                     help="time everything under torch.autocast (default: float32)")  # fmt: skip
     bn.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     demo = sub.add_parser("demo", help="evaluate the shipped fashion models (vitlens models): an HTML report")
     demo.add_argument("--out", default="demo-out", help="output directory (report.html, gallery.png, results/)")
-    demo.add_argument("-n", "--images", type=_positive_int,
+    demo.add_argument("-n", "--images", type=positive_int,
                       help="at most N images per metric group (default: 400, 100 or 64 by group)")  # fmt: skip
-    demo.add_argument("--gallery", type=_non_negative_int, default=8, help="images in the report's gallery")
+    demo.add_argument("--gallery", type=non_negative_int, default=8, help="images in the report's gallery")
     demo.add_argument("--train", action="store_true", help="first re-create every checkpoint from scratch (hours)")
 
     ev = sub.add_parser("evaluate", help="score explanation methods with the evaluation metrics (torchrun: sharded)")
@@ -256,18 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", required=True, help="comma-separated methods (see `vitlens methods`)")
     ev.add_argument("--metrics", default="all", help="comma-separated metrics (see `vitlens metrics`), or all")
     ev.add_argument("--data", required=True, help="data spec, e.g. fashion-canvas:test or fashion-grid:test:n=500")
-    ev.add_argument("--limit", type=_positive_int, help="evaluate the first N samples only (default: all)")
-    ev.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
+    ev.add_argument("--limit", type=positive_int, help="evaluate the first N samples only (default: all)")
+    ev.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     ev.add_argument("--target", choices=["label", "predicted"], default="label", help="class the maps explain")
     ev.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a method's or metric's option, e.g. deletion.fill=blur (repeatable)")  # fmt: skip
     ev.add_argument("--protocol", help="a reference protocol for every metric that has it: wsol, bcos, chefer, "
                     "diffmask, rise (default: vitlens' own settings, see each metric's card)")  # fmt: skip
-    ev.add_argument("--bootstrap", type=_non_negative_int, default=1000, metavar="N",
+    ev.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
                     help="bootstrap replicates for the 95%% intervals and significance marks (0: none)")  # fmt: skip
     ev.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", help="write the results, per-image values and curves to this JSON file (default: none)")
-    ev.add_argument("--gallery", type=_non_negative_int, default=8, help="images (with every map) kept in --out")
+    ev.add_argument("--gallery", type=non_negative_int, default=8, help="images (with every map) kept in --out")
     ev.add_argument("--resume", action="store_true",
                     help="continue an interrupted run of this command (state kept beside --out)")  # fmt: skip
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -462,42 +377,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _train(a: argparse.Namespace) -> int:
-    import json
-
-    from .training import train_classifier
-
-    if a.task == "diffmask":
-        from .training import train_diffmask
-
-        summary = train_diffmask(
-            a.model, a.data, a.out, _train_config(a), kl_margin=a.kl_margin, multiplier_lr=a.multiplier_lr,
-            resume=a.resume, overwrite=a.overwrite, classes_from_prompts=a.classes_from_prompts,
-        )  # fmt: skip
-    if a.task == "pm":
-        from .training import train_pm
-
-        summary = train_pm(
-            a.model, a.data, a.out, _train_config(a), mask_fraction=a.mask_fraction, lam=a.lam,
-            pos_weight=a.pos_weight, mask_batch=a.mask_batch, composites=a.composites, pseudo_rounds=a.pseudo_masks,
-            negatives=a.negatives,
-            resume=a.resume, eval_data=a.eval_data, overwrite=a.overwrite, classes_from_prompts=a.classes_from_prompts,
-        )  # fmt: skip
-    if a.task == "bcos":
-        from .training.bcos import train_bcos
-
-        summary = train_bcos(a.data, a.out, _train_config(a), arch=a.arch, resume=a.resume, eval_data=a.eval_data,
-                             overwrite=a.overwrite)  # fmt: skip
-    if a.task == "classifier":
-        summary = train_classifier(
-            a.data,
-            a.out,
-            _train_config(a),
-            arch=a.arch,
-            resume=a.resume,
-            eval_data=a.eval_data,
-            init=a.init,
-            overwrite=a.overwrite,
-        )
+    trainable = TRAINABLES[a.task]
+    options = {name: getattr(a, name) for name in trainable.option_names()}
+    summary = trainable.training_function()(
+        data=a.data, out=a.out, cfg=_train_config(a), resume=a.resume, overwrite=a.overwrite, **options
+    )
     print(json.dumps({"out": a.out, **summary}))
     return 0
 

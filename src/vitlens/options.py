@@ -1,7 +1,8 @@
-"""``key=value`` options from URIs and the command line, with their values typed."""
+"""``key=value`` options from URIs and the command line, and the command line's value types."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Iterable
 
@@ -40,3 +41,48 @@ def parse_options(items: Iterable[str], what: str = "option") -> dict:
             raise VitlensError(f"{what} {key!r} given twice")
         options[key] = parse_finite(value, f"{what} {item!r}")
     return options
+
+
+def int_at_least(low: int, what: str, high: int | None = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``), refused in one line naming ``what`` otherwise.
+
+    Examples:
+        >>> int_at_least(1, "a positive integer")("3")
+        3
+    """
+
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            n = low - 1
+        if n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
+        return n
+
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+non_negative_int = int_at_least(0, "an integer >= 0")
+
+
+def number(low: float = 0.0, strict: bool = True):
+    """An argparse type for a finite float above ``low`` (or at least ``low`` when not ``strict``).
+
+    Examples:
+        >>> number(strict=False)("0")
+        0.0
+    """
+    what = f"a number {'>' if strict else '>='} {low:g}"
+
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if not (x > low if strict else x >= low) or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
+        return x
+
+    return parse

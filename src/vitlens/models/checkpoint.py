@@ -34,10 +34,10 @@ from ..backbones.bcos_vit import build_bcos
 from ..backbones.presets import PRESETS, build_preset
 from ..errors import VitlensError
 from ..io import atomic_replace_dir
+from ..trainables import TRAINABLES
 
 FORMAT = "vitlens-checkpoint"
 FORMAT_VERSION = 1
-KINDS = ("classifier", "pm", "diffmask", "bcos")
 SOURCES = ("preset", "timm", "torchvision", "bcos", "hf", "open_clip")
 WEIGHTS, CONFIG, STATE = "model.safetensors", "config.json", "training_state.pt"
 
@@ -134,7 +134,7 @@ def _model_bounds(spec: dict, where: str) -> None:
 SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     "format": (True, lambda v: v == FORMAT, repr(FORMAT)),
     "format_version": (False, _int, "a positive integer"),
-    "kind": (True, lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
+    "kind": (True, lambda v: isinstance(v, str) and v in TRAINABLES, f"one of {', '.join(TRAINABLES)}"),
     "model": (True, lambda v: isinstance(v, dict), "an object"),
     "model.source": (True, lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
     "model.name": (True, lambda v: isinstance(v, str) and v != "", "a model name"),
@@ -171,16 +171,6 @@ SCHEMA: dict[str, tuple[bool, Callable[[object], bool], str]] = {
     "vitlens_version": (False, lambda v: isinstance(v, str), "a string"),
     "weights_sha256": (True, _sha, "a SHA-256 hex digest"),
     "training_state_sha256": (False, _sha, "a SHA-256 hex digest"),
-}
-#: What each kind stores beyond the model (checked like :data:`SCHEMA`).
-KIND_SCHEMA: dict[str, dict[str, tuple[bool, Callable[[object], bool], str]]] = {
-    "diffmask": {
-        "diffmask": (True, lambda v: isinstance(v, dict), "an object"),
-        "diffmask.dim": (True, lambda v: _int(v) and v <= 16384, "an integer in 1..16384"),
-        "diffmask.num_states": (True, lambda v: _int(v, 2) and v <= 258, "an integer in 2..258"),
-        "diffmask.scale": (True, _number, "a number"),
-        "diffmask.offset": (True, _number, "a number"),
-    },
 }
 
 
@@ -248,8 +238,8 @@ def save_checkpoint(
     ``state`` (optimizer, schedule, step, RNG) goes to ``training_state.pt`` for ``--resume``. Other
     files already in the directory (``metrics.jsonl``, …) are carried over.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}")
+    if kind not in TRAINABLES:
+        raise ValueError(f"kind must be one of {tuple(TRAINABLES)}")
     if backbone.spec is None:
         raise VitlensError("this model has no architecture spec; load it with vitlens.load_model(URI) to save it")
     path = Path(path)
@@ -307,7 +297,7 @@ def validate_config(config: object, where: str = CONFIG) -> dict:
             f"{where}: checkpoint format {version} is newer than this vitlens ({FORMAT_VERSION}); upgrade vitlens"
         )
     kind = config.get("kind")
-    rules = {**SCHEMA, **(KIND_SCHEMA.get(kind, {}) if isinstance(kind, str) else {})}
+    rules = {**SCHEMA, **(TRAINABLES[kind].config if isinstance(kind, str) and kind in TRAINABLES else {})}
     for key, (required, check, expected) in rules.items():
         present, value = _lookup(config, key)
         if not present and required:

@@ -22,8 +22,8 @@ from ..bcos.vit import ARCHS, build_bcos_vit
 from ..data import DataSpec, open_dataset, parse_data_spec
 from ..errors import VitlensError
 from .augment import flip_shift
-from .classifier import accuracy
-from .loop import Task, TrainConfig, check_resumable, train
+from .classifier import held_out_accuracy
+from .loop import Task, TrainConfig, check_resumable, command_line, held_out_spec, train
 
 DEFAULT_ARCH = {"fashion-canvas": "bcos_vit_fashion", "fashion-grid": "bcos_vit_fashion"}
 
@@ -109,9 +109,23 @@ def train_bcos(
     """``vitlens train bcos``: train a B-cos ViT on ``data`` and report held-out accuracy.
 
     ``cfg.weight_decay`` and ``cfg.grad_clip`` are replaced by the B-cos recipe (no weight decay, AGC).
-    """
-    import sys
 
+    Args:
+        data: a data spec, e.g. ``"fashion-canvas:train"`` or ``"folder:/data/birds:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        arch: a B-cos architecture (default: the data set's own; required for folder data).
+        resume: continue the interrupted run in ``out``.
+        eval_data: held-out data spec (default: the test split of ``data``).
+        overwrite: replace a model already in ``out`` instead of refusing.
+
+    Returns:
+        The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
+
+    Examples:
+        >>> from vitlens.training import TrainConfig, train_bcos
+        >>> summary = train_bcos("fashion-canvas:train", "runs/bcos", TrainConfig(max_steps=100))  # doctest: +SKIP
+    """
     from ..models.checkpoint import load_checkpoint
 
     cfg = dataclasses.replace(cfg, weight_decay=0.0, grad_clip=None)
@@ -126,21 +140,13 @@ def train_bcos(
         backbone = build_bcos(arch, spec, dataset)
         if spec.name == "folder":
             dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
-    held_out = parse_data_spec(eval_data) if eval_data else DataSpec(spec.name, "test", spec.options, spec.root)
+    held_out = held_out_spec(spec, eval_data)
     provenance = {
-        "command": "vitlens " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "data": str(spec),
         "eval_data": str(held_out),
         "arch": backbone.spec.get("name"),
         "recipe": "BCE with off-class targets 1/C, Adam, warm-up + cosine, AGC 0.01",
     }
-
-    def evaluate(bb, d):
-        try:
-            test = open_dataset(held_out, size=bb.preprocessing.input_size)
-        except VitlensError:
-            return {}
-        return {"test_accuracy": round(accuracy(bb, test, d), 4), "test_n": len(test)}
-
-    return train(BcosTask(backbone), dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate,
-                 overwrite=overwrite)  # fmt: skip
+    return train(BcosTask(backbone), dataset, out, cfg, resume=resume, provenance=provenance,
+                 evaluate=held_out_accuracy(held_out), overwrite=overwrite)  # fmt: skip

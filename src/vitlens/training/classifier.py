@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import collate
+from ..backbones import Backbone, adapt
+from ..backbones.presets import PRESETS, build_preset
+from ..data import DataSpec, collate, open_dataset, parse_data_spec
+from ..errors import VitlensError
 from .augment import flip_shift
 from .distributed import Dist, all_reduce_sum
-from .loop import Task
+from .loop import Task, TrainConfig, check_resumable, command_line, held_out_spec, train
 
 
 class ClassifierTask(Task):
@@ -46,3 +53,138 @@ def accuracy(backbone, dataset, d: Dist | None = None, batch_size: int = 256) ->
     backbone.train(was_training)
     correct, n = all_reduce_sum(counts.to(device)).cpu().tolist()
     return correct / max(1.0, n)
+
+
+DEFAULT_ARCH = {"fashion-canvas": "fashion-vit", "fashion-grid": "fashion-vit", "counting": "counting-vit",
+                "shapes": "fashion-vit"}  # fmt: skip
+
+
+def folder_input_size(dataset, sample: int = 32) -> int:
+    """The input side for folder data: the median shorter side of the first ``sample`` readable images,
+    rounded to a multiple of 8 (the ``fashion-vit`` stem's stride) and kept within 32..224 pixels."""
+    from PIL import Image
+
+    sides = []
+    for rel, _ in dataset.files[:sample]:
+        try:
+            with Image.open(dataset.root / rel) as im:
+                sides.append(min(im.size))
+        except OSError:
+            continue
+    side = int(np.median(sides)) if sides else 64
+    return int(min(224, max(32, round(side / 8) * 8)))
+
+
+def build_classifier(arch: str | None, spec: DataSpec, dataset) -> Backbone:
+    """A fresh model for ``dataset``: a vitlens preset or any timm architecture name (random weights).
+
+    Without ``arch``: the data set's own preset, or for folder data the ``fashion-vit`` design (conv stem of
+    stride 8, dim 128, 4 blocks) at an input size sized to the images (:func:`folder_input_size`).
+    """
+    overrides = {}
+    if arch is None and spec.name == "folder":
+        arch, overrides = "fashion-vit", {"img_size": folder_input_size(dataset)}
+        print(f"vitlens: no --arch: training fashion-vit at {overrides['img_size']} px for this folder data "
+              "(its median image side)", file=sys.stderr)  # fmt: skip
+    arch = arch or DEFAULT_ARCH.get(spec.name)
+    if arch is None:
+        raise VitlensError(f"--arch is required for {spec.name} data (presets: {', '.join(PRESETS)}, or a timm name)")
+    classes = list(dataset.classes)
+    if arch in PRESETS:
+        if spec.name == "counting":
+            overrides = {"img_size": dataset.size, "patch_size": dataset.cell}
+        module, prep = build_preset(arch, num_classes=len(classes), **overrides)
+        backbone = adapt(module, prep, classes)
+        backbone.spec = {"source": "preset", "name": arch, "kwargs": {"num_classes": len(classes), **overrides}}
+        return backbone
+    import timm
+
+    if arch not in timm.list_models():
+        raise VitlensError(f"unknown architecture {arch!r} (presets: {', '.join(PRESETS)}, or a timm model name)")
+    size = getattr(dataset, "size", None)
+    kwargs = {"num_classes": len(classes)}
+    if isinstance(size, int):
+        kwargs["img_size"] = size
+    backbone = adapt(timm.create_model(arch, pretrained=False, **kwargs), classes=classes)
+    backbone.spec = {"source": "timm", "name": arch, "kwargs": kwargs}
+    return backbone
+
+
+def held_out_accuracy(held_out: DataSpec):
+    """The loop's end-of-run evaluation: top-1 accuracy on the held-out split (sharded)."""
+
+    def evaluate(bb, d):
+        try:
+            test = open_dataset(held_out, size=bb.preprocessing.input_size)
+        except VitlensError:
+            return {}
+        return {"test_accuracy": round(accuracy(bb, test, d), 4), "test_n": len(test)}
+
+    return evaluate
+
+
+def train_classifier(
+    data: str, out: str | Path, cfg: TrainConfig, arch: str | None = None, resume: bool = False,
+    eval_data: str | None = None, init: str | None = None, overwrite: bool = False,
+) -> dict:  # fmt: skip
+    """``vitlens train classifier``: train a classifier on ``data`` and report held-out accuracy.
+
+    Args:
+        data: a data spec, e.g. ``"fashion-canvas:train"`` or ``"folder:/data/birds:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        arch: an architecture preset or a timm model name (default: the preset of the data set, or for
+            folder data a default sized to its images).
+        resume: continue the interrupted run in ``out``.
+        eval_data: held-out data spec (default: the test split of ``data``).
+        init: start from the weights of a model (URI or checkpoint) instead of a fresh ``arch`` — a second
+            stage with a fresh optimizer and schedule, recorded as such in the checkpoint.
+        overwrite: replace a model already in ``out`` instead of refusing.
+
+    Returns:
+        The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
+    """
+    from ..models import load_model
+    from ..models.checkpoint import load_checkpoint
+
+    spec = parse_data_spec(data, default_split="train")
+    if resume:
+        check_resumable(out, str(spec))
+        backbone = load_checkpoint(out)
+    elif init is not None:
+        backbone = load_model(init)
+        if backbone.spec is None:
+            raise VitlensError("--init needs a model loaded from a URI or a vitlens checkpoint")
+    else:
+        torch.manual_seed(cfg.seed)  # the initial weights follow --seed too (same run, same weights)
+        backbone = build_classifier(arch, spec, open_dataset(spec))
+    dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    held_out = held_out_spec(spec, eval_data)
+    provenance = {
+        "command": command_line(),
+        "data": str(spec),
+        "eval_data": str(held_out),
+        "arch": backbone.spec.get("name"),
+    }
+    if init is not None:
+        provenance["init"] = {"model": str(init), "training": (backbone.config or {}).get("training", {})}
+    elif resume:  # keep the original run's provenance
+        provenance = {k: v for k, v in backbone.config["training"].items() if k in (*provenance, "init")}
+    task = ClassifierTask(backbone)
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=held_out_accuracy(held_out),
+                 overwrite=overwrite)  # fmt: skip
+
+
+def prompt_classes(backbone: Backbone, dataset) -> Backbone:
+    """An image–text model as a classifier of ``dataset``: :func:`vitlens.zero_shot` over its class names with
+    the model's prompt templates. The class embeddings become the classifier's weights (trained with the rest).
+    """
+    from ..backbones.image_text import ImageTextBackbone
+    from ..models.image_text import zero_shot
+
+    if not isinstance(backbone, ImageTextBackbone):
+        raise VitlensError(f"--classes-from-prompts needs an image–text model (CLIP, SigLIP), not {backbone.family}")
+    classes = getattr(dataset, "classes", None)
+    if not classes:
+        raise VitlensError("--classes-from-prompts needs data with class names")
+    return zero_shot(backbone, [str(c) for c in classes])

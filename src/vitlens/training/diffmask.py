@@ -12,13 +12,18 @@ gradients flow through its activations to the gates, never into its weights.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..backbones import Backbone
+from ..data import collate, open_dataset, parse_data_spec
+from ..errors import VitlensError
 from ..explainers.base import require_global_attention
 from ..explainers.diffmask import DiffMaskGates
+from .classifier import prompt_classes
 from .distributed import all_reduce_sum
-from .loop import Task, TrainConfig
+from .loop import Task, TrainConfig, check_resumable, command_line, held_out_spec, train
 from .optim import Lookahead
 
 
@@ -123,3 +128,76 @@ class DiffMaskTask(Task):
         gates = self.gates.gate.expected_gate(self.gates(trace)).prod(1)
         masked = self.backbone.run(embeddings=self.gates.masked_embeddings(trace, gates), grid=trace.grid)
         return kl_to_original(trace.logits.log_softmax(-1), masked.logits.log_softmax(-1))
+
+
+def train_diffmask(
+    model,
+    data: str,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    kl_margin: float = 0.1,
+    multiplier_lr: float = 0.3,
+    resume: bool = False,
+    overwrite: bool = False,
+    classes_from_prompts: bool = False,
+) -> dict:
+    """``vitlens train diffmask``: DiffMask gates for a frozen classifier.
+
+    The checkpoint holds the classifier unchanged plus the gates, so it loads as the classifier with
+    the ``diffmask`` explainer attached.
+
+    Args:
+        model (str | PathLike): the frozen classifier (URI, ``vitlens:NAME`` or checkpoint directory).
+        data: a data spec, e.g. ``"counting:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        kl_margin: KL(p_orig || p_masked) allowed, in nats.
+        multiplier_lr: learning rate of the Lagrange multipliers.
+        resume: continue the interrupted run in ``out``.
+        overwrite: replace a model already in ``out`` instead of refusing.
+        classes_from_prompts: ``model`` is an image–text model (CLIP, SigLIP): its zero-shot classifier over
+            the data's class names is the classifier (:func:`prompt_classes`).
+
+    Returns:
+        The run's summary (training seconds, held-out KL and share within the margin).
+    """
+    from ..models import load_model
+    from ..models.checkpoint import load_checkpoint
+
+    spec = parse_data_spec(data, default_split="train")
+    if resume:
+        check_resumable(out, str(spec))
+        backbone = load_checkpoint(out, kind="diffmask")
+        task = DiffMaskTask(
+            backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, gates=DiffMaskGates.from_checkpoint(backbone)
+        )
+        source = backbone.config["training"].get("base_model")
+        dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    else:
+        backbone = load_model(model)
+        if backbone.spec is None:
+            raise VitlensError("DiffMask needs a model loaded from a URI or a vitlens checkpoint")
+        if (backbone.config or {}).get("kind") == "diffmask":
+            raise VitlensError(f"{model} is already a DiffMask checkpoint; pass the classifier it was trained on")
+        dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+        if classes_from_prompts:
+            backbone = prompt_classes(backbone, dataset)
+        task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, seed=cfg.seed)
+        source = str(model)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    provenance = {"command": command_line(), "data": str(spec), "base_model": source}
+
+    def evaluate(bb, d):
+        test = open_dataset(held_out_spec(spec, None), size=bb.preprocessing.input_size)
+        images = collate([test[i] for i in range(min(256, len(test)))])["image"].to(bb.mean.device)
+        kl = task.masked_kl(images)
+        frozen = all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
+        if not frozen:
+            raise RuntimeError("DiffMask training changed the frozen classifier")  # a bug, never a user error
+        return {
+            "held_out_kl": round(kl.mean().item(), 4),
+            "held_out_within_margin": round((kl <= kl_margin).float().mean().item(), 4),
+        }
+
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate, overwrite=overwrite)

@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data import collate
+from ..data import DataSpec, collate, parse_data_spec
 from ..errors import VitlensError
 from ..models.checkpoint import CONFIG, STATE, WEIGHTS, load_training_state, read_config, recover, save_checkpoint
 from . import distributed
@@ -434,3 +434,13 @@ def _train(task, dataset, out: Path, cfg: TrainConfig, resume: bool, provenance:
             f.write(json.dumps({"step": step, "final": True, **summary}) + "\n")
     distributed.barrier()
     return summary
+
+
+def held_out_spec(spec: DataSpec, eval_data: str | None) -> DataSpec:
+    """The held-out data: ``eval_data`` when given, else the test split of the training data ``spec``."""
+    return parse_data_spec(eval_data) if eval_data else DataSpec(spec.name, "test", spec.options, spec.root)
+
+
+def command_line() -> str:
+    """The command that runs this process, for a checkpoint's provenance."""
+    return "vitlens " + " ".join(sys.argv[1:]) if sys.argv else ""

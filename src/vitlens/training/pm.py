@@ -14,7 +14,10 @@ PM map, thresholded, becomes their target.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,12 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone, boxes_to_mask, patch_coverage
-from ..data import collate
+from ..data import collate, open_dataset, parse_data_spec
 from ..data.fashion import compose_grid
 from ..errors import VitlensError
 from ..explainers.pm import patch_probabilities
 from .augment import flip_shift
-from .loop import Task
+from .classifier import accuracy, held_out_accuracy, prompt_classes
+from .loop import Task, TrainConfig, check_resumable, command_line, held_out_spec, train
 
 
 def pm_targets(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -452,3 +456,123 @@ def describe_pool(n_images: int, n_labelled: int, n_used: int, mask_fraction: fl
     else:
         how = f"{n_used:,} (--mask-fraction {mask_fraction:g})"
     return f"{n_labelled:,} of {n_images:,} training images carry a mask or a box; PM uses {how}"
+
+
+def _labels(dataset, indices: list[int]) -> set[int]:
+    """The classes of some images: from the data set's ``label(i)`` when it has one, else by reading them."""
+    if hasattr(dataset, "label"):
+        return {int(dataset.label(i)) for i in indices}
+    return {int(s["label"]) for s in map(dataset.__getitem__, indices) if "error" not in s}
+
+
+def train_pm(
+    model,
+    data: str,
+    out: str | Path,
+    cfg: TrainConfig,
+    *,
+    mask_fraction: float | None = None,
+    lam: float | None = None,
+    pos_weight: float | None = None,
+    mask_batch: int | None = None,
+    composites: int | None = None,
+    pseudo_rounds: int | None = None,
+    negatives: bool | None = None,
+    resume: bool = False,
+    eval_data: str | None = None,
+    overwrite: bool = False,
+    classes_from_prompts: bool = False,
+    log=None,
+) -> dict:
+    """``vitlens train pm``: PM fine-tuning of a classifier; reports accuracy before and after.
+
+    Only images that carry a mask or a box are supervised: all of them, or ``mask_fraction`` of the
+    training set drawn from them. Every setting left ``None`` (here and in ``cfg``: ``batch_size``,
+    ``lr``, ``warmup_steps``, ``max_steps`` with ``epochs``) comes from the best fashion-canvas recipe,
+    scaled to the data set (:func:`vitlens.training.pm.pm_settings`); what was chosen and why goes to
+    ``log`` (default: stderr, on the main process).
+
+    Args:
+        model (str | PathLike): the classifier to fine-tune (URI, ``vitlens:NAME`` or checkpoint directory).
+        data: a data spec whose images carry masks or boxes, e.g. ``"folder:/data/birds:train"``.
+        out: the checkpoint directory to write.
+        cfg: the loop's settings.
+        mask_fraction: share of the training set supervised with its mask or box (default: every image
+            that has one).
+        lam: weight of the patch-level BCE.
+        pos_weight: weight of positive (object) patch targets.
+        mask_batch: masked images in every batch (they replace ordinary ones).
+        composites: 2×2 composites of masked images in every batch (class separation).
+        pseudo_rounds: self-training rounds with pseudo-masks.
+        negatives: train every ordinary image's patches towards 0 for every class but its label.
+        resume: continue the interrupted run in ``out``.
+        eval_data: held-out data spec (default: the test split of ``data``).
+        overwrite: replace a model already in ``out`` instead of refusing.
+        classes_from_prompts: ``model`` is an image–text model (CLIP, SigLIP): its zero-shot classifier over
+            the data's class names is the classifier PM fine-tunes (:func:`prompt_classes`).
+        log (Callable[[str], None] | None): where the chosen settings are reported (one line each).
+
+    Returns:
+        The run's summary (training seconds, held-out accuracy), also stored in the checkpoint.
+
+    Raises:
+        VitlensError: no image of ``data`` carries a mask or a box and no pseudo-mask rounds were asked for.
+    """
+    from dataclasses import replace
+
+    from ..models import load_model
+    from ..models.checkpoint import load_checkpoint
+
+    if log is None:
+        main = int(os.environ.get("RANK", "0")) == 0
+
+        def log(line: str) -> None:
+            if main:
+                print(f"vitlens: pm: {line}", file=sys.stderr, flush=True)
+
+    spec = parse_data_spec(data, default_split="train")
+    held_out = held_out_spec(spec, eval_data)
+    check_pm_settings(mask_fraction, composites)
+    if resume:
+        check_resumable(out, str(spec))
+        backbone = load_checkpoint(out, kind="pm")
+        before = backbone.config["training"].get("accuracy_before")
+        source = backbone.config["training"].get("base_model")
+    else:
+        backbone = load_model(model)
+        if backbone.spec is None:
+            raise VitlensError("PM fine-tuning needs a model loaded from a URI or a vitlens checkpoint")
+        before, source = None, str(model)
+    dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    if classes_from_prompts and not resume:
+        backbone = prompt_classes(backbone, dataset)
+    labelled = labelled_indices(dataset)
+    if not labelled and not pseudo_rounds:
+        raise VitlensError(
+            f"{spec}: no training image carries a mask or a box (folder data: boxes in localization.txt or "
+            "masks/); PM needs some, or pass --pseudo-masks ROUNDS to train from pseudo-masks alone"
+        )
+    used = select_mask_indices(labelled, mask_fraction, cfg.seed, n=len(dataset))
+    log(describe_pool(len(dataset), len(labelled), len(used), mask_fraction))
+    classes_used = len(_labels(dataset, used[:2000]))
+    given = {"batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "epochs": cfg.epochs, "lr": cfg.lr,
+             "warmup_steps": cfg.warmup_steps, "lam": lam, "pos_weight": pos_weight, "mask_batch": mask_batch,
+             "composites": composites, "pseudo_rounds": pseudo_rounds, "negatives": negatives}  # fmt: skip
+    settings, why = pm_settings(len(dataset), len(used), classes_used, given)
+    if why:
+        log("chosen (the best fashion-canvas recipe, run 9 of benchmarks/pm.md, scaled; flags override): "
+            + "; ".join(why))  # fmt: skip
+    cfg = replace(cfg, **{k: settings[k] for k in ("batch_size", "max_steps", "epochs", "lr", "warmup_steps")})
+    if before is None:
+        test = open_dataset(held_out, size=backbone.preprocessing.input_size)
+        before = round(accuracy(backbone.to(cfg.device or "cpu"), test), 4)
+    task = PMTask(
+        backbone, dataset, mask_fraction=mask_fraction, labelled=labelled, lam=settings["lam"],
+        pos_weight=settings["pos_weight"], mask_batch=settings["mask_batch"], composites=settings["composites"],
+        pseudo_rounds=settings["pseudo_rounds"], negatives=settings["negatives"], seed=cfg.seed,
+        total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))),
+    )  # fmt: skip
+    provenance = {"command": command_line(), "data": str(spec), "eval_data": str(held_out), "base_model": source,
+                  "accuracy_before": before}  # fmt: skip
+    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=held_out_accuracy(held_out),
+                 overwrite=overwrite)  # fmt: skip
