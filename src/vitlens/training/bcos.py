@@ -23,7 +23,7 @@ from ..data import DataSpec, open_dataset, parse_data_spec
 from ..errors import VitlensError
 from .augment import flip_shift
 from .classifier import held_out_accuracy
-from .loop import Task, TrainConfig, check_resumable, command_line, held_out_spec, train
+from .loop import Task, TrainConfig, check_resumable, held_out_spec, provenance, train
 
 DEFAULT_ARCH = {"fashion-canvas": "bcos_vit_fashion", "fashion-grid": "bcos_vit_fashion"}
 
@@ -141,12 +141,7 @@ def train_bcos(
         if spec.name == "folder":
             dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     held_out = held_out_spec(spec, eval_data)
-    provenance = {
-        "command": command_line(),
-        "data": str(spec),
-        "eval_data": str(held_out),
-        "arch": backbone.spec.get("name"),
-        "recipe": "BCE with off-class targets 1/C, Adam, warm-up + cosine, AGC 0.01",
-    }
-    return train(BcosTask(backbone), dataset, out, cfg, resume=resume, provenance=provenance,
+    record = provenance(spec, held_out, arch=backbone.spec.get("name"),
+                        recipe="BCE with off-class targets 1/C, Adam, warm-up + cosine, AGC 0.01")  # fmt: skip
+    return train(BcosTask(backbone), dataset, out, cfg, resume=resume, provenance=record,
                  evaluate=held_out_accuracy(held_out), overwrite=overwrite)  # fmt: skip

@@ -15,7 +15,7 @@ from ..data import DataSpec, collate, open_dataset, parse_data_spec
 from ..errors import VitlensError
 from .augment import flip_shift
 from .distributed import Dist, all_reduce_sum
-from .loop import Task, TrainConfig, check_resumable, command_line, held_out_spec, train
+from .loop import Task, TrainConfig, check_resumable, held_out_spec, provenance, train
 
 
 class ClassifierTask(Task):
@@ -160,18 +160,13 @@ def train_classifier(
         backbone = build_classifier(arch, spec, open_dataset(spec))
     dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
     held_out = held_out_spec(spec, eval_data)
-    provenance = {
-        "command": command_line(),
-        "data": str(spec),
-        "eval_data": str(held_out),
-        "arch": backbone.spec.get("name"),
-    }
+    record = provenance(spec, held_out, arch=backbone.spec.get("name"))
     if init is not None:
-        provenance["init"] = {"model": str(init), "training": (backbone.config or {}).get("training", {})}
+        record["init"] = {"model": str(init), "training": (backbone.config or {}).get("training", {})}
     elif resume:  # keep the original run's provenance
-        provenance = {k: v for k, v in backbone.config["training"].items() if k in (*provenance, "init")}
+        record = {k: v for k, v in backbone.config["training"].items() if k in (*record, "init")}
     task = ClassifierTask(backbone)
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=held_out_accuracy(held_out),
+    return train(task, dataset, out, cfg, resume=resume, provenance=record, evaluate=held_out_accuracy(held_out),
                  overwrite=overwrite)  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from ..explainers.base import require_global_attention
 from ..explainers.diffmask import DiffMaskGates
 from .classifier import prompt_classes
 from .distributed import all_reduce_sum
-from .loop import Task, TrainConfig, check_resumable, command_line, held_out_spec, train
+from .loop import Task, TrainConfig, check_resumable, held_out_spec, provenance, train
 from .optim import Lookahead
 
 
@@ -186,7 +186,7 @@ def train_diffmask(
         task = DiffMaskTask(backbone, kl_margin=kl_margin, multiplier_lr=multiplier_lr, seed=cfg.seed)
         source = str(model)
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    provenance = {"command": command_line(), "data": str(spec), "base_model": source}
+    record = provenance(spec, base_model=source)
 
     def evaluate(bb, d):
         test = open_dataset(held_out_spec(spec, None), size=bb.preprocessing.input_size)
@@ -200,4 +200,4 @@ def train_diffmask(
             "held_out_within_margin": round((kl <= kl_margin).float().mean().item(), 4),
         }
 
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=evaluate, overwrite=overwrite)
+    return train(task, dataset, out, cfg, resume=resume, provenance=record, evaluate=evaluate, overwrite=overwrite)

@@ -441,6 +441,8 @@ def held_out_spec(spec: DataSpec, eval_data: str | None) -> DataSpec:
     return parse_data_spec(eval_data) if eval_data else DataSpec(spec.name, "test", spec.options, spec.root)
 
 
-def command_line() -> str:
-    """The command that runs this process, for a checkpoint's provenance."""
-    return "vitlens " + " ".join(sys.argv[1:]) if sys.argv else ""
+def provenance(spec: DataSpec, held_out: DataSpec | None = None, **more) -> dict:
+    """What a checkpoint records about its run: the command, the data (and held-out data) and ``more``."""
+    command = "vitlens " + " ".join(sys.argv[1:]) if sys.argv else ""
+    held = {"eval_data": str(held_out)} if held_out is not None else {}
+    return {"command": command, "data": str(spec), **held, **more}

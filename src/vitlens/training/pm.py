@@ -31,7 +31,7 @@ from ..errors import VitlensError
 from ..explainers.pm import patch_probabilities
 from .augment import flip_shift
 from .classifier import accuracy, held_out_accuracy, prompt_classes
-from .loop import Task, TrainConfig, check_resumable, command_line, held_out_spec, train
+from .loop import Task, TrainConfig, check_resumable, held_out_spec, provenance, train
 
 
 def pm_targets(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -572,7 +572,6 @@ def train_pm(
         pseudo_rounds=settings["pseudo_rounds"], negatives=settings["negatives"], seed=cfg.seed,
         total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))),
     )  # fmt: skip
-    provenance = {"command": command_line(), "data": str(spec), "eval_data": str(held_out), "base_model": source,
-                  "accuracy_before": before}  # fmt: skip
-    return train(task, dataset, out, cfg, resume=resume, provenance=provenance, evaluate=held_out_accuracy(held_out),
+    record = provenance(spec, held_out, base_model=source, accuracy_before=before)
+    return train(task, dataset, out, cfg, resume=resume, provenance=record, evaluate=held_out_accuracy(held_out),
                  overwrite=overwrite)  # fmt: skip
