@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.integrate import trapezoid  # np.trapezoid is NumPy >= 2
 
 from vitlens.errors import VitlensError
 from vitlens.explainers import Explanation
@@ -558,7 +559,7 @@ def test_chefer_protocol_equals_their_perturbation_test(tiny_model, name, neg):
     m.update(batch, maps)
     m.finish()
     x = np.arange(10) / 10
-    assert m.result()[name] == pytest.approx(np.trapezoid(correct.mean(0), x))  # their np.trapz
+    assert m.result()[name] == pytest.approx(trapezoid(correct.mean(0), x))  # their np.trapz
     assert np.allclose(m.curves()["accuracy"], correct.mean(0))
     assert m.curves()["fraction"] == pytest.approx(list(x))
 
@@ -679,8 +680,8 @@ def test_diffmask_protocol_equals_their_auc_kld(tiny_model, name, positive):
             tiny_model.model, (image[None] - mean) / std, pixel_map[None], positive, mean, std
         )
         assert len(kld) == len(m.curves()["fraction"]) == 3  # 0, 448 and 896 of 1,024 pixels removed
-        want_kl.append(np.trapezoid(kld))  # their table: np.trapz(curve), unit spacing
-        want_p.append(np.trapezoid(prob))
+        want_kl.append(trapezoid(kld))  # their table: np.trapz(curve), unit spacing
+        want_p.append(trapezoid(prob))
     assert np.allclose(m.records["kl"], want_kl, rtol=1e-5)
     assert np.allclose(m.records["probability"], want_p, atol=1e-6)
     result = m.result()
