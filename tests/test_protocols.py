@@ -10,7 +10,6 @@ References: clovaai/wsolevaluation (``evaluation.py``: ``compute_bboxes_from_sco
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -27,6 +26,7 @@ from vitlens.metrics.localisation import contour_areas, thresholds_for
 
 
 def wsol_resize(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    cv2 = pytest.importorskip("cv2")
     return cv2.resize(cam.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
 
 
@@ -39,6 +39,7 @@ def wsol_normalize(cam: np.ndarray) -> np.ndarray:
 
 
 def wsol_boxes(scoremap: np.ndarray, threshold: float, multi: bool) -> np.ndarray:
+    cv2 = pytest.importorskip("cv2")
     h, w = scoremap.shape
     gray = np.expand_dims((scoremap * 255).astype(np.uint8), 2)
     _, binary = cv2.threshold(gray, int(threshold * np.max(gray)), 255, cv2.THRESH_BINARY)
@@ -165,6 +166,7 @@ def run_metric(name, maps, boxes=None, masks=None, ignore=None, **options):
 
 def test_contour_area_equals_cv2_on_random_shapes():
     """The largest cv2.contourArea over all RETR_TREE contours and its bounding box, plane by plane."""
+    cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(0)
     planes = []
     for _ in range(400):
@@ -577,6 +579,7 @@ def test_perturbation_protocols_fix_their_settings():
 
 
 def test_linear_imputation_equals_road_evaluation():
+    pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 
     from vitlens.metrics.perturbation import linear_impute
@@ -593,6 +596,7 @@ def test_linear_imputation_equals_road_evaluation():
 
 
 def test_road_equals_grad_cam_road_combined(tiny_model):
+    pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.metrics.perturbation_confidence import (
         PerturbationConfidenceMetric,
         RemoveLeastRelevantFirst,
