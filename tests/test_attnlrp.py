@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.layers import RmsNorm
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -213,8 +214,9 @@ def newer_block(dim: int = 16, heads: int = 2, seed: int = 0) -> BlockParts:
 
     bias = torch.randn(heads, 5, 5, generator=g)
     norms = [nn.LayerNorm(n, bias=False) for n in (dim, dim, 2 * dim)]
+    q_norm = nn.RMSNorm(d) if hasattr(nn, "RMSNorm") else RmsNorm(d)  # torch's from 2.4, else timm's
     return BlockParts(
-        norm1=norms[0], qkv=w(3 * dim, dim), heads=heads, scale=d**-0.5, q_norm=nn.RMSNorm(d), k_norm=nn.Identity(),
+        norm1=norms[0], qkv=w(3 * dim, dim), heads=heads, scale=d**-0.5, q_norm=q_norm, k_norm=nn.Identity(),
         out_norm=nn.Identity(), proj=w(dim, dim), norm2=norms[1], fc1=w(2 * dim, dim), act=nn.SiLU(),
         fc2=w(dim, 2 * dim), attn_bias=lambda t: bias[:, :t, :t], rope=rope, gate=w(2 * dim, dim), mlp_norm=norms[2],
     )  # fmt: skip

@@ -7,6 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+pytest.importorskip("transformers")
+
 from transformers import (
     BitImageProcessor,
     DeiTConfig,

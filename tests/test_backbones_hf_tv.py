@@ -1,4 +1,4 @@
-"""The Hugging Face and torchvision adapters on tiny random models."""
+"""The Hugging Face and torchvision adapters on tiny random models (the Hugging Face ones need transformers)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
-from transformers import (
-    DeiTConfig,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    DeiTImageProcessor,
-    ViTConfig,
-    ViTForImageClassification,
-    ViTImageProcessor,
-)
 
 from vitlens.backbones.base import Backbone
 from vitlens.backbones.hf_vit import HFViT, hf_preprocessing, is_hf_vit
@@ -37,13 +28,15 @@ TINY = dict(
 
 
 def make(kind: str) -> tuple[nn.Module, Backbone]:
+    """A tiny random model of ``kind`` and its backbone; a Hugging Face kind skips the test without transformers."""
+    transformers = None if kind == "torchvision" else pytest.importorskip("transformers")
     torch.manual_seed(0)
     if kind == "vit":
-        model = ViTForImageClassification(ViTConfig(**TINY))
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(**TINY))
     elif kind == "deit":
-        model = DeiTForImageClassification(DeiTConfig(**TINY))
+        model = transformers.DeiTForImageClassification(transformers.DeiTConfig(**TINY))
     elif kind == "deit_distilled":
-        model = DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY))
+        model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**TINY))
     else:
         model = VisionTransformer(
             image_size=32,
@@ -220,6 +213,7 @@ def test_torchvision_other_input_size_is_refused():
 
 
 def test_detection_and_preprocessing():
+    transformers = pytest.importorskip("transformers")
     vit, _ = make("vit")
     tv, _ = make("torchvision")
     assert is_hf_vit(vit) and not is_hf_vit(tv) and not is_hf_vit(nn.Linear(2, 2))
@@ -233,9 +227,9 @@ def test_detection_and_preprocessing():
         "std": [0.5] * 3,
         "interpolation": "bilinear",
     }
-    prep = hf_preprocessing(vit, DeiTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]))
+    prep = hf_preprocessing(vit, transformers.DeiTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]))
     assert prep.mean == (0.1, 0.2, 0.3) and prep.std == (0.4, 0.5, 0.6) and prep.interpolation == "bicubic"
-    assert hf_preprocessing(vit, ViTImageProcessor()).interpolation == "bilinear"
+    assert hf_preprocessing(vit, transformers.ViTImageProcessor()).interpolation == "bilinear"
 
     prep = torchvision_preprocessing(tv)
     assert prep.input_size == (32, 32) and prep.mean == (0.485, 0.456, 0.406)
@@ -243,8 +237,9 @@ def test_detection_and_preprocessing():
 
 
 def test_hf_class_names_from_config():
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     labels = {"id2label": {0: "cat", 1: "dog"}, "label2id": {"cat": 0, "dog": 1}}
-    config = ViTConfig(**{**TINY, "num_labels": 2, **labels})
-    assert HFViT(ViTForImageClassification(config)).classes == ["cat", "dog"]
+    config = transformers.ViTConfig(**{**TINY, "num_labels": 2, **labels})
+    assert HFViT(transformers.ViTForImageClassification(config)).classes == ["cat", "dog"]
     assert make("vit")[1].classes == [str(i) for i in range(5)]

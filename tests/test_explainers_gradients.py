@@ -12,10 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import scale_cam_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from conftest import make_timm
 from test_backbones_hf_tv import make as make_hf_tv
@@ -113,6 +109,9 @@ def test_gaussian_blur_matches_torchvision(images):
 @pytest.mark.parametrize("baseline", ["black", "blur", "tensor"])
 def test_ig_matches_captum(baseline, images):
     """captum's IntegratedGradients with its default rule (Gauss–Legendre), the same steps and baseline."""
+    pytest.importorskip("captum")
+    from captum.attr import IntegratedGradients
+
     bb = adapt(make_timm("registers"))
     target = [0, 3, 1]
     if baseline == "tensor":
@@ -145,6 +144,9 @@ def test_ig_completeness_and_default_blur(images):
 
 
 def test_inputxgrad_matches_captum(images):
+    pytest.importorskip("captum")
+    from captum.attr import InputXGradient
+
     bb = adapt(make_timm("deit-distilled"))
     with torch.no_grad():
         predicted = bb(images).argmax(1)
@@ -158,6 +160,9 @@ def test_smoothgrad_matches_captum_with_the_same_noise(images, monkeypatch):
     captum draws its noise with ``torch.normal`` on the expanded batch (image-major); we hand it ours,
     so the comparison is exact: |mean gradient| summed over channels, pooled to patches.
     """
+    pytest.importorskip("captum")
+    from captum.attr import NoiseTunnel, Saliency
+
     bb = adapt(make_timm("avg-pool-no-cls"))
     n, seed, level = 5, 7, 0.2
     eps = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
@@ -192,6 +197,11 @@ def test_gradcam_matches_pytorch_grad_cam(variant, layer, images):
     its own post-processing (``scale_cam_image``: min-max + cv2 resize, then the multi-layer aggregation's
     min-max) applied to our map, so the whole pipeline agrees.
     """
+    pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     bb = adapt(make_timm(variant))
     p, target = bb.num_prefix_tokens, [1, 0, 4]
     ours = explain(bb, images, "gradcam", target=target, layer=layer).maps

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from captum.attr import Occlusion
 
 from conftest import committed, make_timm
 from test_explainers_gradients import BACKBONES, backbone, check_contract
@@ -75,6 +74,9 @@ def test_rise_with_all_patches_kept_is_the_probability(images):
 )
 def test_occlusion_matches_captum(variant, window, fill, images):
     """captum's Occlusion on the softmax with patch-sized windows, a stride of one patch, the same fill."""
+    pytest.importorskip("captum")
+    from captum.attr import Occlusion
+
     bb = adapt(make_timm(variant))
     targets = [0, 4, 2]
     ours = explain(bb, images, "occlusion", target=targets, window=window, fill=fill, internal_batch_size=5).maps

@@ -1,11 +1,11 @@
 """Image–text models (OpenCLIP, Hugging Face CLIP and SigLIP): outputs, zero-shot logits and text-prompt targets
-checked against the libraries' own computations on tiny random models built locally (no network)."""
+checked against the libraries' own computations on tiny random models built locally (no network). A test skips
+where the library of its model (open_clip, transformers) is not installed."""
 
 from __future__ import annotations
 
 import json
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ def _patch_sums(values: torch.Tensor, patch: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("vision", [{}, {"pool_type": "avg", "final_ln_after_pool": True}])
 def test_open_clip_output_is_encode_image_and_zero_shot_logits_are_open_clips(vision):
+    open_clip = pytest.importorskip("open_clip")
     model = _open_clip_model(**vision)
     backbone = adapt(model)
     x = _images()
@@ -77,6 +78,7 @@ def test_hf_output_and_zero_shot_logits_are_the_models_own(build):
 
 
 def _open_clip_similarity(model, prompt: str):
+    open_clip = pytest.importorskip("open_clip")
     tokens = open_clip.tokenize([prompt], context_length=16)
     with torch.no_grad():
         text = F.normalize(model.encode_text(tokens), dim=-1)[0]
@@ -202,6 +204,7 @@ def test_hf_clip_checkpoint_round_trip(tmp_path):
     ("open_clip:ViT-B-32/openai?pretrained=maybe", "pretrained"),
 ])  # fmt: skip
 def test_open_clip_uri_errors_are_one_line(uri, message):
+    pytest.importorskip("open_clip")
     with pytest.raises(VitlensError, match=message) as e:
         vitlens.load_model(uri)
     assert "\n" not in str(e.value)
@@ -210,6 +213,7 @@ def test_open_clip_uri_errors_are_one_line(uri, message):
 def test_custom_text_clip_and_layer_scale():
     """OpenCLIP's CustomTextCLIP is adapted like CLIP; layer scale folds into Chefer's rules, which check that
     they reproduce the model block by block (and refuse otherwise)."""
+    open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
     vision = dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=2, ls_init_value=0.5)
     model = open_clip.CustomTextCLIP(16, vision, dict(context_length=16, width=32, heads=4, layers=2)).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -198,14 +199,18 @@ def test_explanation_object(bb, images):
 
 
 def test_overlays_keep_the_image_resolution_and_aspect(bb):
-    photo = torch.rand(1, 3, 300, 500)  # a non-square photo at full resolution
+    photo = torch.rand(1, 3, 300, 500, generator=torch.Generator().manual_seed(0))  # a non-square photo
     small = torch.nn.functional.interpolate(photo, size=(32, 32), mode="bilinear", antialias=True)
     e = explain(bb, small, "ig", steps=4)
     (picture,) = e.overlay(photo, title=False)
-    assert picture.size == (500, 300)
+    assert picture.size == (500, 300) and e.scale == "signed"
+    # a signed map negative on the left half and positive on the right: blue and red where they lie
+    halves = torch.ones(1, 4, 4)
+    halves[..., :2] = -1
+    (picture,) = dataclasses.replace(e, maps=halves).overlay(photo, title=False)
     signed = np.asarray(picture).astype(int)
-    assert e.scale == "signed" and (e.maps < 0).any() and (e.maps > 0).any()
-    assert (signed[..., 2] > signed[..., 0] + 40).any() and (signed[..., 0] > signed[..., 2] + 40).any()  # blue and red
+    left, right = signed[:, :150], signed[:, 350:]  # the outer thirds, away from the interpolated middle
+    assert (left[..., 2] > left[..., 0] + 20).all() and (right[..., 0] > right[..., 2] + 20).all()
 
 
 def test_show_draws_images_by_methods_and_labels_constant_maps(bb, images):

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import copy
 
-import cv2
 import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
-from sklearn.metrics import average_precision_score
 from torch import nn
 
 from conftest import committed, tiny_timm
@@ -256,6 +254,9 @@ def test_pxap_and_miou_by_hand():
 
 
 def test_average_precision_matches_sklearn():
+    pytest.importorskip("sklearn")
+    from sklearn.metrics import average_precision_score
+
     rng = np.random.default_rng(0)
     scores = torch.from_numpy(rng.integers(0, 6, (5, 40)) / 5.0)  # many ties
     targets = torch.from_numpy(rng.random((5, 40)) < 0.3)
@@ -277,6 +278,7 @@ def ref_normalize(cam):
 
 
 def ref_boxes(scoremap, thresholds, multi_contour):
+    cv2 = pytest.importorskip("cv2")
     h, w = scoremap.shape
     gray = np.expand_dims((scoremap * 255).astype(np.uint8), 2)
     per_threshold = []

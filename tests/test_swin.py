@@ -12,9 +12,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from captum.attr import InputXGradient
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from vitlens import EmbeddingSimilarity, VitlensError, explain, load_model
 from vitlens.backbones import adapt
@@ -73,6 +70,10 @@ def test_logits_and_stages_match_the_library(name, images):
 def test_gradcam_matches_pytorch_grad_cam(name, images):
     """pytorch-grad-cam's Swin recipe: the last block's ``norm2`` (HF: ``layernorm_after``) with a reshape to
     the 4×4 grid; its raw cam (before min-max and resizing) after ReLU equals ours."""
+    pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     bb = adapt(ZOO[name]())
     target = [1, 0, 4]
     ours = explain(bb, images, "gradcam", target=target).maps
@@ -95,6 +96,9 @@ def test_gradcam_matches_pytorch_grad_cam(name, images):
 @pytest.mark.parametrize("name", SWINS)
 def test_inputxgrad_matches_captum(name, images):
     """captum's InputXGradient on the library's own forward (normalisation in front), pooled to 8×8 cells."""
+    pytest.importorskip("captum")
+    from captum.attr import InputXGradient
+
     model = ZOO[name]()
     bb = adapt(model)
     with torch.no_grad():
@@ -179,6 +183,9 @@ def test_diffmask_refuses_in_one_line():
 
 def test_headless_hf_swin_model_explains_an_embedding(images):
     """``SwinModel`` (no classifier): the output is the pooled embedding; a similarity target explains it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("captum")
+    from captum.attr import InputXGradient
     from transformers import SwinConfig, SwinModel
 
     torch.manual_seed(0)
@@ -263,32 +270,31 @@ def test_pm_trains_on_swin_and_diffmask_training_refuses():
     assert "\n" not in str(e.value)
 
 
-def test_other_input_sizes_match_the_library():
+@pytest.mark.parametrize("family", ["hf", "timm"])
+def test_other_input_sizes_match_the_library(family):
     """HF Swin at 48 px with absolute position embeddings (interpolated, as ``interpolate_pos_encoding=True``)
     and a timm Swin built with ``strict_img_size=False``: the libraries' own logits, maps on the 6×6 grid."""
-    from transformers import SwinConfig, SwinForImageClassification
-
     images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
-    config = SwinConfig(
-        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=5,
-        use_absolute_embeddings=True,
-    )  # fmt: skip
-    hf = SwinForImageClassification(config).eval()
-    torch.nn.init.normal_(hf.swin.embeddings.position_embeddings)
-    timm_model = timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4, embed_dim=16,
-        depths=(2, 2), num_heads=(2, 2), num_classes=5, strict_img_size=False,
-    ).eval()  # fmt: skip
-    for model, own in [
-        (hf, lambda x: hf(x, interpolate_pos_encoding=True).logits),
-        (timm_model, timm_model),
-    ]:
-        bb = adapt(model)
-        with torch.no_grad():
-            torch.testing.assert_close(bb(images), own(bb.normalize(images)), atol=1e-5, rtol=1e-5)
-        assert bb.grid_for((48, 48)) == (6, 6)
-        assert explain(bb, images, "inputxgrad", target=0).maps.shape == (2, 6, 6)
+    if family == "hf":
+        transformers = pytest.importorskip("transformers")
+        config = transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, num_labels=5,
+            use_absolute_embeddings=True,
+        )  # fmt: skip
+        model = transformers.SwinForImageClassification(config).eval()
+        torch.nn.init.normal_(model.swin.embeddings.position_embeddings)
+        own = lambda x: model(x, interpolate_pos_encoding=True).logits
+    else:
+        model = own = timm.create_model(
+            "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4, embed_dim=16,
+            depths=(2, 2), num_heads=(2, 2), num_classes=5, strict_img_size=False,
+        ).eval()  # fmt: skip
+    bb = adapt(model)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(images), own(bb.normalize(images)), atol=1e-5, rtol=1e-5)
+    assert bb.grid_for((48, 48)) == (6, 6)
+    assert explain(bb, images, "inputxgrad", target=0).maps.shape == (2, 6, 6)
 
 
 def test_unsupported_pooling_is_refused():

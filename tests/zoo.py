@@ -4,13 +4,16 @@ Every entry builds a small model (32 px inputs, 2–3 blocks) as a user would bu
 library, then gives its classifier unit-variance weights: a freshly initialised head (std 0.02, or zero)
 makes every gradient vanishingly small, and a trained model's is not. ``tests/test_families.py`` runs
 every method on every entry, in the manner of timm's ``test_models.py``.
-A new family adds its builders here with :func:`entry`.
+A new family adds its builders here with :func:`entry`. An entry built with a library that vitlens does not
+depend on (transformers, open_clip) names it, and a test that builds the entry skips where it is not installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
+import pytest
 import timm
 import torch
 from torch import nn
@@ -21,13 +24,25 @@ NUM_CLASSES = 5
 ZOO: dict[str, Callable[[], nn.Module]] = {}
 #: name → builder of a model without a classifier head (its output is an embedding), in eval mode
 HEADLESS: dict[str, Callable[[], nn.Module]] = {}
+#: name → the optional library its builder needs
+NEEDS: dict[str, str] = {}
 
 
-def entry(name: str, registry: dict[str, Callable[[], nn.Module]] = ZOO):
-    """Register a builder under ``name`` in ``registry`` (seeded, so every build is the same model)."""
+def entry(name: str, registry: dict[str, Callable[[], nn.Module]] = ZOO, needs: str | None = None):
+    """Register a builder under ``name`` in ``registry`` (seeded, so every build is the same model).
+
+    Args:
+        name: the entry's name (a test id).
+        registry: :data:`ZOO` or :data:`HEADLESS`.
+        needs: the optional library the builder imports; building the entry skips the test without it.
+    """
+    if needs is not None:
+        NEEDS[name] = needs
 
     def register(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         def seeded() -> nn.Module:
+            if needs is not None:
+                pytest.importorskip(needs)
             torch.manual_seed(0)
             model = build()
             heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
@@ -39,6 +54,11 @@ def entry(name: str, registry: dict[str, Callable[[], nn.Module]] = ZOO):
         return build
 
     return register
+
+
+def buildable(name: str) -> bool:
+    """Whether the library entry ``name`` needs, if any, is installed."""
+    return name not in NEEDS or importlib.util.find_spec(NEEDS[name]) is not None
 
 
 def _timm(name: str, **kw) -> nn.Module:
@@ -123,28 +143,28 @@ def _hf_config(config_class, **kw):
     return config_class(**args)
 
 
-@entry("hf-vit")
+@entry("hf-vit", needs="transformers")
 def _hf_vit():
     from transformers import ViTConfig, ViTForImageClassification
 
     return ViTForImageClassification(_hf_config(ViTConfig))
 
 
-@entry("hf-deit-distilled")
+@entry("hf-deit-distilled", needs="transformers")
 def _hf_deit():
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
     return DeiTForImageClassificationWithTeacher(_hf_config(DeiTConfig))
 
 
-@entry("hf-vit-sdpa")
+@entry("hf-vit-sdpa", needs="transformers")
 def _hf_vit_sdpa():
     from transformers import ViTConfig, ViTForImageClassification
 
     return ViTForImageClassification(_hf_config(ViTConfig, attn_implementation="sdpa"))
 
 
-@entry("hf-deit-sdpa")
+@entry("hf-deit-sdpa", needs="transformers")
 def _hf_deit_sdpa():
     from transformers import DeiTConfig, DeiTForImageClassification
 
@@ -160,14 +180,14 @@ def _dinov2_config(config_class, **kw):
     return config_class(**args)
 
 
-@entry("hf-dinov2")
+@entry("hf-dinov2", needs="transformers")
 def _hf_dinov2():
     from transformers import Dinov2Config, Dinov2ForImageClassification
 
     return Dinov2ForImageClassification(_dinov2_config(Dinov2Config))
 
 
-@entry("hf-dinov2-registers-swiglu")
+@entry("hf-dinov2-registers-swiglu", needs="transformers")
 def _hf_dinov2_registers():
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification
 
@@ -175,21 +195,21 @@ def _hf_dinov2_registers():
     return Dinov2WithRegistersForImageClassification(config)
 
 
-@entry("hf-dinov2-model", HEADLESS)
+@entry("hf-dinov2-model", HEADLESS, needs="transformers")
 def _hf_dinov2_model():
     from transformers import Dinov2Config, Dinov2Model
 
     return Dinov2Model(_dinov2_config(Dinov2Config))
 
 
-@entry("hf-dinov2-registers-model", HEADLESS)
+@entry("hf-dinov2-registers-model", HEADLESS, needs="transformers")
 def _hf_dinov2_registers_model():
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     return Dinov2WithRegistersModel(_dinov2_config(Dinov2WithRegistersConfig, num_register_tokens=2))
 
 
-@entry("hf-vit-model", HEADLESS)
+@entry("hf-vit-model", HEADLESS, needs="transformers")
 def _hf_vit_model():
     from transformers import ViTConfig, ViTModel
 
@@ -255,14 +275,14 @@ def _hf_swin_config(config_class):
     )
 
 
-@entry("hf-swin")
+@entry("hf-swin", needs="transformers")
 def _hf_swin():
     from transformers import SwinConfig, SwinForImageClassification
 
     return SwinForImageClassification(_hf_swin_config(SwinConfig))
 
 
-@entry("hf-swinv2")
+@entry("hf-swinv2", needs="transformers")
 def _hf_swinv2():
     from transformers import Swinv2Config, Swinv2ForImageClassification
 
@@ -289,47 +309,45 @@ def char_tokenizer(texts: list[str], length: int = 16) -> torch.Tensor:
 
 
 def tiny_open_clip(**vision) -> nn.Module:
-    import open_clip
-
+    open_clip = pytest.importorskip("open_clip")
     vision_cfg = {**dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=2), **vision}
     text_cfg = dict(context_length=16, width=32, heads=4, layers=2)  # OpenCLIP's own BPE vocabulary
     return open_clip.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg)
 
 
 def tiny_hf_clip() -> nn.Module:
-    from transformers import CLIPConfig, CLIPModel
-
-    return CLIPModel(CLIPConfig(text_config=_HF_TEXT, vision_config=_HF_VISION, projection_dim=16))
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(text_config=_HF_TEXT, vision_config=_HF_VISION, projection_dim=16)
+    return transformers.CLIPModel(config)
 
 
 def tiny_hf_siglip() -> nn.Module:
-    from transformers import SiglipConfig, SiglipModel
+    transformers = pytest.importorskip("transformers")
+    return transformers.SiglipModel(transformers.SiglipConfig(text_config=_HF_TEXT, vision_config=_HF_VISION))
 
-    return SiglipModel(SiglipConfig(text_config=_HF_TEXT, vision_config=_HF_VISION))
 
-
-@entry("open-clip-vit")
+@entry("open-clip-vit", needs="open_clip")
 def _open_clip():
     from vitlens import zero_shot
 
     return zero_shot(tiny_open_clip().eval(), PROMPT_CLASSES)
 
 
-@entry("open-clip-vit-avg-pool")
+@entry("open-clip-vit-avg-pool", needs="open_clip")
 def _open_clip_avg():
     from vitlens import zero_shot
 
     return zero_shot(tiny_open_clip(pool_type="avg", final_ln_after_pool=True).eval(), PROMPT_CLASSES)
 
 
-@entry("hf-clip")
+@entry("hf-clip", needs="transformers")
 def _hf_clip():
     from vitlens import zero_shot
 
     return zero_shot(tiny_hf_clip().eval(), PROMPT_CLASSES, tokenizer=char_tokenizer)
 
 
-@entry("hf-siglip")
+@entry("hf-siglip", needs="transformers")
 def _hf_siglip():
     from vitlens import zero_shot
 

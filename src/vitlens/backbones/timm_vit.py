@@ -135,7 +135,11 @@ class TimmViT(Backbone):
 
     def block_parts(self, block: nn.Module) -> BlockParts:
         from timm.layers import Attention, LayerScale, Mlp
+        from timm.models import vision_transformer
         from timm.models.vision_transformer import Block
+
+        # older timm (1.0.20) builds its ViT blocks with vision_transformer's own LayerScale, not timm.layers'
+        layer_scales = (LayerScale, vision_transformer.LayerScale)
 
         if type(block) is not Block:
             raise UnsupportedParts(f"timm {type(block).__name__} blocks")
@@ -148,7 +152,7 @@ class TimmViT(Backbone):
             raise UnsupportedParts(f"timm {type(mlp).__name__} MLPs")
 
         def gamma(ls: nn.Module) -> Tensor | None:
-            if isinstance(ls, LayerScale):
+            if isinstance(ls, layer_scales):
                 return ls.gamma
             if isinstance(ls, nn.Identity):
                 return None

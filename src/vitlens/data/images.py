@@ -46,7 +46,11 @@ def _high_depth(im: Image.Image, size: tuple[int, int] | None, path) -> Image.Im
     """
     scale = HIGH_DEPTH[im.mode]
     if scale is not None and size is not None:
-        im = _resample(im, size)  # PIL resizes 16/32-bit integer images itself (to within 1e-5 of float)
+        # PIL resizes 32-bit integer images itself (to within 1e-5 of float); Pillow < 11 cannot resize 16-bit
+        # ones bilinearly, so they are widened to 32 bits first (the same result)
+        if im.mode != "I":
+            im = Image.fromarray(np.asarray(im, dtype=np.int32))
+        im = _resample(im, size)
     arr = np.asarray(im, dtype=np.float32)
     if scale is None:
         if not np.isfinite(arr).all():
@@ -67,9 +71,12 @@ def _decode(im: Image.Image, size: tuple[int, int] | None, path) -> tuple[np.nda
         im.draft(None, (side, side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below ``size``
     if im.width * im.height > MAX_PIXELS:
         raise VitlensError(f"{path}: image too large ({im.width}×{im.height} pixels; at most {MAX_PIXELS} decoded)")
+    opened = im.getexif().get(ExifTags.Base.Orientation, 1)
     im.load()
     # The orientation still to apply (PIL's TIFF reader applies it while loading and drops the tag).
     orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation != opened:  # applied while loading: Pillow < 11 reported the stored size until then
+        w, h = im.size
     turned = orientation in (5, 6, 7, 8)  # rotated by 90° on display
     original = (w, h) if turned else (h, w)
     if size is not None and turned:
