@@ -32,45 +32,63 @@ def fonts() -> list[Path]:
     return sorted(p for p in ttf.glob("*.ttf") if p.name.startswith(text) and "Display" not in p.name)
 
 
-def glyph_image(rng: np.random.Generator, letter: str, font_files: list[Path]) -> tuple[Image.Image, np.ndarray]:
-    """One image of ``letter`` and its glyph mask (``[SIZE, SIZE]`` bool)."""
+def cluttered_background(rng: np.random.Generator, size: int = SIZE) -> tuple[Image.Image, np.ndarray]:
+    """A random tint with pixel noise and one to three thin lines in random colours; (image, tint)."""
     tint = rng.uniform(0.2, 0.8, 3)
-    pixels = np.clip(tint + rng.normal(0, 0.12, (SIZE, SIZE, 3)), 0, 1)
+    pixels = np.clip(tint + rng.normal(0, 0.12, (size, size, 3)), 0, 1)
     image = Image.fromarray((pixels * 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(1, 4)):
-        ends = [tuple(rng.uniform(0, SIZE, 2)), tuple(rng.uniform(0, SIZE, 2))]
+        ends = [tuple(rng.uniform(0, size, 2)), tuple(rng.uniform(0, size, 2))]
         draw.line(ends, fill=tuple(rng.integers(0, 256, 3).tolist()), width=int(rng.integers(1, 4)))
+    return image, tint
+
+
+def contrasting_colour(rng: np.random.Generator, tint: np.ndarray) -> tuple[int, int, int]:
+    """A random colour far from ``tint`` (L1 distance at least 0.6), as 0–255 RGB."""
+    colour = rng.uniform(0, 1, 3)
+    while np.abs(colour - tint).sum() < 0.6:
+        colour = rng.uniform(0, 1, 3)
+    return tuple((colour * 255).astype(int).tolist())
+
+
+def glyph_image(rng: np.random.Generator, letter: str, font_files: list[Path]) -> tuple[Image.Image, np.ndarray]:
+    """One image of ``letter`` and its glyph mask (``[SIZE, SIZE]`` bool)."""
+    image, tint = cluttered_background(rng)
     font = ImageFont.truetype(str(font_files[rng.integers(len(font_files))]), int(rng.integers(16, 31)))
     glyph = Image.new("L", (SIZE, SIZE), 0)
     x0, y0, x1, y1 = ImageDraw.Draw(glyph).textbbox((0, 0), letter, font=font)
     x = int(rng.integers(0, max(1, SIZE - (x1 - x0))))
     y = int(rng.integers(0, max(1, SIZE - (y1 - y0))))
     ImageDraw.Draw(glyph).text((x - x0, y - y0), letter, font=font, fill=255)
-    colour = rng.uniform(0, 1, 3)
-    while np.abs(colour - tint).sum() < 0.6:
-        colour = rng.uniform(0, 1, 3)
-    image.paste(tuple((colour * 255).astype(int).tolist()), (0, 0), glyph)
+    image.paste(contrasting_colour(rng, tint), (0, 0), glyph)
     return image, np.asarray(glyph) > 127
 
 
 def write_split(root: Path, split: str, n: int, labelled: float, seed: int = 0) -> Path:
-    """Write ``n`` images of ``split`` with boxes and masks for a seeded share ``labelled`` of them."""
-    out = root / split
+    """Write ``n`` glyph images of ``split`` with boxes and masks for a seeded share ``labelled`` of them."""
     font_files = fonts()
+    return write_images(root, split, n, labelled, LETTERS,
+                        lambda rng, i: glyph_image(rng, LETTERS[i % len(LETTERS)], font_files), seed)  # fmt: skip
+
+
+def write_images(root: Path, split: str, n: int, labelled: float, classes, render, seed: int = 0) -> Path:
+    """The folder layout of ``n`` images ``render(rng, i) -> (image, mask)`` of class ``classes[i % C]``, with
+    boxes and masks for a seeded share ``labelled`` of them."""
+    out = root / split
     rng = np.random.default_rng([seed, len(split), n])
     boxed = set(rng.choice(n, size=max(1, round(labelled * n)), replace=False).tolist())
     lines = []
     for i in range(n):
-        letter = LETTERS[i % len(LETTERS)]
-        image, mask = glyph_image(np.random.default_rng([seed, len(split), i]), letter, font_files)
-        rel = f"{letter}/{i:05d}.png"
-        (out / letter).mkdir(parents=True, exist_ok=True)
+        name = classes[i % len(classes)]
+        image, mask = render(np.random.default_rng([seed, len(split), i]), i)
+        rel = f"{name}/{i:05d}.png"
+        (out / name).mkdir(parents=True, exist_ok=True)
         image.save(out / rel)
         if i in boxed and mask.any():
             ys, xs = np.nonzero(mask)
             lines.append(f"{rel},{xs.min()},{ys.min()},{xs.max()},{ys.max()}")
-            (out / "masks" / letter).mkdir(parents=True, exist_ok=True)
+            (out / "masks" / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / rel)
     (out / "localization.txt").write_text("".join(line + "\n" for line in lines))
     return out

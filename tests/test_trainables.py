@@ -45,9 +45,10 @@ def test_every_registered_function_takes_its_commands_options(name):
     help_text = build_parser()._subparsers._group_actions[0].choices["train"]
     commands = help_text._subparsers._group_actions[0].choices
     assert name in commands
-    listed = commands[name].format_help()
+    listed = " ".join(commands[name].format_help().split())
     for opt in trainable.options:
         assert opt.flags[0] in listed
+    assert f"(default without --max-steps: {trainable.length})" in listed
 
 
 def test_a_registration_is_a_command_and_a_checkpoint_kind(toy, tmp_path, tiny_checkpoint, capsys):

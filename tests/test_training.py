@@ -137,3 +137,19 @@ def test_torchrun_two_cpu_processes(tmp_path):
     config = read_config(out)
     assert config["training"]["world_size"] == 2 and config["training"]["step"] == 40
     assert config["training"]["test_accuracy"] > 0.4
+
+
+@pytest.mark.parametrize(
+    ("n", "given", "expected"),
+    [(1400, {}, 1000), (3000, {}, 1840), (60000, {}, 10000), (3000, {"epochs": 2}, None), (3000, {"max_steps": 7}, 7)],
+)
+def test_a_classifier_from_scratch_without_a_length_trains_for_enough_steps(monkeypatch, tmp_path, capsys, n, given,
+                                                                            expected):  # fmt: skip
+    import vitlens.training.classifier as classifier
+
+    seen = {}
+    monkeypatch.setattr(classifier, "train", lambda task, dataset, out, cfg, **kw: seen.update(cfg=cfg) or {})
+    train_classifier(f"counting:train:grid=2,n={n}", tmp_path / "run", TrainConfig(batch_size=64, **given))
+    assert seen["cfg"].max_steps == expected
+    assert seen["cfg"].total_steps(n, 1) == (expected or 2 * (n // 64))  # --epochs 2: two passes
+    assert ("no --epochs or --max-steps" in capsys.readouterr().err) == (not given)

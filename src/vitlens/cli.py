@@ -67,15 +67,16 @@ def _device(v: str) -> str:
     return v
 
 
-def _train_options(p: argparse.ArgumentParser, lr: float | None = 1e-3) -> None:
+def _train_options(p: argparse.ArgumentParser, lr: float | None = 1e-3, length: str = "1 epoch") -> None:
     """The loop's options, shared by every ``vitlens train`` command; ``lr=None``: the training function
-    chooses ``--batch-size``, ``--lr`` and ``--warmup-steps`` when they are not given."""
+    chooses ``--batch-size``, ``--lr`` and ``--warmup-steps`` when they are not given; ``length``: the run's
+    length without ``--epochs`` and ``--max-steps``."""
     chosen = "" if lr else " (default: chosen for the data set, printed)"
     p.add_argument("--data", required=True, help="data spec, e.g. fashion-canvas:train")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=number(), help="passes over --data (default: 1 without --max-steps)")
-    length.add_argument("--max-steps", type=positive_int, help="optimiser steps to run (default: set by --epochs)")
+    run_length = p.add_mutually_exclusive_group()
+    run_length.add_argument("--epochs", type=number(), help=f"passes over --data (default without --max-steps: {length})")
+    run_length.add_argument("--max-steps", type=positive_int, help="optimiser steps to run (default: set by --epochs)")
     p.add_argument("--batch-size", type=positive_int, default=64 if lr else None,
                    help="images per step (per process under torchrun)" + chosen)  # fmt: skip
     p.add_argument("--lr", type=number(), default=lr, help="peak learning rate" + chosen)
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = train.add_subparsers(dest="task", required=True, parser_class=_Parser)
     for trainable in TRAINABLES.values():
         command = tsub.add_parser(trainable.name, help=trainable.summary, epilog=trainable.epilog or None)
-        _train_options(command, lr=trainable.lr)
+        _train_options(command, lr=trainable.lr, length=trainable.length)
         trainable.add_options(command)
 
     ex = sub.add_parser("explain", help="explain image files with one method")

@@ -49,6 +49,7 @@ class Trainable:
             ``--epochs``, ``--lr``, …).
         lr: the command's default peak learning rate; ``None`` leaves ``--batch-size``, ``--lr`` and
             ``--warmup-steps`` unset for the training function to choose.
+        length: the run's length when neither ``--epochs`` nor ``--max-steps`` is given (for ``--help``).
         epilog: text after the command's option list.
         config: what the checkpoints store beyond the model: dotted ``config.json`` key → rule.
     """
@@ -58,6 +59,7 @@ class Trainable:
     train: str
     options: tuple[Option, ...] = ()
     lr: float | None = 1e-3
+    length: str = "1 epoch"
     epilog: str = ""
     config: dict[str, ConfigRule] = field(default_factory=dict)
 
@@ -115,6 +117,7 @@ register_trainable(Trainable(
         EVAL_DATA,
         option("--init", help="start from this model's weights, a second training stage (default: random init)"),
     ),
+    length="from scratch 40 epochs, within 1,000..10,000 steps; 1 epoch with --init",
 ))  # fmt: skip
 
 register_trainable(Trainable(
@@ -140,6 +143,7 @@ register_trainable(Trainable(
         PROMPTS,
     ),
     lr=None,
+    length="chosen from the PM recipe for the data set, printed",
     epilog="Unset options follow the best fashion-canvas recipe (benchmarks/pm.md, run 9), scaled to the data set; "
     "the command prints what it chose.",
 ))  # fmt: skip

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,23 @@ def held_out_accuracy(held_out: DataSpec):
     return evaluate
 
 
+#: A classifier trained from scratch without ``epochs`` or ``max_steps``: this many passes over the data,
+#: within these bounds on the steps (a ViT from scratch needs thousands of steps; one pass over a small
+#: folder data set is a few dozen).
+SCRATCH_EPOCHS, SCRATCH_STEPS = 40, (1000, 10000)
+
+
+def scratch_steps(n_images: int, images_per_step: int) -> int:
+    """The default length of a classifier trained from scratch, in steps.
+
+    Examples:
+        >>> scratch_steps(1400, 64), scratch_steps(3000, 64), scratch_steps(60000, 64)
+        (1000, 1840, 10000)
+    """
+    per_epoch = max(1, n_images // images_per_step)
+    return min(SCRATCH_STEPS[1], max(SCRATCH_STEPS[0], SCRATCH_EPOCHS * per_epoch))
+
+
 def train_classifier(
     data: str, out: str | Path, cfg: TrainConfig, arch: str | None = None, resume: bool = False,
     eval_data: str | None = None, init: str | None = None, overwrite: bool = False,
@@ -132,7 +151,8 @@ def train_classifier(
     Args:
         data: a data spec, e.g. ``"fashion-canvas:train"`` or ``"folder:/data/birds:train"``.
         out: the checkpoint directory to write.
-        cfg: the loop's settings.
+        cfg: the loop's settings; without ``epochs`` and ``max_steps``, a classifier trained from scratch
+            runs :func:`scratch_steps` steps (one epoch with ``init``).
         arch: an architecture preset or a timm model name (default: the preset of the data set, or for
             folder data a default sized to its images).
         resume: continue the interrupted run in ``out``.
@@ -159,6 +179,12 @@ def train_classifier(
         torch.manual_seed(cfg.seed)  # the initial weights follow --seed too (same run, same weights)
         backbone = build_classifier(arch, spec, open_dataset(spec))
     dataset = open_dataset(spec, size=backbone.preprocessing.input_size)
+    if cfg.epochs is None and cfg.max_steps is None and not resume and init is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg = replace(cfg, max_steps=scratch_steps(len(dataset), cfg.batch_size * world))
+        print(f"vitlens: no --epochs or --max-steps: {cfg.max_steps} steps for a classifier trained from scratch "
+              f"({SCRATCH_EPOCHS} epochs of {len(dataset)} images, within {SCRATCH_STEPS[0]:,}..{SCRATCH_STEPS[1]:,} "
+              "steps)", file=sys.stderr)  # fmt: skip
     held_out = held_out_spec(spec, eval_data)
     record = provenance(spec, held_out, arch=backbone.spec.get("name"))
     if init is not None:
