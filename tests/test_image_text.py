@@ -153,6 +153,12 @@ def test_zero_shot_class_targets_and_top_k():
     assert vitlens.explain(zs, _images(), method="gradcam", target="dog").class_names == ["dog", "dog"]
 
 
+def test_describe_says_whether_the_output_is_classes_or_the_embedding():
+    model = vitlens.load_model(_open_clip_model())
+    assert (model.describe()["classes"], model.describe()["embedding"]) == (0, model.embed_dim)
+    assert vitlens.zero_shot(_open_clip_model(), CLASSES).describe()["classes"] == len(CLASSES)
+
+
 def _open_clip_dir(tmp_path, size: int = 32):
     """A local OpenCLIP model folder (``open_clip_config.json`` + weights), as ``open_clip:DIR`` loads it."""
     model = _open_clip_model(image_size=size)

@@ -407,3 +407,13 @@ def test_one_line_errors_for_overlay_images_and_per_image_references():
     refs = vitlens.EmbeddingSimilarity(torch.rand(3, 10))
     with pytest.raises(VitlensError, match="3 references .one per image. for 2 images"):
         vitlens.explain(model, images, method="gradcam", target=refs)
+
+
+def test_hub_uri_with_hf_hub_offline_set_names_the_offline_ways_too(monkeypatch):
+    import vitlens.models as backbones
+
+    monkeypatch.setattr(backbones, "hub_reachable", lambda host=backbones.HUB_HOST: True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VitlensError, match="HF_HUB_OFFLINE is set: without a network, load weights from disk") as e:
+        load_model("timm:vit_tiny_patch16_224")  # pretrained weights by default, not in the cache
+    assert "\n" not in str(e.value)

@@ -75,7 +75,8 @@ def _train_options(p: argparse.ArgumentParser, lr: float | None = 1e-3, length: 
     p.add_argument("--data", required=True, help="data spec, e.g. fashion-canvas:train")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     run_length = p.add_mutually_exclusive_group()
-    run_length.add_argument("--epochs", type=number(), help=f"passes over --data (default without --max-steps: {length})")
+    run_length.add_argument("--epochs", type=number(),
+                            help=f"passes over --data (default without --max-steps: {length})")  # fmt: skip
     run_length.add_argument("--max-steps", type=positive_int, help="optimiser steps to run (default: set by --epochs)")
     p.add_argument("--batch-size", type=positive_int, default=64 if lr else None,
                    help="images per step (per process under torchrun)" + chosen)  # fmt: skip

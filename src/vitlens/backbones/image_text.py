@@ -173,6 +173,12 @@ class ImageTextBackbone(Backbone):
         """Whether the output is zero-shot logits over classes (else: the image embedding)."""
         return self.class_embeddings is not None
 
+    def describe(self) -> dict:
+        """As :meth:`Backbone.describe`, with the image embedding's size; ``classes`` is 0 while the output is
+        that embedding (no zero-shot classes set)."""
+        return {**super().describe(), "classes": self.num_classes if self.has_classes else 0,
+                "embedding": self.embed_dim}  # fmt: skip
+
     def similarity_logits(self, embeddings: Tensor) -> Tensor:
         """Image embeddings ``[..., E]`` → the zero-shot logits ``[..., C]`` the model itself computes."""
         z = F.normalize(embeddings, dim=-1) @ F.normalize(self.class_embeddings, dim=-1).T

@@ -282,13 +282,14 @@ def offline_hub() -> Iterator[None]:
 
 def _load_uri_offline_aware(uri: str, options: dict) -> Backbone:
     """:func:`_load_uri`, answered from local files within seconds when the hub cannot be reached."""
-    if os.environ.get("HF_HUB_OFFLINE") or hub_reachable():
+    asked = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not asked and hub_reachable():
         return _load_uri(uri, options)
     with offline_hub():
         try:
             return _load_uri(uri, options)
         except VitlensError as e:
-            raise VitlensError(f"{e} — no network: {OFFLINE_HELP}") from e
+            raise VitlensError(f"{e} — {'HF_HUB_OFFLINE is set' if asked else 'no network'}: {OFFLINE_HELP}") from e
 
 
 def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **options) -> Backbone:
