@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 
+import pytest
+
 from conftest import REPO
+from vitlens.errors import VitlensError
 
 
 def _script():
@@ -43,3 +47,38 @@ def test_section_is_replaced_in_place_and_pm_bold_only_when_best(tmp_path, monke
     second = (tmp_path / "pm.md").read_text()
     assert second.count(script.BEGIN) == 1 and second.endswith("\nafter\n") and second.startswith("# PM\n\nbefore\n")
     assert "| maxboxacc-v2 | 0.300 |" in second and "**0.600**" not in second
+
+
+def _writer(name: str):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+@pytest.mark.parametrize("name", ["glyphs", "fashion_clutter"])
+def test_written_data_sets_are_folder_data_with_boxes_around_their_masks(tmp_path, name):
+    import numpy as np
+    from PIL import Image
+
+    from vitlens.data import open_dataset
+
+    writer = _writer(name)
+    try:
+        writer.write_split(tmp_path / "a", "train", 12, labelled=0.5)
+    except VitlensError as e:  # Fashion-MNIST not on this machine
+        pytest.skip(str(e))
+    writer.write_split(tmp_path / "b", "train", 12, labelled=0.5)
+    lines = (tmp_path / "a" / "train" / "localization.txt").read_text().splitlines()
+    assert len(lines) == 6 and lines == (tmp_path / "b" / "train" / "localization.txt").read_text().splitlines()
+    data = open_dataset(f"folder:{tmp_path / 'a'}:train")
+    assert len(data) == 12 and len(data.classes) == 10
+    for line in lines:
+        rel, *box = line.split(",")
+        mask = np.asarray(Image.open(tmp_path / "a" / "train" / "masks" / rel)) > 127
+        ys, xs = np.nonzero(mask)
+        assert [int(v) for v in box] == [xs.min(), ys.min(), xs.max(), ys.max()]
+        assert (tmp_path / "a" / "train" / rel).read_bytes() == (tmp_path / "b" / "train" / rel).read_bytes()
