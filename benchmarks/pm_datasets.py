@@ -144,6 +144,7 @@ def run(data: str, profile_name: str, labelled: float, work: Path, pm_options: l
         clf = json.loads((base / "config.json").read_text())["training"]
     else:
         shutil.rmtree(base, ignore_errors=True)
+        (work / "base-results.json").unlink(missing_ok=True)
         clf = train_classifier(root, base, profile, name)
     pm = work / "pm"
     shutil.rmtree(pm, ignore_errors=True)
@@ -155,7 +156,10 @@ def run(data: str, profile_name: str, labelled: float, work: Path, pm_options: l
     summary = json.loads(stdout.strip().splitlines()[-1])
     config = json.loads((pm / "config.json").read_text())
     on_pm = evaluate(pm, ("pm", *BASELINES), root, profile["limit"], log)
-    on_base = evaluate(base, BASELINES, root, profile["limit"], log)
+    kept = work / "base-results.json"  # the base classifier's scores: the same for every PM variant
+    if not kept.is_file():
+        kept.write_text(json.dumps(evaluate(base, BASELINES, root, profile["limit"], log)))
+    on_base = json.loads(kept.read_text())
     return {
         "data": data,
         "profile": profile_name,
