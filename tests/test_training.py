@@ -141,7 +141,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 @pytest.mark.parametrize(
     ("n", "given", "expected"),
-    [(1400, {}, 1000), (3000, {}, 1840), (60000, {}, 10000), (3000, {"epochs": 2}, None), (3000, {"max_steps": 7}, 7)],
+    [(1400, {}, 2100), (3000, {}, 4600), (60000, {}, 10000), (3000, {"epochs": 2}, None), (3000, {"max_steps": 7}, 7)],
 )
 def test_a_classifier_from_scratch_without_a_length_trains_for_enough_steps(monkeypatch, tmp_path, capsys, n, given,
                                                                             expected):  # fmt: skip
