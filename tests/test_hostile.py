@@ -236,7 +236,7 @@ def test_unusable_training_out_is_one_line(out, capsys, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "change, named",
-    [(["--lr", "0.5"], "lr 0.001 → 0.5"), (["--batch-size", "4"], "batch_size 8 → 4"),
+    [(["--lr", "0.5"], "lr 0.0003 → 0.5"), (["--batch-size", "4"], "batch_size 8 → 4"),
      (["--max-steps", "9"], "max_steps 3 → 9"), (["--seed", "3"], "seed 0 → 3")],
 )  # fmt: skip
 def test_resume_refuses_changed_settings(run_dir, tmp_path, capsys, change, named):

@@ -23,6 +23,7 @@ def _record(pm: float, best_baseline: float) -> dict:
     base = {b: {m: best_baseline if b == "rollout" else 0.1 for m in _script().METRICS} for b in _script().BASELINES}
     return {"data": "shapes", "profile": "quick", "labelled_share": 0.02, "train_images": 2000,
             "test_images_scored": 100,
+            "classifier": {"arch": "fashion-vit", "overrides": {}, "steps": 250, "test_accuracy": 0.5, "lr": 0.002},
             "pm_command": "vitlens train pm --model WORK/classifier", "pm_chosen": ["vitlens: pm: 40 of 2,000 …"],
             "accuracy_before": 0.5, "accuracy_after": 0.55, "seconds": 10.0,
             "results_pm_model": {"pm": {m: pm for m in _script().METRICS}, **base},
@@ -41,6 +42,7 @@ def test_section_is_replaced_in_place_and_pm_bold_only_when_best(tmp_path, monke
     assert first.startswith("# PM\n\nbefore\n") and first.count(script.BEGIN) == 1
     assert "| maxboxacc-v2 | **0.600** | 0.100 / 0.100 | 0.400 / 0.400 |" in first
     assert "test accuracy 0.500 → 0.550 after PM (+5.0 points)" in first and "quick mode" in first
+    assert "- classifier: fashion-vit architecture, 250 steps at lr 0.002" in first
     (tmp_path / "pm.md").write_text(first + "\nafter\n")
     (tmp_path / "records" / "shapes-quick.json").write_text(json.dumps(_record(0.3, 0.4)))
     script.write_table()

@@ -46,11 +46,12 @@ def _high_depth(im: Image.Image, size: tuple[int, int] | None, path) -> Image.Im
     """
     scale = HIGH_DEPTH[im.mode]
     if scale is not None and size is not None:
-        # PIL resizes 32-bit integer images itself (to within 1e-5 of float); Pillow < 11 cannot resize 16-bit
-        # ones bilinearly, so they are widened to 32 bits first (the same result)
-        if im.mode != "I":
-            im = Image.fromarray(np.asarray(im, dtype=np.int32))
-        im = _resample(im, size)
+        # PIL resizes 16/32-bit integer images itself (to within 1e-5 of float); Pillow < 11 cannot resize
+        # 16-bit ones bilinearly ("image has wrong mode"), so there they are widened to 32 bits first
+        try:
+            im = _resample(im, size)
+        except ValueError:
+            im = _resample(Image.fromarray(np.asarray(im, dtype=np.int32)), size)
     arr = np.asarray(im, dtype=np.float32)
     if scale is None:
         if not np.isfinite(arr).all():

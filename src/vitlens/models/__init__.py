@@ -283,13 +283,26 @@ def offline_hub() -> Iterator[None]:
 def _load_uri_offline_aware(uri: str, options: dict) -> Backbone:
     """:func:`_load_uri`, answered from local files within seconds when the hub cannot be reached."""
     asked = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if not asked and hub_reachable():
+    if uri.partition(":")[0] == "vitlens" or (not asked and hub_reachable()):  # named models never download
         return _load_uri(uri, options)
     with offline_hub():
         try:
             return _load_uri(uri, options)
         except VitlensError as e:
+            if not _missing_files(e):  # a wrong option or name, not weights the hub would have sent
+                raise
             raise VitlensError(f"{e} — {'HF_HUB_OFFLINE is set' if asked else 'no network'}: {OFFLINE_HELP}") from e
+
+
+def _missing_files(error: BaseException) -> bool:
+    """Whether ``error`` comes from a file that could not be read or fetched (an ``OSError`` in its chain:
+    the hub's connection and cache-miss errors are ``OSError`` subclasses)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def load_model(model: str | os.PathLike | nn.Module | Backbone, device=None, **options) -> Backbone:
