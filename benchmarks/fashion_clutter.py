@@ -15,11 +15,10 @@ the training images (``--labelled``) and every test image.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
-from glyphs import SIZE, cluttered_background, contrasting_colour, write_images
+from glyphs import SIZE, cluttered_background, contrasting_colour, write_data_set, write_images
 from PIL import Image
 
 CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle-boot")
@@ -51,16 +50,5 @@ def write_split(root: Path, split: str, n: int, labelled: float, seed: int = 0) 
     return write_images(root, split, n, labelled, CLASSES, render, seed)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("root", type=Path)
-    p.add_argument("--train", type=int, default=3000, help="training images")
-    p.add_argument("--test", type=int, default=300, help="test images (all labelled)")
-    p.add_argument("--labelled", type=float, default=0.02, help="share of training images with boxes and masks")
-    a = p.parse_args()
-    write_split(a.root, "train", a.train, a.labelled)
-    write_split(a.root, "test", a.test, 1.0)
-
-
 if __name__ == "__main__":
-    main()
+    write_data_set(__doc__.splitlines()[0], write_split)

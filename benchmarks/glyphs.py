@@ -94,8 +94,9 @@ def write_images(root: Path, split: str, n: int, labelled: float, classes, rende
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_data_set(description: str, write_split) -> None:
+    """The command line of a data-set script: ``ROOT --train N --test N --labelled SHARE`` → ``write_split``."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("root", type=Path)
     p.add_argument("--train", type=int, default=3000, help="training images")
     p.add_argument("--test", type=int, default=300, help="test images (all labelled)")
@@ -106,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    write_data_set(__doc__.splitlines()[0], write_split)
