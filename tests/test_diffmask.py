@@ -27,6 +27,22 @@ def test_hard_concrete_matches_closed_form(r):
         torch.testing.assert_close((z == 1).float().mean(1), gate.p_one(log_alpha[:, 0]), atol=4e-3, rtol=0)
 
 
+def test_gate_logits_of_all_probes_at_once_equal_each_probe_on_its_concatenated_state():
+    """log_alpha computes every probe in one pass; Vision DiffMask's probe k reads [h_0 ; h_k] per token."""
+    torch.manual_seed(0)
+    bb = adapt(make_timm("vit")).eval()
+    gates = DiffMaskGates.for_backbone(bb)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from the initial values, which share structure
+    trace = bb.run(torch.rand(3, 3, *bb.preprocessing.input_size))
+    states, p = gates.states(trace), trace.num_prefix_tokens
+    each = [probe(states[0], s)[:, p:] for probe, s in zip(gates.probes, states, strict=True)]
+    torch.testing.assert_close(gates.log_alpha(trace), torch.stack(each, 1), rtol=1e-5, atol=1e-5)
+    gates.log_alpha(trace).sum().backward()
+    assert all(q.grad.abs().sum() > 0 for n, q in gates.named_parameters() if n != "placeholder")
+
+
 def _constraint_step(task: DiffMaskTask, kl: float) -> torch.Tensor:
     layer = torch.arange(len(task.multipliers))
     loss = (task.multipliers[layer] * (torch.full((len(layer),), kl) - task.kl_margin)).mean()

@@ -118,6 +118,27 @@ def test_attention_methods_keep_the_fused_kernel_under_bf16(method, monkeypatch)
     torch.testing.assert_close(fused / top, reference / top, atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["pm", "attention", "rollout", "gae", "diffmask"])
+def test_methods_queue_their_work_without_waiting_for_the_device(method):
+    """Between the input check and the result no host–device synchronisation: the host's Python runs ahead
+    of the GPU (after a sync the GPU idles while the host catches up, which a fast bf16 forward pass shows)."""
+    from vitlens.explainers.base import frozen_eval
+    from vitlens.explainers.targets import Target
+
+    bb = adapt(tiny_timm()).to(CUDA)
+    explainer = get_explainer(method, with_untrained_gates(bb) if method == "diffmask" else bb)
+    images = torch.rand(4, 3, 32, 32, device=CUDA)
+    with frozen_eval(bb, float32=True), torch.enable_grad():
+        explainer.explain_targets(images, [Target()])  # lazy CUDA set-up may synchronise once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            maps, *_ = explainer.explain_targets(images, [Target()])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert maps.shape == (4, 4, 4) and torch.isfinite(maps).all()
+
+
 def test_bench_bf16_on_gpu(capsys):
     """``vitlens bench --autocast bf16`` at ViT-B/16, batch 64: every ratio against the fused bf16 forward
     (targets on a GPU: pm ≤ 1.05×, attention ≤ 1.15×, rollout ≤ 1.6×, gae ≤ 2.6×, diffmask ≤ 1.2×; printed,

@@ -319,8 +319,8 @@ def test_explain_mirrors_the_input_tree_whatever_the_order(tmp_path, capsys, tin
         assert (tmp_path / out / "bag" / "000.gae.png").is_file() and (
             tmp_path / out / "sneaker" / "000.gae.npy"
         ).is_file()
-    for image, m in outs[0].items():
-        np.testing.assert_array_equal(outs[1][image], m)
+    for image, m in outs[0].items():  # the same map; the batch position may change the BLAS's summation order
+        np.testing.assert_allclose(outs[1][image], m, rtol=1e-5, atol=1e-9)
     overlay = Image.open(tmp_path / "a" / "bag" / "000.gae.png")
     assert overlay.width == 256 and 150 <= overlay.height - 0 <= 200  # aspect 160:96 kept, plus the caption bar
 

@@ -318,13 +318,14 @@ class Backbone(nn.Module):
                 h.remove()
 
     def readout(self, num_tokens: int) -> Tensor:
-        """How the head reads the final tokens: weights ``[T]`` summing to one.
+        """How the head reads the final tokens: weights ``[T]`` summing to one, on the CPU.
 
         The class token (one-hot), class and distillation token (½ each) or the mean of the patch
-        tokens for average-pooled models. Rollout-style methods start from this row.
+        tokens for average-pooled models. Rollout-style methods start from this row; it is known before any
+        image is, so reading it never waits for the device.
         """
         kinds = self.prefix_kinds
-        w = torch.zeros(num_tokens, device=self.mean.device)
+        w = torch.zeros(num_tokens)
         heads = [i for i, k in enumerate(kinds) if k in ("cls", "dist")] if self.pooling == "token" else []
         if heads:
             w[heads] = 1.0 / len(heads)

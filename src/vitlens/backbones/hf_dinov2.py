@@ -164,7 +164,7 @@ class HFDinov2(Backbone):
         if self.headless:
             return super().readout(num_tokens)
         p = self.num_prefix_tokens
-        w = torch.zeros(num_tokens, device=self.mean.device)
+        w = torch.zeros(num_tokens)
         w[0] = 0.5
         w[p:] = 0.5 / (num_tokens - p)
         return w

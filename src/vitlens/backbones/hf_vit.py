@@ -171,7 +171,7 @@ class HFViT(Backbone):
 
     def readout(self, num_tokens: int) -> Tensor:
         if self.headless and self.embedding == "cls":  # the class token alone, also beside a distillation token
-            w = torch.zeros(num_tokens, device=self.mean.device)
+            w = torch.zeros(num_tokens)
             w[0] = 1.0
             return w
         return super().readout(num_tokens)

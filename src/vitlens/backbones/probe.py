@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-Rows = Sequence[int] | Tensor | None
+Rows = slice | Sequence[int] | Tensor | None
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -51,7 +51,7 @@ class AttentionProbe:
 
         Args:
             block: a probed block index.
-            rows: query token indices; ``None`` for all ``T``.
+            rows: query token indices (a slice selects them with no host–device copy); ``None`` for all ``T``.
 
         Returns:
             The softmax rows, each summing to one.
@@ -149,11 +149,13 @@ class RecomputedAttention(AttentionProbe):
         q, k = self._get(block, "q"), self._get(block, "k")
         if rows is not None:
             q = q[:, :, rows]
-        logits = (q * self.scale[self.index(block)]) @ k.transpose(-2, -1)
+        t = k.shape[-2]
+        logits = _products(q * self.scale[self.index(block)], k)
         bias = self.bias.get(self.index(block))
         if bias is not None:
-            logits = logits + (bias if rows is None else bias[..., rows, :])
-        return logits.softmax(-1, dtype=torch.float32 if logits.dtype in _HALF else logits.dtype)
+            logits[..., :t] += bias if rows is None else bias[..., rows, :]
+        logits[..., t:] = float("-inf")  # the padding columns get probability zero
+        return logits.softmax(-1, dtype=torch.float32 if logits.dtype in _HALF else logits.dtype)[..., :t]
 
     def backward(self, score: Tensor) -> None:
         if not self.gradients:
@@ -166,12 +168,20 @@ class RecomputedAttention(AttentionProbe):
         g, v = self._get(block, "grad"), self._get(block, "v")
         if rows is not None:
             g = g[:, :, rows]
-        return _wide(g @ v.transpose(-2, -1).to(g.dtype))
+        return _wide(_products(g, v.to(g.dtype))[..., : v.shape[-2]])
 
 
 def _wide(x: Tensor) -> Tensor:
     """16-bit floats (autocast) as float32; float32 and float64 unchanged."""
     return x.float() if x.dtype in _HALF else x
+
+
+def _products(a: Tensor, b: Tensor) -> Tensor:
+    """``a bᵀ`` for ``a`` ``[B, heads, R, d]`` and ``b`` ``[B, heads, T, d]``: ``[B, heads, R, T']``, with ``T`` padded
+    to ``T'``, a multiple of 8 (zeros in the padding columns). 16-bit rows of 197 elements are not 16-byte aligned,
+    and a GPU then runs a slow unaligned matrix product kernel."""
+    pad = -b.shape[-2] % 8
+    return a @ nn.functional.pad(b, (0, 0, 0, pad)).transpose(-2, -1)
 
 
 def heads_of(x: Tensor, heads: int) -> Tensor:

@@ -15,27 +15,31 @@ from .targets import Target
 
 
 def readout_rollout(
-    start: Tensor, blocks: Sequence[int], matrix_rows: Callable[[int, Tensor | None], Tensor]
+    readout: Tensor, batch: int, blocks: Sequence[int], matrix_rows: Callable[[int, slice | None], Tensor]
 ) -> Tensor:
-    """``start · N_L ⋯ N_1`` for per-block matrices N_b, as vector-matrix products from the last block down.
+    """``r · N_L ⋯ N_1`` for the readout row ``r`` and per-block matrices N_b, as vector-matrix products from the
+    last block down; ``[batch, T]``.
 
-    ``matrix_rows(b, rows)`` gives the rows ``rows`` of N_b ``[B, R, T]`` (all ``T`` for ``None``). Only the first
-    product (the last block) reads a subset: the rows where the readout ``start`` [B, T] is non-zero (the class
-    token's row for a class-token model); every later product reads full rows, as the row vector is then dense.
-    The T×T product of the matrices is never formed.
+    ``readout`` is the backbone's :meth:`~vitlens.backbones.Backbone.readout` ``[T]`` (on the CPU). ``matrix_rows(b,
+    rows)`` gives the rows ``rows`` of N_b ``[B, R, T]`` (all ``T`` for ``None``). Only the first product (the last
+    block) reads a subset: the span of rows where the readout is non-zero (the class token's row for a class-token
+    model); every later product reads full rows, as the row vector is then dense. The T×T product of the
+    matrices is never formed, and nothing waits for the device.
     """
-    nonzero = (start != 0).any(0).nonzero()[:, 0]
-    rows = None if len(nonzero) == start.shape[1] else nonzero
-    row = start
+    nonzero = readout.nonzero()[:, 0].tolist()
+    first, last = nonzero[0], nonzero[-1] + 1
+    rows = None if last - first == len(readout) else slice(first, last)
+    row = None
     for b in reversed(blocks):
         n = matrix_rows(b, rows)
-        r = row if rows is None else row[:, rows]
-        row = torch.bmm(r[:, None].to(n.dtype), n)[:, 0]
+        if row is None:
+            row = readout[rows or slice(None)].to(n.device, n.dtype, non_blocking=True).expand(batch, -1)
+        row = torch.bmm(row[:, None], n)[:, 0]
         rows = None
     return row
 
 
-def identity_rows(rows: Tensor | None, t: int, like: Tensor) -> Tensor:
+def identity_rows(rows: slice | None, t: int, like: Tensor) -> Tensor:
     """Rows ``rows`` of the T×T identity (all of it for ``None``), in ``like``'s dtype and device."""
     eye = torch.eye(t, dtype=like.dtype, device=like.device)
     return eye if rows is None else eye[rows]
@@ -74,12 +78,11 @@ class Rollout(Explainer):
         trace, probe = probed_run(bb, images, range(self.start_layer, len(bb.blocks)))
         t = trace.hidden[0].shape[1]
 
-        def residual(b: int, rows: Tensor | None) -> Tensor:  # Â = (Ā + I) / rowsum, rows of it
+        def residual(b: int, rows: slice | None) -> Tensor:  # Â = (Ā + I) / rowsum = (Ā + I) / 2, rows of it
             a = probe.probabilities(b, rows).mean(1)
-            a = a + identity_rows(rows, t, a)
-            return a / a.sum(-1, keepdim=True)
+            return a.add_(identity_rows(rows, t, a)).mul_(0.5)  # softmax rows sum to one
 
-        row = readout_rollout(bb.readout(t).expand(len(images), t), probe.blocks, residual)
+        row = readout_rollout(bb.readout(t), len(images), probe.blocks, residual)
         return trace.to_grid(row[:, trace.num_prefix_tokens :]), trace.logits
 
 
@@ -100,7 +103,7 @@ class Attention(Explainer):
         if cls is None:
             raise VitlensError("method 'attention' needs a class token; this model has none (try rollout)")
         trace, probe = probed_run(self.backbone, images, [-1])
-        row = probe.probabilities(-1, [cls]).mean(1)[:, 0]
+        row = probe.probabilities(-1, slice(cls, cls + 1)).mean(1)[:, 0]
         return trace.to_grid(row[:, trace.num_prefix_tokens :]), trace.logits
 
 

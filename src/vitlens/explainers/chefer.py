@@ -102,11 +102,11 @@ class GAE(Explainer):
         with torch.no_grad():
             t = trace.hidden[0].shape[1]
 
-            def with_identity(b: int, rows: Tensor | None) -> Tensor:  # I + Ā_b, rows of it
-                a = (probe.gradient(b, rows) * probe.probabilities(b, rows)).clamp(min=0).mean(1)
-                return a + identity_rows(rows, t, a)
+            def with_identity(b: int, rows: slice | None) -> Tensor:  # I + Ā_b, rows of it
+                a = probe.gradient(b, rows).mul_(probe.probabilities(b, rows)).clamp_(min=0).mean(1)
+                return a.add_(identity_rows(rows, t, a))
 
-            row = readout_rollout(bb.readout(t).expand(len(images), t), probe.blocks, with_identity)
+            row = readout_rollout(bb.readout(t), len(images), probe.blocks, with_identity)
             return trace.to_grid(row[:, trace.num_prefix_tokens :]), trace.logits.detach()
 
 
@@ -406,7 +406,7 @@ class Chefer(Explainer):
         with torch.no_grad():
             mats = transformer_attribution_mats(bb, run, relevance, grads)[self.start_layer :]
             t = mats[0].shape[-1]
-            start = bb.readout(t).to(mats[0].dtype).expand(mats[0].shape[0], t)
+            start = bb.readout(t).to(mats[0].device, mats[0].dtype, non_blocking=True).expand(mats[0].shape[0], t)
             row = rollout_with_identity(mats, start)[:, bb.num_prefix_tokens :]
             return to_grid(row, run.grid), run.logits.detach()
 

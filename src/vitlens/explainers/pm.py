@@ -79,8 +79,8 @@ class PM(Explainer):
 
     def volume(self, images: Tensor) -> Tensor:
         """Every class's PM map at once: ``[B, C, gh, gw]`` probabilities for images in [0, 1]."""
-        from .base import float32_compute, frozen_eval, prepare_images
+        from .base import frozen_eval, prepare_images
 
         images = prepare_images(images, self.backbone)
-        with float32_compute(self.backbone), frozen_eval(self.backbone), torch.no_grad():
+        with frozen_eval(self.backbone, float32=True), torch.no_grad():
             return patch_probabilities(self.backbone, self.backbone.run(images)).float()

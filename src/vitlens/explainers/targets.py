@@ -174,11 +174,11 @@ def _reference(model, image: Tensor, normalized: bool) -> Iterator[tuple]:
     """The backbone of ``model`` (eval mode, float32, no gradients; restored afterwards) and ``image`` checked
     as a batch: the setting an explanation runs in, for computing its reference."""
     from ..models import load_model
-    from .base import check_size, float32_compute, frozen_eval, prepare_images
+    from .base import check_size, frozen_eval, prepare_images
 
     backbone = load_model(model)
     images = prepare_images(image, backbone, normalized)
-    with float32_compute(backbone), frozen_eval(backbone), torch.no_grad():
+    with frozen_eval(backbone, float32=True), torch.no_grad():
         check_size(backbone, tuple(images.shape[-2:]))
         yield backbone, images
 
