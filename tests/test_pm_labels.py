@@ -168,6 +168,30 @@ def test_pseudo_mask_rounds_never_add_an_empty_target(tmp_path, tiny_checkpoint)
     assert (task.pseudo_targets[torch.arange(len(labels)), labels].flatten(1).amin(1) == 1).all()
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+def test_pseudo_mask_confidence_is_a_share_of_what_label_smoothing_lets_a_classifier_reach(
+    tmp_path, tiny_checkpoint, smoothing
+):
+    """A classifier trained with label smoothing ε never goes beyond 1 − ε + ε / C: the bar is a share of that."""
+    root = make_folder(tmp_path / "data", {"a/0.png": [10, 8, 21, 19]}, per_class=6)
+    data = open_dataset(f"folder:{root}:train", size=(32, 32))
+    bb = load_model(tiny_checkpoint)
+    lines = []
+    task = PMTask(bb, data, pseudo_threshold=-1.0, label_smoothing=smoothing, log=lines.append)
+    with torch.no_grad():
+        probs = bb(torch.stack([data[i]["image"] for i in range(len(data))])).softmax(1)
+    conf, predicted = probs.max(1)
+    task.pseudo_confidence = float(conf.median()) / (1 - smoothing + smoothing / probs.shape[1])  # half pass
+    task.pseudo_label_round()
+    expected = [
+        i
+        for i in range(len(data))
+        if predicted[i] == data[i]["label"] and conf[i] >= conf.median() - 1e-6 and i not in task.mask_indices
+    ]
+    assert sorted(task.pseudo_indices) == expected
+    assert lines == [lines[0]] and f"{len(expected)} of {len(data) - len(task.mask_indices)} unlabelled" in lines[0]
+
+
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_unreadable_labelled_images_leave_the_pool(tmp_path, tiny_checkpoint, monkeypatch, in_memory):
     from vitlens.training import pm as pm_module

@@ -9,14 +9,17 @@ batch, so a step costs the same as a classifier step. ``composites`` more slots 
 images at half size, each object's patches the target of its own class only: they teach the map to
 separate the classes of several objects in one image (no CE on them, no extra labels). Optional
 pseudo-mask rounds (self-training) add confidently, correctly classified training images whose current
-PM map, thresholded, becomes their target.
+PM map, thresholded, becomes their target. Confident means a predicted probability of at least
+``pseudo_confidence`` (0.9) of the most that label smoothing ε lets a classifier reach, 1 − ε + ε / C: a bar
+of 0.9 itself would admit almost no image of a classifier trained with ε = 0.1 (its ceiling is 0.91 for
+10 classes).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -172,8 +175,10 @@ class PMTask(Task):
         total_steps: int = 1,
         seed: int = 0,
         label_smoothing: float = 0.1,
+        log: Callable[[str], None] | None = None,
     ):
         super().__init__(backbone)
+        self.log = log or (lambda line: None)
         self.net = PMForward(backbone)
         self.dataset, self.lam, self.pos_weight, self.mask_batch = dataset, lam, pos_weight, mask_batch
         self.composites, self.negatives = composites, negatives
@@ -318,17 +323,20 @@ class PMTask(Task):
         taken = set(self.mask_indices) | set(self.pseudo_indices)
         candidates = [i for i in rng.permutation(len(self.dataset))[: self.pseudo_pool * 2] if i not in taken]
         device = self.backbone.mean.device
-        new_idx, new_targets = [], []
+        new_idx, new_targets, looked = [], [], 0
+        ceiling = 1 - self.label_smoothing + self.label_smoothing / len(self.backbone.classes)
+        bar = self.pseudo_confidence * ceiling
         for start in range(0, min(len(candidates), self.pseudo_pool), 256):
             chunk = candidates[start : start + 256]
             b = collate([self.dataset[i] for i in chunk])
             if "image" not in b:
                 continue
             chunk = b["index"].tolist()
+            looked += len(chunk)
             trace = self.backbone.run(b["image"].to(device))
             probs = trace.logits.softmax(1)
             conf, pred = probs.max(1)
-            ok = (pred.cpu() == b["label"]) & (conf.cpu() >= self.pseudo_confidence)
+            ok = (pred.cpu() == b["label"]) & (conf.cpu() >= bar)
             volume = patch_probabilities(self.backbone, trace)
             own = volume[torch.arange(len(pred)), pred]
             hard = (own > self.pseudo_threshold).float()
@@ -341,6 +349,10 @@ class PMTask(Task):
             self.pseudo_indices += new_idx
             stacked = torch.stack(new_targets)
             self.pseudo_targets = stacked if not len(self.pseudo_targets) else torch.cat([self.pseudo_targets, stacked])
+        self.log(
+            f"pseudo-mask round: {len(new_idx)} of {looked} unlabelled images added (correctly classified at "
+            f"p >= {bar:.3f}, a map above {self.pseudo_threshold}); {len(self.pseudo_indices)} in all"
+        )
         self.backbone.train(was)
 
     def state_dict(self) -> dict:
@@ -570,7 +582,7 @@ def train_pm(
         backbone, dataset, mask_fraction=mask_fraction, labelled=labelled, lam=settings["lam"],
         pos_weight=settings["pos_weight"], mask_batch=settings["mask_batch"], composites=settings["composites"],
         pseudo_rounds=settings["pseudo_rounds"], negatives=settings["negatives"], seed=cfg.seed,
-        total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))),
+        total_steps=cfg.total_steps(len(dataset), int(os.environ.get("WORLD_SIZE", "1"))), log=log,
     )  # fmt: skip
     record = provenance(spec, held_out, base_model=source, accuracy_before=before)
     return train(task, dataset, out, cfg, resume=resume, provenance=record, evaluate=held_out_accuracy(held_out),
