@@ -135,7 +135,7 @@ def test_recorded_demo_command_still_gives_run_9():
 def test_defaults_are_run_9_on_fashion_sized_data_and_scale_down():
     assert _recipe_for("vitlens train pm --model m --data d --out o", 60000, 60000, 10) == RUN9
     small = _recipe_for("vitlens train pm --model m --data d --out o", 1400, 28, 10)
-    assert small["pseudo_rounds"] == 2 and small["composites"] == 24 and small["max_steps"] == 500
+    assert small["pseudo_rounds"] == 0 and small["composites"] == 24 and small["max_steps"] == 500
     assert small["warmup_steps"] == 50 and small["batch_size"] == 88
     mid = _recipe_for("vitlens train pm --model m --data d --out o", 10000, 10000, 10)
     assert mid["max_steps"] == round(4.8 * 10000 / 64) and mid["pseudo_rounds"] == 0

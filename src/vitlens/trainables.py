@@ -136,7 +136,7 @@ register_trainable(Trainable(
                help="2×2 composites of masked images in every batch, for class separation "
                "(default: 24, 0 with few labels)"),
         option("--pseudo-masks", dest="pseudo_rounds", type=non_negative_int, metavar="ROUNDS",
-               help="self-training rounds (default: 2 with fewer than 100 labelled images, else 0)"),
+               help="self-training rounds (default: 0)"),
         option("--negatives", action=argparse.BooleanOptionalAction,
                help="train the patches of images without a mask towards 0 for every class but the image's label "
                "(default: off)"),

@@ -385,8 +385,6 @@ class PMTask(Task):
 # 4,500 steps (about 4.8 epochs of its 60,000 images).
 RECIPE = {"ce_images": 64, "composites": 24, "mask_batch": 8, "lam": 10.0, "pos_weight": 10.0, "lr": 2e-4,
           "warmup_steps": 100, "epochs": 4.8, "max_steps": 4500, "min_steps": 500}  # fmt: skip
-FEW_LABELS = 100  # fewer labelled images than this: pseudo-mask rounds start by themselves
-AUTO_PSEUDO_ROUNDS = 2
 
 
 def pm_settings(n_images: int, n_used: int, n_classes_used: int, given: dict) -> tuple[dict, list[str]]:
@@ -438,14 +436,8 @@ def pm_settings(n_images: int, n_used: int, n_classes_used: int, given: dict) ->
         if s[key] is None:
             s[key] = r[key]
             why.append(f"{flag} {s[key]:g} (run 9)")
-    if s["pseudo_rounds"] is None:
-        unlabelled = n_images - n_used
-        if n_used < FEW_LABELS and unlabelled >= FEW_LABELS:
-            s["pseudo_rounds"] = AUTO_PSEUDO_ROUNDS
-            why.append(f"{AUTO_PSEUDO_ROUNDS} pseudo-mask rounds: only {n_used} labelled images (fewer than "
-                       f"{FEW_LABELS}), {unlabelled:,} others to pseudo-label")  # fmt: skip
-        else:
-            s["pseudo_rounds"] = 0
+    if s["pseudo_rounds"] is None:  # measured on few labels: they lower MaxBoxAccV2 and PxAP (benchmarks/pm.md)
+        s["pseudo_rounds"] = 0
     if s.get("negatives") is None:
         s["negatives"] = False
     return s, why
