@@ -175,7 +175,7 @@ class DiffMaskGates(nn.Module):
         calls cost a fast GPU forward pass a fifth more).
         """
         p = trace.num_prefix_tokens
-        states = [s[:, p:] for s in self.states(trace)]
+        states = [trace.embeddings, *(h[:, p:] for h in trace.hidden)]  # the patch tokens of self.states(trace)
         w1, b1 = _stacked(self.probes, "fc1")  # [K, h, 2D], [K, h]
         w2, b2 = _stacked(self.probes, "fc2")  # [K, 1, h], [K, 1]
         dim = states[0].shape[-1]
